@@ -1,0 +1,6 @@
+"""Shared pytest configuration; fixtures live in tests/support/ and are registered here."""
+
+from __future__ import annotations
+
+pytest_plugins: list[str] = [
+]
