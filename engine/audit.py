@@ -1,0 +1,473 @@
+"""Audit: a tamper-evident, append-only JSON-lines log fed by structlog.
+
+Every stage emits events with ``structlog.get_logger()``; an entry point calls
+:func:`configure_audit` once, and each event then runs through a chain of small
+processors (the shape of structlog's own ``processors`` module)::
+
+    merge contextvars → add level → format exc_info → redact secrets → stamp time → append
+
+Each line of the file is one record in canonical JSON (sorted keys, compact
+separators, ASCII) carrying the event plus ``seq`` (1-based), ``ts`` (UTC
+ISO-8601), ``prev`` (the previous record's hash, 64 zeros for the first) and
+``hash`` (sha256 of the record's canonical JSON without ``hash``).  Editing any
+record breaks its own hash; removing or reordering records breaks ``seq`` and
+``prev``.  :func:`verify_audit` names the first bad line.
+
+A chain alone cannot tell a truncated tail from a shorter log: keep
+:meth:`AuditLog.head` somewhere else (the state store) and pass it to
+:func:`verify_audit` as ``expected_head`` to detect that too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from enum import Enum
+from pathlib import Path, PurePath
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict
+
+from engine.errors import AuditError
+
+#: ``prev`` of the first record.
+GENESIS = "0" * 64
+#: What a secret value is replaced with.
+REDACTED = "[REDACTED]"
+#: Keys the log adds to every record; events must not carry them.
+RESERVED_KEYS = frozenset({"seq", "prev", "hash"})
+
+_TAIL_CHUNK = 8192
+
+
+def utc_now() -> datetime:
+    """Return the current time in UTC (the default clock of entry points)."""
+    return datetime.now(UTC)
+
+
+class AuditHead(BaseModel):
+    """Sequence number and hash of the last record of an audit log."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seq: int
+    hash: str
+
+
+class AuditVerification(BaseModel):
+    """Result of checking an audit file's hash chain."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ok: bool
+    records: int  # records read before the first bad line (all of them when ok)
+    first_bad_line: int | None  # 1-based
+    reason: str
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _jsonable(value: object) -> Any:
+    """Return ``value`` as JSON-native data (dict with str keys, list, str, int, float, bool)."""
+    if isinstance(value, Enum):
+        return _jsonable(value.value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_jsonable(v) for v in value), key=_canonical)
+    if isinstance(value, BaseModel):
+        return _jsonable(value.model_dump(mode="json"))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(dataclasses.asdict(value))
+    for kind, convert in _CONVERTERS:
+        if isinstance(value, kind):
+            return convert(value)
+    return repr(value)
+
+
+def _iso(moment: datetime) -> str:
+    """Return ``moment`` as UTC ISO-8601; naive datetimes are taken to be UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat()
+
+
+#: How values of common non-JSON types are written (first match wins: datetime before date).
+_CONVERTERS: tuple[tuple[type[Any], Callable[[Any], Any]], ...] = (
+    (datetime, _iso),
+    (date, date.isoformat),
+    (timedelta, timedelta.total_seconds),
+    (PurePath, str),
+    (bytes, lambda data: data.decode("utf-8", errors="backslashreplace")),
+    (BaseException, lambda exc: f"{type(exc).__name__}: {exc}"),
+)
+
+
+def _canonical(data: object) -> str:
+    """Return the canonical JSON text of JSON-native ``data``."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _digest(record_without_hash: Mapping[str, Any]) -> str:
+    return hashlib.sha256(_canonical(record_without_hash).encode("ascii")).hexdigest()
+
+
+# --------------------------------------------------------------------------- the log
+
+
+class AuditLog:
+    """An append-only, hash-chained JSON-lines file, safe to append to from many processes.
+
+    Each :meth:`append` opens the file with ``O_APPEND``, takes an exclusive
+    ``flock``, reads the last record, writes one line, fsyncs and closes — so
+    appends from threads and processes interleave as whole, correctly chained
+    records.  Earlier lines are never rewritten.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"AuditLog({str(self.path)!r})"
+
+    def append(self, event: Mapping[str, object]) -> dict[str, Any]:
+        """Append ``event`` as the next record and return the record as written.
+
+        ``event`` must carry ``ts`` (a datetime or an ISO-8601 string, normally
+        set from the injected clock by the processor chain) and must not carry
+        ``seq``, ``prev`` or ``hash``.
+        """
+        clash = RESERVED_KEYS & event.keys()
+        if clash:
+            raise AuditError(
+                f"{self.path}: event {event.get('event')!r} uses reserved key(s) "
+                f"{', '.join(sorted(clash))}"
+            )
+        if "ts" not in event:
+            raise AuditError(f"{self.path}: event {event.get('event')!r} has no 'ts'")
+        body = _jsonable(event)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot open audit log: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            head = self._read_head(fd)
+            record = {
+                **body,
+                "seq": (head.seq if head else 0) + 1,
+                "prev": head.hash if head else GENESIS,
+            }
+            record["hash"] = _digest(record)
+            _write_all(fd, (_canonical(record) + "\n").encode("ascii"))
+            os.fsync(fd)
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot append to audit log: {exc.strerror}") from exc
+        finally:
+            os.close(fd)  # also releases the flock
+        return record
+
+    def head(self) -> AuditHead | None:
+        """Return the last record's seq and hash, or None for an empty or missing log."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot open audit log: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return self._read_head(fd)
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot read audit log: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    def _read_head(self, fd: int) -> AuditHead | None:
+        """Return seq and hash of the last line of the open file; the caller holds a lock."""
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None
+        tail = b""
+        offset = size
+        while offset > 0:
+            step = min(_TAIL_CHUNK, offset)
+            offset -= step
+            tail = os.pread(fd, step, offset) + tail
+            # The last line is complete once a newline precedes it (or the file starts).
+            if tail.rfind(b"\n", 0, len(tail) - 1) != -1:
+                break
+        if not tail.endswith(b"\n"):
+            raise AuditError(
+                f"{self.path}: last line is incomplete (torn write?); "
+                "run `remediate audit verify` and repair the log before appending"
+            )
+        last = tail[tail.rfind(b"\n", 0, len(tail) - 1) + 1 : -1]
+        try:
+            record = json.loads(last)
+            head = AuditHead(seq=record["seq"], hash=record["hash"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise AuditError(
+                f"{self.path}: last line is not an audit record ({exc}); "
+                "run `remediate audit verify` before appending"
+            ) from exc
+        return head
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except InterruptedError:  # pragma: no cover - retried by Python since PEP 475
+            continue
+        if written == 0:  # pragma: no cover - regular files never do this
+            raise OSError(errno.EIO, "short write")
+        view = view[written:]
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def verify_audit(path: Path, *, expected_head: AuditHead | None = None) -> AuditVerification:
+    """Check the hash chain of the audit file at ``path`` and name the first bad line.
+
+    Detects an edited record (its hash no longer matches, or it is not in
+    canonical form), a removed or reordered record (``seq``/``prev`` do not
+    follow), and an unparsable line.  With ``expected_head`` (seq and hash
+    saved elsewhere after an append), also detects a truncated tail.  A missing
+    file raises :class:`AuditError`; an empty file is a valid log of 0 records.
+    """
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError as exc:
+        raise AuditError(f"{path}: audit log does not exist") from exc
+    except OSError as exc:
+        raise AuditError(f"{path}: cannot open audit log: {exc.strerror}") from exc
+    with handle:
+        return _verify_lines(handle, expected_head)
+
+
+def _verify_lines(lines: Iterator[bytes], expected_head: AuditHead | None) -> AuditVerification:
+    prev = GENESIS
+    count = 0
+    head_seen = expected_head is None
+    for number, raw in enumerate(lines, start=1):
+        checked = _check_line(raw, seq=number, prev=prev)
+        if isinstance(checked, str):
+            return AuditVerification(ok=False, records=count, first_bad_line=number, reason=checked)
+        count = number
+        prev = checked["hash"]
+        if expected_head is not None and number == expected_head.seq:
+            if prev != expected_head.hash:
+                return AuditVerification(
+                    ok=False,
+                    records=count,
+                    first_bad_line=number,
+                    reason=f"record {number} is not the one saved as the audit head",
+                )
+            head_seen = True
+    if not head_seen:
+        assert expected_head is not None  # noqa: S101 - narrowed by head_seen
+        return AuditVerification(
+            ok=False,
+            records=count,
+            first_bad_line=count + 1,
+            reason=(
+                f"log ends at record {count} but the saved head is record "
+                f"{expected_head.seq}: records were removed from the end"
+            ),
+        )
+    reason = "empty audit log: no records" if count == 0 else f"{count} records, chain intact"
+    return AuditVerification(ok=True, records=count, first_bad_line=None, reason=reason)
+
+
+def _check_line(raw: bytes, *, seq: int, prev: str) -> dict[str, Any] | str:
+    """Return the parsed record, or why line ``seq`` breaks the chain."""
+    if not raw.endswith(b"\n"):
+        return "line is incomplete (no newline at the end: torn write or truncation)"
+    try:
+        record = json.loads(raw)
+    except ValueError as exc:
+        return f"not valid JSON: {exc}"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for key, kind in (("seq", int), ("prev", str), ("hash", str)):
+        if not isinstance(record.get(key), kind):
+            return f"no {key!r} field of type {kind.__name__}"
+    body = {k: v for k, v in record.items() if k != "hash"}
+    if _digest(body) != record["hash"]:
+        return "hash mismatch: the record was edited"
+    if raw[:-1] != _canonical(record).encode("ascii"):
+        return "not in canonical form: the line was edited"
+    if record["seq"] != seq:
+        return (
+            f"seq is {record['seq']}, expected {seq}: a record before it was removed, "
+            "or records were reordered"
+        )
+    if record["prev"] != prev:
+        return (
+            "prev does not match the previous record's hash: a record before it was "
+            "removed or edited, or records were reordered"
+        )
+    return record
+
+
+# --------------------------------------------------------------------------- processors
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_SECRET_NAME = re.compile(
+    r"(?:^|[_\-.])(?:"
+    r"pass|passwd|password|passphrase|pwd|secrets?|tokens?|credentials?|creds?|"
+    r"authorization|bearer|cookies?|session[_\-.]?ids?|"
+    r"(?:api|private|secret|access|ssh|signing|encryption)[_\-.]?keys?"
+    r")(?:$|[_\-.])"
+)
+
+
+def is_secret_name(key: str) -> bool:
+    """Return whether a field named ``key`` conventionally holds a secret."""
+    return _SECRET_NAME.search(_CAMEL.sub("_", key).lower()) is not None
+
+
+def _redact(value: object, names: frozenset[str]) -> object:
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED
+            if isinstance(k, str) and (k.lower() in names or is_secret_name(k))
+            else _redact(v, names)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redact(v, names) for v in value]
+    return value
+
+
+def redact_secrets(
+    logger: structlog.typing.WrappedLogger,
+    method_name: str,
+    event_dict: structlog.typing.EventDict,
+) -> structlog.typing.EventDict:
+    """Replace secret values anywhere in the event with ``[REDACTED]``.
+
+    A value is secret when its key looks like a secret (``password``,
+    ``*_token``, ``api_key``, ``authorization`` …, see :func:`is_secret_name`) or
+    is named in the event's ``secret_keys`` field (runbook params marked secret);
+    ``secret_keys`` itself is dropped.
+    """
+    del logger, method_name
+    declared = event_dict.pop("secret_keys", None) or ()
+    if isinstance(declared, str):
+        declared = (declared,)
+    names = frozenset(str(name).lower() for name in declared)
+    redacted = _redact(event_dict, names)
+    assert isinstance(redacted, dict)  # noqa: S101 - _redact maps a mapping to a dict
+    return redacted
+
+
+class _Stamp:
+    """Processor: set ``ts`` from the injected clock, as UTC ISO-8601."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self._clock = clock
+
+    def __call__(
+        self,
+        logger: structlog.typing.WrappedLogger,
+        method_name: str,
+        event_dict: structlog.typing.EventDict,
+    ) -> structlog.typing.EventDict:
+        del logger, method_name
+        event_dict["ts"] = _iso(self._clock())
+        return event_dict
+
+
+class _Append:
+    """Processor: append the event to the audit log, then drop it or pass it on."""
+
+    def __init__(self, log: AuditLog, *, pass_on: bool) -> None:
+        self._log = log
+        self._pass_on = pass_on
+
+    def __call__(
+        self,
+        logger: structlog.typing.WrappedLogger,
+        method_name: str,
+        event_dict: structlog.typing.EventDict,
+    ) -> structlog.typing.EventDict:
+        del logger, method_name
+        self._log.append(event_dict)
+        if not self._pass_on:
+            raise structlog.DropEvent
+        return event_dict
+
+
+def audit_processors(
+    log: AuditLog,
+    clock: Callable[[], datetime],
+    *,
+    then: Sequence[structlog.typing.Processor] = (),
+) -> list[structlog.typing.Processor]:
+    """Return the processor chain that redacts, stamps and appends events to ``log``.
+
+    Without ``then`` the last processor drops the event after writing it (any
+    logger factory will do); with ``then`` (e.g. a console renderer) the
+    event, already redacted, is passed on to those processors.
+    """
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.format_exc_info,
+        redact_secrets,
+        _Stamp(clock),
+        _Append(log, pass_on=bool(then)),
+        *then,
+    ]
+
+
+def configure_audit(
+    log: AuditLog,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    also_console: bool = False,
+) -> None:
+    """Configure structlog (once, in an entry point) so every event is audited to ``log``.
+
+    With ``also_console`` events are also rendered for people on stderr.
+    """
+    if also_console:
+        processors = audit_processors(log, clock, then=[structlog.dev.ConsoleRenderer()])
+        factory: Any = structlog.PrintLoggerFactory(sys.stderr)
+    else:
+        processors = audit_processors(log, clock)
+        factory = structlog.ReturnLoggerFactory()
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
+        logger_factory=factory,
+        cache_logger_on_first_use=False,
+    )
+
+
+@contextmanager
+def audit_context(run_id: str, **fields: object) -> Iterator[None]:
+    """Bind ``run_id`` and other run-wide fields to every event emitted inside the block."""
+    with structlog.contextvars.bound_contextvars(run_id=run_id, **fields):
+        yield
