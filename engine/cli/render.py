@@ -1,0 +1,195 @@
+"""How runbooks, problems and reports look to a person (Rich) and to a script (JSON)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console, Group
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from engine.durations import format_duration
+from engine.errors import Problem
+from engine.runbooks import Runbook
+from engine.runbooks.spec import (
+    BlastRadiusGuard,
+    CooldownGuard,
+    ExprGuard,
+    LockGuard,
+    Policy,
+    Trigger,
+)
+
+
+def print_json(console: Console, data: Any) -> None:
+    """Print machine-readable output (no Rich markup, no wrapping)."""
+    console.file.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def problem_dict(problem: Problem) -> dict[str, Any]:
+    """A problem as JSON data."""
+    return {
+        "file": problem.file,
+        "line": problem.line,
+        "field": problem.field,
+        "message": problem.message,
+    }
+
+
+def print_problems(console: Console, problems: Sequence[Problem]) -> None:
+    """One line per problem, ``file:line: field: message``."""
+    for problem in problems:
+        console.print(Text(str(problem), style="red"))
+
+
+def runbook_summary(runbook: Runbook) -> dict[str, Any]:
+    """The fields ``remediate list`` shows."""
+    spec = runbook.spec
+    return {
+        "name": spec.metadata.name,
+        "title": spec.metadata.title,
+        "severity": spec.metadata.severity.value,
+        "version": spec.metadata.version,
+        "triggers": [{"alertname": list(t.alertname), "mode": t.mode.value} for t in spec.triggers],
+        "steps": [s.id for s in spec.steps],
+        "file": str(runbook.path),
+        "digest": runbook.digest,
+    }
+
+
+def runbooks_table(runbooks: Sequence[Runbook]) -> Table:
+    """The table ``remediate list`` prints."""
+    table = Table(title="Runbooks", title_justify="left")
+    for column in ("name", "title", "severity", "triggers", "steps"):
+        table.add_column(column)
+    for runbook in runbooks:
+        spec = runbook.spec
+        triggers = "\n".join(f"{', '.join(t.alertname)} ({t.mode.value})" for t in spec.triggers)
+        table.add_row(
+            Text(spec.metadata.name, style="bold"),
+            Text(spec.metadata.title),
+            Text(spec.metadata.severity.value),
+            Text(triggers or "-"),
+            Text(str(len(spec.steps))),
+        )
+    return table
+
+
+def _guard_line(guard: object) -> tuple[str, str, str]:
+    if isinstance(guard, ExprGuard):
+        return "expr", guard.expr, guard.message
+    if isinstance(guard, CooldownGuard):
+        return "cool-down", format_duration(guard.cooldown), guard.message
+    if isinstance(guard, LockGuard):
+        return "device lock", "one run per device at a time", guard.message
+    if isinstance(guard, BlastRadiusGuard):
+        return "blast radius", "policy max_hosts_pct / max_hosts", guard.message
+    return "?", "", ""  # pragma: no cover - the union above is exhaustive
+
+
+def _header(runbook: Runbook) -> Panel:
+    meta = runbook.spec.metadata
+    body = [
+        Text.assemble(
+            (meta.title, "bold"),
+            f"  ({meta.name} v{meta.version}, severity {meta.severity.value})",
+        )
+    ]
+    if meta.description:
+        body.append(Text(meta.description.strip()))
+    if meta.never:
+        body.append(Text("It will never:", style="bold"))
+        body += [Text(f"  - {item}") for item in meta.never]
+    body.append(Text(f"Targets: {runbook.spec.targets.hosts}   File: {runbook.path}", style="dim"))
+    return Panel(Group(*body), expand=False)
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str | Text]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in row))
+    return table
+
+
+def _trigger_row(trigger: Trigger) -> tuple[str, str, str, str]:
+    labels = [f"{k}={v}" for k, v in trigger.match.items()]
+    labels += [f"{k}=~{v}" for k, v in trigger.match_re.items()]
+    device = trigger.device_label + (" (port stripped)" if trigger.strip_port else "")
+    device += f" → host var {trigger.device_var}" if trigger.device_var else " → host name"
+    return ", ".join(trigger.alertname), ", ".join(labels) or "-", device, trigger.mode.value
+
+
+def _policy_line(policy: Policy) -> Text:
+    cap = f", at most {policy.max_hosts} hosts" if policy.max_hosts else ""
+    eyes = " (four eyes)" if policy.four_eyes else ""
+    return Text(
+        f"Policy: batches of {policy.serial}; stop above {policy.max_fail_pct}% failed; "
+        f"act on at most {policy.max_hosts_pct}% of targeted hosts{cap}; "
+        f"approval {policy.approval.value}{eyes}"
+    )
+
+
+def runbook_view(runbook: Runbook) -> Group:
+    """The runbook as an operator reads it (``remediate show``)."""
+    spec = runbook.spec
+    verify = spec.verify
+    retry = (
+        f" (up to {verify.retries} tries, {format_duration(verify.delay)} apart)"
+        if verify.retries > 1
+        else ""
+    )
+    parts: list[Any] = [
+        _header(runbook),
+        _table(
+            "Checks (read-only probes)",
+            ("id", "parse", "timeout", "command"),
+            [(c.id, c.parse.value, format_duration(c.timeout), c.run) for c in spec.checks],
+        ),
+        Text.assemble(("Symptom: ", "bold"), spec.symptom),
+        _table(
+            "Guards (checked in order, per device)",
+            ("id", "kind", "condition", "message when it blocks"),
+            [(g.id, *_guard_line(g)) for g in spec.guards],
+        ),
+        _table(
+            "Steps (in order)",
+            ("id", "playbook", "when", "plan line", "destructive"),
+            [
+                (s.id, s.playbook, s.when, s.plan, "yes" if s.destructive else "no")
+                for s in spec.steps
+            ],
+        ),
+        Text.assemble(("Verify: ", "bold"), verify.expr, retry),
+    ]
+    if spec.params:
+        parts.append(
+            _table(
+                "Parameters (-e name=value)",
+                ("name", "type", "default", "description"),
+                [
+                    (n, p.type.value, "[secret]" if p.secret else str(p.default), p.description)
+                    for n, p in spec.params.items()
+                ],
+            )
+        )
+    if spec.triggers:
+        parts.append(
+            _table(
+                "Alert triggers",
+                ("alertname", "labels", "device from", "mode"),
+                [_trigger_row(t) for t in spec.triggers],
+            )
+        )
+    parts.append(_policy_line(spec.policy))
+    return Group(*parts)
+
+
+def escape_text(value: str) -> str:
+    """Escape text from outside (device output, labels) before it meets Rich markup."""
+    return escape(value)

@@ -1,0 +1,68 @@
+"""Settings an entry point builds once and passes down; nothing else reads the environment."""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Settings(BaseModel):
+    """Where runbooks, playbooks and run-time state live, and who is acting."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    runbooks_dir: Path
+    playbooks_dir: Path
+    state_dir: Path
+    user: str
+
+    @property
+    def audit_path(self) -> Path:
+        """The append-only audit log."""
+        return self.state_dir / "audit.jsonl"
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite state store."""
+        return self.state_dir / "state.db"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Per-run evidence and ansible-runner artifacts."""
+        return self.state_dir / "artifacts"
+
+
+def load_settings(
+    cwd: Path,
+    environ: Mapping[str, str],
+    *,
+    runbooks_dir: Path | None = None,
+    playbooks_dir: Path | None = None,
+    state_dir: Path | None = None,
+) -> Settings:
+    """Settings from explicit options, then ``REMEDIATE_*`` variables, then the project layout."""
+
+    def pick(option: Path | None, var: str, default: Path) -> Path:
+        if option is not None:
+            return option
+        if environ.get(var):
+            return Path(environ[var])
+        return default
+
+    user = environ.get("REMEDIATE_USER") or _login_name()
+    return Settings(
+        runbooks_dir=pick(runbooks_dir, "REMEDIATE_RUNBOOKS", cwd / "runbooks"),
+        playbooks_dir=pick(playbooks_dir, "REMEDIATE_PLAYBOOKS", cwd / "playbooks"),
+        state_dir=pick(state_dir, "REMEDIATE_STATE_DIR", cwd / ".remediate"),
+        user=user,
+    )
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers): still say something true
+        return "unknown"
