@@ -18,16 +18,16 @@ class HostOutcome(StrEnum):
     Dry runs end hosts in ``planned``; apply runs in ``fixed``/``not_fixed``/``failed``.
     """
 
-    HEALTHY = "healthy"          # no symptom: nothing to do
-    SKIPPED = "skipped"          # a guard blocked; the reason says which
-    PLANNED = "planned"          # dry-run: steps would run
+    HEALTHY = "healthy"  # no symptom: nothing to do
+    SKIPPED = "skipped"  # a guard blocked; the reason says which
+    PLANNED = "planned"  # dry-run: steps would run
     NOTHING_TO_DO = "nothing_to_do"  # symptom present but no step's `when` holds
-    FIXED = "fixed"              # steps ran and verify holds on fresh probes
-    NOT_FIXED = "not_fixed"      # steps ran, verify does not hold
-    FAILED = "failed"            # a step failed
+    FIXED = "fixed"  # steps ran and verify holds on fresh probes
+    NOT_FIXED = "not_fixed"  # steps ran, verify does not hold
+    FAILED = "failed"  # a step failed
     UNREACHABLE = "unreachable"  # the host could not be reached
-    ERROR = "error"              # a probe or expression needed to decide failed
-    REFUSED = "refused"          # the whole run was refused (blast radius, approval)
+    ERROR = "error"  # a probe or expression needed to decide failed
+    REFUSED = "refused"  # the whole run was refused (blast radius, approval)
     INTERRUPTED = "interrupted"  # the engine stopped while acting on the host
 
 
@@ -35,10 +35,10 @@ class RunStatus(StrEnum):
     """How a whole run ended."""
 
     RUNNING = "running"
-    SUCCEEDED = "succeeded"      # every host fixed, healthy, planned or skipped
-    DEGRADED = "degraded"        # something not fixed, failed, unreachable or errored
-    REFUSED = "refused"          # refused before acting (blast radius, declined approval)
-    ABORTED = "aborted"          # stopped because failures exceeded max_fail_pct
+    SUCCEEDED = "succeeded"  # every host fixed, healthy, planned or skipped
+    DEGRADED = "degraded"  # something not fixed, failed, unreachable or errored
+    REFUSED = "refused"  # refused before acting (blast radius, declined approval)
+    ABORTED = "aborted"  # stopped because failures exceeded max_fail_pct
     INTERRUPTED = "interrupted"  # the process died or was stopped mid-run
 
 
