@@ -114,6 +114,12 @@ class StateStore(Protocol):
     def mark_interrupted(self, now: datetime) -> list[str]:
         """Mark runs still ``running`` as ``interrupted``; return their ids."""
 
+    def save_audit_head(self, seq: int, hash_: str) -> None:
+        """Remember the audit log's last record (a higher ``seq`` wins)."""
+
+    def audit_head(self) -> tuple[int, str] | None:
+        """Return the saved audit head as (seq, hash), or None if none was saved."""
+
     def close(self) -> None:
         """Release the store's resources."""
 
@@ -134,7 +140,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
-        "runs, host results, cool-downs, device locks",
+        "runs, host results, cool-downs, device locks, audit head",
         (
             """
             CREATE TABLE runs (
@@ -177,6 +183,13 @@ MIGRATIONS: tuple[Migration, ...] = (
                 run_id      TEXT NOT NULL,
                 acquired_at TEXT NOT NULL,
                 expires_at  TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE audit_head (
+                id   INTEGER PRIMARY KEY CHECK (id = 1),
+                seq  INTEGER NOT NULL,
+                hash TEXT NOT NULL
             )
             """,
         ),
@@ -546,6 +559,28 @@ class SqliteStateStore:
             acquired_at=_moment(row[2]),
             expires_at=_moment(row[3]),
         )
+
+    # -- audit head
+
+    def save_audit_head(self, seq: int, hash_: str) -> None:
+        """Remember the audit log's last record (a higher ``seq`` wins).
+
+        Pass it back to ``verify_audit(expected_head=...)`` to detect records
+        removed from the end of the log, which the hash chain alone cannot show.
+        """
+        with self._transaction("save the audit head") as db:
+            db.execute(
+                "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
+                " WHERE excluded.seq > audit_head.seq",
+                (seq, hash_),
+            )
+
+    def audit_head(self) -> tuple[int, str] | None:
+        """Return the saved audit head as (seq, hash), or None if none was saved."""
+        with self._guard, self._sqlite_errors("read the audit head"):
+            row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
 
 
 _RUN_SELECT = (

@@ -241,6 +241,16 @@ def test_naive_timestamps_refused(store: SqliteStateStore) -> None:
         store.mark_acted("fix-wifi", "dev-1", datetime(2025, 1, 1))
 
 
+def test_audit_head_keeps_the_highest_seq(store: SqliteStateStore) -> None:
+    """The saved audit head only moves forward, whatever order processes save it in."""
+    assert store.audit_head() is None
+    store.save_audit_head(5, "e" * 64)
+    store.save_audit_head(3, "c" * 64)
+    assert store.audit_head() == (5, "e" * 64)
+    store.save_audit_head(6, "f" * 64)
+    assert store.audit_head() == (6, "f" * 64)
+
+
 def test_lock_reentrant_and_exclusive(store: SqliteStateStore) -> None:
     """The holder may re-take its lock; another run may not until it is released."""
     ttl = timedelta(minutes=10)
