@@ -66,7 +66,7 @@ def _name_problems(root: nodes.Node, scope: Scope, declared: set[str]) -> Iterat
     for name in sorted(declared - set(scope.namespaces)):
         known = ", ".join(sorted(scope.namespaces)) or "nothing"
         yield f"unknown name {name!r} (known here: {known})"
-    for node in root.find_all((nodes.Getattr, nodes.Getitem)):
+    for node in [root, *root.find_all((nodes.Getattr, nodes.Getitem))]:
         target = getattr(node, "node", None)
         if not isinstance(target, nodes.Name) or target.name not in scope.namespaces:
             continue
@@ -134,7 +134,9 @@ def compile_expression(source: str, scope: Scope) -> Expression:
         parser = Parser(ENV, source, state="variable")
         tree = parser.parse_expression()
         if not parser.stream.eos:
-            raise CompileError(f"unexpected {parser.stream.current.value!r} after the expression")
+            raise CompileError(
+                f"bad expression {source!r}: unexpected {parser.stream.current.value!r} at the end"
+            )
         fn = ENV.compile_expression(source, undefined_to_none=False)
     except TemplateError as exc:
         raise CompileError(f"bad expression {source!r}: {exc.message or exc}") from exc

@@ -323,7 +323,8 @@ def load_runbook(path: Path, *, playbooks_dir: Path | None = None) -> Runbook:
     except YAMLError as exc:
         raise RunbookError([Problem(file, None, "", f"YAML: {exc}")]) from exc
     if not isinstance(root, CommentedMap):
-        raise RunbookError([Problem(file, 1, "", "a runbook must be a YAML mapping")])
+        line = root.lc.line + 1 if isinstance(root, CommentedSeq) else 1
+        raise RunbookError([Problem(file, line, "", "a runbook must be a YAML mapping")])
     try:
         spec = RunbookSpec.model_validate(_to_plain(root))
     except ValidationError as exc:
