@@ -40,6 +40,7 @@ class RunStatus(StrEnum):
     REFUSED = "refused"  # refused before acting (blast radius, declined approval)
     ABORTED = "aborted"  # stopped because failures exceeded max_fail_pct
     INTERRUPTED = "interrupted"  # the process died or was stopped mid-run
+    ERROR = "error"  # the engine could not complete the run (bad inventory, tool failure)
 
 
 #: Host outcomes that make a run (and the CLI exit code) unsuccessful.

@@ -16,16 +16,26 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from engine.audit import AuditHead, verify_audit
 from engine.cli.render import (
+    history_table,
+    host_records_table,
+    plan_table,
     print_json,
     print_problems,
     problem_dict,
+    report_view,
     runbook_summary,
     runbook_view,
     runbooks_table,
 )
-from engine.errors import EngineError, Problem, RunbookError
+from engine.cli.services import open_services, open_store
+from engine.errors import EngineError, InputError, ParamError, Problem, RunbookError
+from engine.outcomes import Mode
+from engine.pipeline import RunRequest, run_runbook
+from engine.plans import Plan
 from engine.runbooks import find_runbook, load_runbook, load_runbooks, runbook_files
 from engine.settings import Settings, load_settings
 
@@ -189,6 +199,171 @@ def show(
         print_json(state.console, runbook.spec.model_dump(mode="json", by_alias=True))
     else:
         state.console.print(runbook_view(runbook))
+
+
+InventoryOpt = Annotated[
+    Path, typer.Option("--inventory", "-i", help="Ansible inventory (INI or YAML, file or folder)")
+]
+LimitOpt = Annotated[
+    str | None, typer.Option("--limit", "-l", help="Narrow the runbook's hosts (Ansible pattern)")
+]
+ExtraOpt = Annotated[
+    list[str] | None,
+    typer.Option("--extra", "-e", help="Override a runbook parameter: name=value (repeatable)"),
+]
+
+
+def _overrides(pairs: Sequence[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ParamError(f"-e {pair!r}: expected name=value")
+        out[name.strip()] = value
+    return out
+
+
+def _execute(
+    ctx: typer.Context,
+    runbook_name: str,
+    inventory: Path,
+    limit: str | None,
+    extra: Sequence[str] | None,
+    mode: Mode,
+    output: Output,
+    yes: bool,
+) -> None:
+    state = _state(ctx)
+    settings = state.settings
+    runbook = find_runbook(
+        runbook_name, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir
+    )
+    request = RunRequest(
+        inventory=inventory,
+        limit=limit,
+        overrides=_overrides(extra),
+        mode=mode,
+        trigger=f"user:{settings.user}",
+        user=settings.user,
+    )
+    err = Console(stderr=True, highlight=False)
+
+    def approve(plan: Plan) -> bool:
+        if yes:
+            return True
+        err.print(plan_table(plan))
+        if not sys.stdin.isatty():
+            err.print("approval needed: destructive steps planned; rerun with --yes to approve")
+            return False
+        return typer.confirm("Apply the destructive steps above?", default=False, err=True)
+
+    with open_services(settings, reporter_console=err if output is Output.TABLE else None) as (
+        services
+    ):
+        report = run_runbook(runbook, request, services, approve=approve)
+    if output is Output.JSON:
+        print_json(state.console, report.model_dump(mode="json"))
+    else:
+        state.console.print(report_view(report))
+    if not report.ok:
+        raise typer.Exit(EXIT_NOT_FIXED)
+
+
+@app.command()
+def plan(
+    ctx: typer.Context,
+    runbook: Annotated[str, typer.Argument(help="Runbook name or file")],
+    inventory: InventoryOpt,
+    limit: LimitOpt = None,
+    extra: ExtraOpt = None,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Dry-run: probe, evaluate guards and show the plan. Nothing on a device changes."""
+    _execute(ctx, runbook, inventory, limit, extra, Mode.DRY_RUN, output, yes=False)
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    runbook: Annotated[str, typer.Argument(help="Runbook name or file")],
+    inventory: InventoryOpt,
+    limit: LimitOpt = None,
+    extra: ExtraOpt = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Act on devices (without it: a dry-run)")
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Approve destructive steps without asking")
+    ] = False,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Run a runbook: dry-run unless --apply; destructive steps ask first unless --yes."""
+    mode = Mode.APPLY if apply else Mode.DRY_RUN
+    _execute(ctx, runbook, inventory, limit, extra, mode, output, yes=yes)
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    run_id: Annotated[
+        str | None, typer.Argument(help="Show one run's hosts instead of the list")
+    ] = None,
+    runbook: Annotated[str | None, typer.Option(help="Only runs of this runbook")] = None,
+    limit: Annotated[int, typer.Option("--last", help="How many runs")] = 20,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Past runs, newest first; or the hosts of one run."""
+    state = _state(ctx)
+    with open_store(state.settings) as store:
+        if run_id is None:
+            runs = store.list_runs(limit=limit, runbook=runbook)
+            if output is Output.JSON:
+                print_json(state.console, [r.model_dump(mode="json") for r in runs])
+            else:
+                state.console.print(history_table(runs))
+            return
+        record = store.get_run(run_id)
+        if record is None:
+            raise InputError(f"no run {run_id!r} in {state.settings.db_path}")
+        hosts = store.host_records(run_id)
+    if output is Output.JSON:
+        data = record.model_dump(mode="json")
+        data["hosts"] = [h.model_dump(mode="json") for h in hosts]
+        print_json(state.console, data)
+    else:
+        state.console.print(history_table([record]))
+        state.console.print(host_records_table(hosts))
+
+
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    ctx: typer.Context,
+    path: Annotated[
+        Path | None, typer.Argument(help="Audit file [default: STATE_DIR/audit.jsonl]")
+    ] = None,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Check the hash chain; name the first edited, removed or reordered record (exit 1)."""
+    state = _state(ctx)
+    target = path or state.settings.audit_path
+    expected = None
+    if path is None and state.settings.db_path.exists():
+        with open_store(state.settings) as store:
+            head = store.audit_head()
+        expected = AuditHead(seq=head[0], hash=head[1]) if head else None
+    result = verify_audit(target, expected_head=expected)
+    if output is Output.JSON:
+        print_json(state.console, {"file": str(target), **result.model_dump(mode="json")})
+    elif result.ok:
+        state.console.print(f"ok: {result.records} records, chain intact ({target})")
+    else:
+        state.console.print(Text(f"{target}:{result.first_bad_line}: {result.reason}", style="red"))
+    if not result.ok:
+        raise typer.Exit(EXIT_NOT_FIXED)
 
 
 def run_cli(argv: Sequence[str]) -> int:

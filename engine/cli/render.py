@@ -14,6 +14,8 @@ from rich.text import Text
 
 from engine.durations import format_duration
 from engine.errors import Problem
+from engine.pipeline import RunReport
+from engine.plans import Plan
 from engine.runbooks import Runbook
 from engine.runbooks.spec import (
     BlastRadiusGuard,
@@ -23,6 +25,7 @@ from engine.runbooks.spec import (
     Policy,
     Trigger,
 )
+from engine.state import HostRecord, RunRecord
 
 
 def print_json(console: Console, data: Any) -> None:
@@ -193,3 +196,98 @@ def runbook_view(runbook: Runbook) -> Group:
 def escape_text(value: str) -> str:
     """Escape text from outside (device output, labels) before it meets Rich markup."""
     return escape(value)
+
+
+_OUTCOME_STYLE = {
+    "healthy": "green",
+    "fixed": "bold green",
+    "planned": "bold yellow",
+    "skipped": "cyan",
+    "nothing_to_do": "dim",
+    "not_fixed": "bold red",
+    "failed": "bold red",
+    "unreachable": "red",
+    "error": "red",
+    "refused": "magenta",
+    "interrupted": "red",
+}
+
+
+def _outcome(value: str) -> Text:
+    return Text(value, style=_OUTCOME_STYLE.get(value, ""))
+
+
+def plan_table(plan: Plan) -> Table:
+    """The dry-run plan: every host, its outcome and reason, and the steps it would get."""
+    ref = plan.runbook
+    title = (
+        f"Plan {plan.run_id}: {ref.name} v{ref.version} on {plan.inventory}"
+        + (f" --limit {plan.limit}" if plan.limit else "")
+        + f" ({plan.mode.value})"
+    )
+    table = Table(title=title, title_justify="left", show_lines=True)
+    for column in ("host", "outcome", "why", "steps (plan)"):
+        table.add_column(column, overflow="fold")
+    for host in plan.hosts:
+        steps = Text(
+            "\n".join(
+                f"{i}. {s.id}{' [destructive]' if s.destructive else ''}: {s.plan}"
+                for i, s in enumerate(host.steps, start=1)
+            )
+        )
+        table.add_row(Text(host.host), _outcome(host.outcome.value), Text(host.reason), steps)
+    if plan.refused:
+        table.caption = f"RUN REFUSED: {plan.refused}"
+    return table
+
+
+def report_view(report: RunReport) -> Group:
+    """The plan, then (for apply runs) how each host ended."""
+    parts: list[Any] = [plan_table(report.plan)]
+    acted = [h for h in report.hosts if h.steps]
+    if acted:
+        table = Table(title="Result", title_justify="left", show_lines=True)
+        for column in ("host", "outcome", "steps run", "why"):
+            table.add_column(column, overflow="fold")
+        for host in report.hosts:
+            steps = "\n".join(
+                f"{s.step}: {s.status.value}{' (changed)' if s.changed else ''}" for s in host.steps
+            )
+            table.add_row(
+                Text(host.host), _outcome(host.outcome.value), Text(steps), Text(host.reason)
+            )
+        parts.append(table)
+    summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(report.summary.items()))
+    parts.append(Text(f"Run {report.plan.run_id} {report.status.value}: {summary}"))
+    return Group(*parts)
+
+
+def history_table(runs: Sequence[RunRecord]) -> Table:
+    """Past runs, newest first."""
+    table = Table(title="Runs", title_justify="left")
+    for column in ("run", "runbook", "mode", "trigger", "started", "status", "hosts"):
+        table.add_column(column, overflow="fold")
+    for run in runs:
+        hosts = ", ".join(f"{n} {o}" for o, n in sorted(run.summary.items()))
+        table.add_row(
+            run.run_id,
+            run.runbook,
+            run.mode.value,
+            Text(run.trigger),
+            run.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _outcome(run.status.value),
+            hosts,
+        )
+    return table
+
+
+def host_records_table(hosts: Sequence[HostRecord]) -> Table:
+    """The hosts of one run."""
+    table = Table(title="Hosts", title_justify="left")
+    for column in ("host", "outcome", "steps", "why"):
+        table.add_column(column, overflow="fold")
+    for host in hosts:
+        table.add_row(
+            Text(host.host), _outcome(host.outcome.value), ", ".join(host.steps), Text(host.reason)
+        )
+    return table

@@ -1,0 +1,98 @@
+"""Build the pipeline's services once per CLI invocation: executor, state store, audit, progress."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+from engine.audit import AuditLog, configure_audit, utc_now
+from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
+from engine.pipeline import NullReporter, Reporter, Services
+from engine.settings import Settings
+from engine.state import StateStore, open_state
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random hex."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+class RichReporter:
+    """Progress on stderr: one line per phase, a bar where the amount of work is known."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._task: object | None = None
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        """Finish the previous phase's line and start a new one."""
+        if self._task is not None:
+            self._progress.update(self._task, completed=self._total())  # type: ignore[arg-type]
+        self._task = self._progress.add_task(name, total=total)
+
+    def advance(self, amount: int = 1) -> None:
+        """Advance the current phase."""
+        if self._task is not None:
+            self._progress.advance(self._task, amount)  # type: ignore[arg-type]
+
+    def _total(self) -> float:
+        task = next(t for t in self._progress.tasks if t.id == self._task)
+        return task.total if task.total is not None else task.completed
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[StateStore]:
+    """The state store, closed afterwards."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    store = open_state(settings.db_path, clock=utc_now)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@contextmanager
+def open_services(settings: Settings, *, reporter_console: Console | None) -> Iterator[Services]:
+    """Services for one CLI run; the audit log and its head in the store are kept in step."""
+    audit = AuditLog(settings.audit_path)
+    configure_audit(audit, clock=utc_now)
+    executor = AnsibleExecutor(AnsibleSettings(work_dir=settings.state_dir / "work"))
+    with open_store(settings) as store:
+        progress = (
+            Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                console=reporter_console,
+                transient=False,
+            )
+            if reporter_console is not None and reporter_console.is_terminal
+            else None
+        )
+        reporter: Reporter = RichReporter(progress) if progress is not None else NullReporter()
+        services = Services(
+            executor=executor,
+            store=store,
+            clock=utc_now,
+            new_run_id=new_run_id,
+            artifacts_dir=settings.artifacts_dir,
+            sleep=time.sleep,
+            reporter=reporter,
+        )
+        try:
+            if progress is not None:
+                with progress:
+                    yield services
+            else:
+                yield services
+        finally:
+            head = audit.head()
+            if head is not None:
+                store.save_audit_head(head.seq, head.hash)
