@@ -1,0 +1,129 @@
+"""An executor for unit tests: answers from a table and records every call.
+
+``scripts`` maps a host to how it answers ``run_script``: a :class:`FakeReply`
+(exit code, stdout, or unreachable), or a callable that receives the script and returns
+the stdout (or a whole :class:`FakeReply`), for probes whose output depends on the script.
+``playbooks`` maps a host to its playbook outcome: a :class:`HostStatus`, or a callable
+``(request, host) -> PlaybookResult`` (which may also change the state a later probe
+reads, to simulate a fix).  Hosts missing from a table come back ``failed``, as a host
+missing from the inventory does with the real executor.
+
+Every call is recorded in ``script_calls`` / ``playbook_calls``, so a test can assert
+that a dry run started no playbook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from engine.executors.base import (
+    CommandResult,
+    HostStatus,
+    PlaybookRequest,
+    PlaybookResult,
+)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FakeReply(_Frozen):
+    """How one fake host answers a script: ``unreachable`` set means it could not be reached."""
+
+    rc: int = 0
+    stdout: str = ""
+    stderr: str = ""
+    unreachable: str | None = None
+
+
+class ScriptCall(_Frozen):
+    """One recorded ``run_script`` call."""
+
+    inventory: Path
+    hosts: tuple[str, ...]
+    script: str
+    timeout: float
+
+
+class PlaybookCall(_Frozen):
+    """One recorded ``run_playbook`` call."""
+
+    inventory: Path
+    request: PlaybookRequest
+    artifacts_dir: Path
+
+
+ScriptAnswer = FakeReply | Callable[[str], "FakeReply | str"]
+PlaybookAnswer = HostStatus | Callable[[PlaybookRequest, str], PlaybookResult]
+
+
+class FakeExecutor:
+    """A table-driven :class:`~engine.executors.base.Executor` that records its calls."""
+
+    def __init__(
+        self,
+        scripts: Mapping[str, ScriptAnswer] | None = None,
+        playbooks: Mapping[str, PlaybookAnswer] | None = None,
+    ) -> None:
+        self.scripts: dict[str, ScriptAnswer] = dict(scripts or {})
+        self.playbooks: dict[str, PlaybookAnswer] = dict(playbooks or {})
+        self.script_calls: list[ScriptCall] = []
+        self.playbook_calls: list[PlaybookCall] = []
+
+    def run_script(
+        self, inventory: Path, hosts: Sequence[str], script: str, *, timeout: float
+    ) -> Mapping[str, CommandResult]:
+        """Answer each host from ``scripts``; record the call."""
+        self.script_calls.append(
+            ScriptCall(inventory=inventory, hosts=tuple(hosts), script=script, timeout=timeout)
+        )
+        return {host: self._script_result(host, script) for host in hosts}
+
+    def run_playbook(
+        self, inventory: Path, request: PlaybookRequest, *, artifacts_dir: Path
+    ) -> Mapping[str, PlaybookResult]:
+        """Answer each host from ``playbooks`` (default: ok); record the call."""
+        self.playbook_calls.append(
+            PlaybookCall(inventory=inventory, request=request, artifacts_dir=artifacts_dir)
+        )
+        return {host: self._playbook_result(request, host) for host in request.hosts}
+
+    @property
+    def playbooks_run(self) -> tuple[Path, ...]:
+        """The playbooks requested so far, in order."""
+        return tuple(call.request.playbook for call in self.playbook_calls)
+
+    def _script_result(self, host: str, script: str) -> CommandResult:
+        answer = self.scripts.get(host)
+        if answer is None:
+            return CommandResult(
+                host=host, status=HostStatus.FAILED, message=f"no fake answer for host {host}"
+            )
+        reply = answer if isinstance(answer, FakeReply) else answer(script)
+        if isinstance(reply, str):
+            reply = FakeReply(stdout=reply)
+        if reply.unreachable is not None:
+            return CommandResult(
+                host=host,
+                status=HostStatus.UNREACHABLE,
+                message=reply.unreachable or "unreachable",
+            )
+        return CommandResult(
+            host=host,
+            status=HostStatus.OK if reply.rc == 0 else HostStatus.FAILED,
+            rc=reply.rc,
+            stdout=reply.stdout,
+            stderr=reply.stderr,
+            message="" if reply.rc == 0 else "non-zero return code",
+        )
+
+    def _playbook_result(self, request: PlaybookRequest, host: str) -> PlaybookResult:
+        answer = self.playbooks.get(host, HostStatus.OK)
+        if isinstance(answer, HostStatus):
+            message = "" if answer is HostStatus.OK else f"fake {answer.value}"
+            return PlaybookResult(host=host, status=answer, message=message)
+        return answer(request, host)

@@ -1,0 +1,56 @@
+"""FakeExecutor: table-driven answers and a record of every call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.executors.base import Executor, HostStatus, PlaybookRequest, PlaybookResult
+from engine.executors.fake import FakeExecutor, FakeReply
+
+INV = Path("inventory.ini")
+
+
+def test_script_answers_from_table() -> None:
+    """Hosts answer with their reply, a script-dependent callable, or unreachable."""
+    fake = FakeExecutor(
+        scripts={
+            "ok": FakeReply(stdout="42\n"),
+            "bad": FakeReply(rc=2, stdout="partial"),
+            "gone": FakeReply(unreachable="connection refused"),
+            "echo": lambda script: script.upper(),
+        }
+    )
+    executor: Executor = fake
+    results = executor.run_script(INV, ["ok", "bad", "gone", "echo", "ghost"], "df", timeout=5)
+    assert results["ok"].status is HostStatus.OK
+    assert results["ok"].stdout == "42\n"
+    assert (results["bad"].status, results["bad"].rc, results["bad"].stdout) == (
+        HostStatus.FAILED,
+        2,
+        "partial",
+    )
+    assert results["gone"].status is HostStatus.UNREACHABLE
+    assert results["gone"].message == "connection refused"
+    assert results["echo"].stdout == "DF"
+    assert results["ghost"].status is HostStatus.FAILED
+    assert fake.script_calls[0].hosts == ("ok", "bad", "gone", "echo", "ghost")
+    assert fake.script_calls[0].script == "df"
+
+
+def test_playbook_calls_are_recorded() -> None:
+    """Playbook requests are recorded; hosts default to ok or answer from the table."""
+    fake = FakeExecutor(
+        playbooks={
+            "b": HostStatus.FAILED,
+            "c": lambda req, host: PlaybookResult(
+                host=host, status=HostStatus.OK, message=req.label
+            ),
+        }
+    )
+    assert fake.playbook_calls == []
+    request = PlaybookRequest(playbook=Path("playbooks/x.yml"), hosts=("a", "b", "c"), label="s1")
+    results = fake.run_playbook(INV, request, artifacts_dir=Path("arts"))
+    assert [r.status for r in results.values()] == [HostStatus.OK, HostStatus.FAILED, HostStatus.OK]
+    assert results["c"].message == "s1"
+    assert fake.playbooks_run == (Path("playbooks/x.yml"),)
+    assert fake.playbook_calls[0].request == request
