@@ -1,0 +1,469 @@
+"""The executor that drives real ansible-runner.
+
+Everything Ansible-specific the engine depends on lives here:
+
+* ``run_script`` runs **one** generated play (``gather_facts: false``, one
+  ``ansible.builtin.raw`` task) over exactly the requested hosts, in one ansible-runner
+  invocation.  The script goes into the play tagged ``!unsafe``, so Ansible passes it
+  verbatim even when it contains ``{{ }}``.
+* ``run_playbook`` runs a project playbook limited to the requested hosts.  Extra vars
+  are written by us to ``env/extravars`` as YAML with **every string tagged ``!unsafe``**:
+  ansible-core (2.19 included) treats extra vars as trusted and would otherwise render
+  any ``{{ }}`` they contain, and their values can come from devices and alerts.
+* Hosts are selected with ``--limit @file`` whose single line is an anchored regex of
+  the escaped names, so no host name is ever read as a pattern (glob, range, ``!``,
+  ``&``), and Ansible's implicit ``localhost`` is never added.  (Ansible still matches a
+  *group* that has exactly a requested host's name; it warns about such inventories.)
+* Events are consumed once, as they stream, by an event handler; only the per-host
+  results are kept.  A host that never shows up in the events is reported ``failed``.
+
+A device that fails is a result.  ansible-runner or ansible-playbook failing as a tool
+(bad playbook, missing binary, no final stats) raises :class:`ExecutorError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import ansible_runner
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.errors import ExecutorError
+from engine.executors.base import (
+    CommandResult,
+    HostStatus,
+    PlaybookRequest,
+    PlaybookResult,
+    TaskResult,
+)
+
+_ERROR_TAIL_LINES = 20
+_LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_HOST_EVENTS = {
+    "runner_on_ok": HostStatus.OK,
+    "runner_on_failed": HostStatus.FAILED,
+    "runner_on_unreachable": HostStatus.UNREACHABLE,
+    "runner_on_skipped": None,
+}
+
+
+class AnsibleSettings(BaseModel):
+    """How the engine drives Ansible; built once by an entry point and passed in."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    work_dir: Path
+    """Private data dirs of ansible-runner are created (and removed) under this directory."""
+    forks: int = Field(default=50, ge=1)
+    """Hosts Ansible works on in parallel."""
+    ssh_timeout: int = Field(default=10, ge=1)
+    """Seconds to wait for an SSH connection (``ANSIBLE_TIMEOUT``)."""
+    ssh_args: tuple[str, ...] | None = None
+    """Replaces Ansible's default ``ssh_args`` (``-C -o ControlMaster=auto -o ControlPersist=60s``).
+
+    Inventory ``ansible_ssh_common_args``/``ansible_ssh_extra_args`` still add to them.
+    """
+    host_key_checking: bool = True
+    """Default for hosts whose inventory does not set ``ansible_host_key_checking``.
+
+    ansible-runner would turn checking off for everything; we keep Ansible's own default.
+    """
+    playbook_task_timeout: int = Field(default=900, ge=0)
+    """Upper bound in seconds of any one task of a playbook (``ANSIBLE_TASK_TIMEOUT``; 0: none)."""
+    ansible_bin_dir: Path = Field(default_factory=lambda: Path(sys.executable).parent)
+    """Directory holding ``ansible-playbook``; by default the one beside the running Python."""
+
+
+class AnsibleExecutor:
+    """Runs probe scripts and playbooks through ansible-runner (see the module docstring)."""
+
+    def __init__(self, settings: AnsibleSettings) -> None:
+        self._settings = settings
+
+    def run_script(
+        self, inventory: Path, hosts: Sequence[str], script: str, *, timeout: float
+    ) -> Mapping[str, CommandResult]:
+        """Run ``script`` verbatim with one ``raw`` task on each host; a result for every host."""
+        wanted = tuple(dict.fromkeys(hosts))
+        if not wanted:
+            return {}
+        wanted_set = frozenset(wanted)
+        results: dict[str, CommandResult] = {}
+        watcher = _EventWatcher()
+
+        def on_event(event: Mapping[str, Any]) -> bool:
+            watcher.see(event)
+            status, data = _host_event(event)
+            if data is None or data.get("host") not in wanted_set:
+                return False
+            res = _mapping(data.get("res"))
+            rc = res.get("rc")
+            results[data["host"]] = CommandResult(
+                host=data["host"],
+                status=status or HostStatus.FAILED,
+                rc=rc if isinstance(rc, int) else None,
+                stdout=_text(res.get("stdout")),
+                stderr=_text(res.get("stderr")),
+                message="" if status is HostStatus.OK else _message(res),
+            )
+            return False  # nothing to keep on disk: the probe's output is in the results
+
+        self._settings.work_dir.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix="script-", dir=self._settings.work_dir))
+        try:
+            playbook = private / "probe.yml"
+            _write_yaml(playbook, [_probe_play(script, timeout)])
+            self._run(
+                private_data_dir=private,
+                artifact_dir=private / "artifacts",
+                ident="probe",
+                inventory=inventory,
+                playbook=playbook,
+                what=f"probe script on {len(wanted)} host(s) of {inventory}",
+                hosts=wanted,
+                watcher=watcher,
+                on_event=on_event,
+                extra_env={},
+            )
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+        return {
+            host: results.get(host)
+            or CommandResult(host=host, status=HostStatus.FAILED, message=_NOT_RUN.format(host))
+            for host in wanted
+        }
+
+    def run_playbook(
+        self, inventory: Path, request: PlaybookRequest, *, artifacts_dir: Path
+    ) -> Mapping[str, PlaybookResult]:
+        """Run ``request.playbook`` limited to ``request.hosts``; a result for every host.
+
+        ansible-runner's ``stdout`` and ``job_events`` are kept under
+        ``artifacts_dir/<label>/`` (a ``-2``, ``-3``… suffix if that folder exists).
+        """
+        wanted = tuple(dict.fromkeys(request.hosts))
+        if not wanted:
+            return {}
+        playbook = request.playbook.resolve()
+        if not playbook.is_file():
+            raise ExecutorError(f"playbook {request.playbook}: no such file")
+        tasks: dict[str, list[TaskResult]] = {host: [] for host in wanted}
+        watcher = _EventWatcher()
+
+        def on_event(event: Mapping[str, Any]) -> bool:
+            watcher.see(event)
+            status, data = _host_event(event)
+            if data is not None and data.get("host") in tasks:
+                res = _mapping(data.get("res"))
+                tasks[data["host"]].append(
+                    TaskResult(
+                        name=_text(data.get("task")),
+                        status=status,
+                        changed=bool(res.get("changed", False)),
+                        message=_task_message(status, res),
+                        stdout=_text(res.get("stdout")),
+                    )
+                )
+            return True
+
+        label = _unique_label(artifacts_dir, request.label or playbook.stem)
+        self._settings.work_dir.mkdir(parents=True, exist_ok=True)
+        artifacts_dir.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix="playbook-", dir=self._settings.work_dir))
+        try:
+            (private / "env").mkdir(mode=0o700)
+            _write_yaml(
+                private / "env" / "extravars", _unsafe(dict(request.extravars), "extravars")
+            )
+            self._run(
+                private_data_dir=private,
+                artifact_dir=artifacts_dir,
+                ident=label,
+                inventory=inventory,
+                playbook=playbook,
+                what=f"playbook {request.playbook}",
+                hosts=wanted,
+                watcher=watcher,
+                on_event=on_event,
+                extra_env=(
+                    {"ANSIBLE_TASK_TIMEOUT": str(self._settings.playbook_task_timeout)}
+                    if self._settings.playbook_task_timeout
+                    else {}
+                ),
+            )
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+            _drop_environment(artifacts_dir / label / "command")
+        stats = watcher.stats or {}
+        return {host: _playbook_result(host, tuple(tasks[host]), stats) for host in wanted}
+
+    # -- internals -----------------------------------------------------------------
+
+    def _env(self, extra_env: Mapping[str, str]) -> dict[str, str]:
+        settings = self._settings
+        env = {
+            "PATH": os.pathsep.join(
+                p for p in (str(settings.ansible_bin_dir), os.environ.get("PATH", "")) if p
+            ),
+            "ANSIBLE_SSH_USETTY": "False",  # no -tt: raw output without \r\n, stderr apart
+            "ANSIBLE_TIMEOUT": str(settings.ssh_timeout),
+            "ANSIBLE_HOST_KEY_CHECKING": str(settings.host_key_checking),
+            "ANSIBLE_PIPELINING": "True",
+            "ANSIBLE_RETRY_FILES_ENABLED": "False",
+            "ANSIBLE_NOCOWS": "True",
+            "ANSIBLE_NOCOLOR": "True",
+            "ANSIBLE_FORCE_COLOR": "False",
+            "NO_COLOR": "1",
+            **extra_env,
+        }
+        if settings.ssh_args is not None:
+            env["ANSIBLE_SSH_ARGS"] = shlex.join(settings.ssh_args)
+        return env
+
+    def _run(
+        self,
+        *,
+        private_data_dir: Path,
+        artifact_dir: Path,
+        ident: str,
+        inventory: Path,
+        playbook: Path,
+        what: str,
+        hosts: tuple[str, ...],
+        watcher: _EventWatcher,
+        on_event: Callable[[Mapping[str, Any]], bool],
+        extra_env: Mapping[str, str],
+    ) -> None:
+        if not inventory.exists():
+            raise ExecutorError(f"{what}: inventory {inventory}: no such file or directory")
+        limit_file = private_data_dir / "limit"
+        limit_file.write_text(_limit_line(hosts) + "\n", encoding="utf-8")
+        try:
+            with _cancel_on_signals() as cancelled:
+                runner = ansible_runner.run(
+                    private_data_dir=str(private_data_dir),
+                    artifact_dir=str(artifact_dir),
+                    ident=ident,
+                    playbook=str(playbook),
+                    inventory=str(inventory.resolve()),
+                    limit=f"@{limit_file}",
+                    forks=self._settings.forks,
+                    envvars=self._env(extra_env),
+                    quiet=True,
+                    event_handler=on_event,
+                    cancel_callback=cancelled,
+                )
+        except Exception as exc:  # ansible-runner raises bare exceptions of many kinds
+            raise ExecutorError(f"{what}: ansible-runner failed: {exc}") from exc
+        if runner.status == "canceled":
+            raise ExecutorError(f"{what}: interrupted by a signal")
+        if watcher.stats is None and not watcher.no_hosts:
+            raise ExecutorError(
+                f"{what}: ansible-playbook did not finish "
+                f"(runner status {runner.status}, rc {runner.rc}): {watcher.error_text()}"
+            )
+
+
+_NOT_RUN = "host {} did not run: not in the inventory, or not matched by the play's hosts"
+
+
+#: ansible-playbook's error when ``--limit`` matches no host of the inventory.
+_NO_HOSTS = "leaves us with no hosts to target"
+
+
+class _EventWatcher:
+    """Keeps what we need of the event stream besides per-host results: stats and error lines."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, Any] | None = None
+        self.no_hosts = False  # the limit matched no inventory host: nothing ran, not a fault
+        self._tail: deque[str] = deque(maxlen=_ERROR_TAIL_LINES)
+
+    def see(self, event: Mapping[str, Any]) -> None:
+        if event.get("event") == "playbook_on_stats":
+            self.stats = dict(_mapping(event.get("event_data")))
+        elif event.get("event") in {"verbose", "error"}:
+            text = _text(event.get("stdout")).strip()
+            if text:
+                self._tail.append(text)
+                self.no_hosts = self.no_hosts or _NO_HOSTS in text
+
+    def error_text(self) -> str:
+        lines = [line for line in self._tail if not line.startswith("[WARNING]")]
+        return " ".join(lines) if lines else "no output"
+
+
+def _host_event(event: Mapping[str, Any]) -> tuple[HostStatus | None, Mapping[str, Any] | None]:
+    """The status and event data of a per-host task result event, or ``(None, None)``."""
+    kind = event.get("event")
+    if kind not in _HOST_EVENTS:
+        return None, None
+    data = _mapping(event.get("event_data"))
+    if not isinstance(data.get("host"), str):
+        return None, None
+    return _HOST_EVENTS[kind], data
+
+
+def _playbook_result(
+    host: str, tasks: tuple[TaskResult, ...], stats: Mapping[str, Any]
+) -> PlaybookResult:
+    """Aggregate one host from the final stats (which count rescues and ignored errors)."""
+
+    def counted(key: str) -> bool:
+        return bool(_mapping(stats.get(key)).get(host))
+
+    if counted("dark"):
+        status = HostStatus.UNREACHABLE
+    elif counted("failures"):
+        status = HostStatus.FAILED
+    elif tasks or any(counted(k) for k in ("ok", "changed", "skipped", "rescued", "ignored")):
+        status = HostStatus.OK
+    else:
+        return PlaybookResult(host=host, status=HostStatus.FAILED, message=_NOT_RUN.format(host))
+    bad = next((t for t in reversed(tasks) if t.status is status), None)
+    message = f"{bad.name}: {bad.message}" if bad and status is not HostStatus.OK else ""
+    return PlaybookResult(host=host, status=status, tasks=tasks, message=message)
+
+
+def _probe_play(script: str, timeout: float) -> dict[str, Any]:
+    return {
+        "name": "remediate probe",
+        "hosts": "all",
+        "gather_facts": False,
+        "tasks": [
+            {
+                "name": "probe",
+                "ansible.builtin.raw": _Unsafe(script),
+                "timeout": max(1, math.ceil(timeout)),
+            }
+        ],
+    }
+
+
+def _limit_line(hosts: Sequence[str]) -> str:
+    """One ``--limit`` pattern matching exactly these host names and nothing else."""
+    return "~^(?:" + "|".join(re.escape(h) for h in hosts) + ")$"
+
+
+def _unique_label(artifacts_dir: Path, label: str) -> str:
+    base = _LABEL_UNSAFE.sub("_", label).strip("._") or "playbook"
+    candidate, n = base, 1
+    while (artifacts_dir / candidate).exists():
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+class _Unsafe(str):
+    """A string Ansible must never template; dumped as ``!unsafe``."""
+
+    __slots__ = ()
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _represent_unsafe(dumper: yaml.SafeDumper, value: _Unsafe) -> yaml.Node:
+    return dumper.represent_scalar("!unsafe", str(value), style='"')
+
+
+_Dumper.add_representer(_Unsafe, _represent_unsafe)
+
+
+def _unsafe(value: Any, where: str) -> Any:
+    """Copy ``value`` with every string tagged ``!unsafe``; only JSON-like data is accepted."""
+    if isinstance(value, str):
+        return _Unsafe(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _unsafe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_unsafe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ExecutorError(f"{where}: cannot pass a {type(value).__name__} to Ansible")
+
+
+def _write_yaml(path: Path, data: Any) -> None:
+    text = yaml.dump(data, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=2**31)
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+
+
+@contextmanager
+def _cancel_on_signals() -> Iterator[Callable[[], bool]]:
+    """Let SIGINT/SIGTERM stop the child cleanly, then deliver them to the old handlers.
+
+    ansible-runner would otherwise install handlers of its own and leave them in place.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001
+        received.append(signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield lambda: bool(received)
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+    if received:
+        signal.raise_signal(received[0])
+
+
+def _drop_environment(command_file: Path) -> None:
+    """Keep the command line and cwd of ansible-runner's ``command`` artifact, not its env.
+
+    ansible-runner records the whole process environment there, which may hold secrets.
+    """
+    try:
+        recorded = json.loads(command_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(recorded, dict) and "env" in recorded:
+        del recorded["env"]
+        command_file.write_text(json.dumps(recorded), encoding="utf-8")
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _task_message(status: HostStatus | None, res: Mapping[str, Any]) -> str:
+    if status is None:
+        return _text(res.get("skip_reason")) or "skipped"
+    return "" if status is HostStatus.OK else _message(res)
+
+
+def _message(res: Mapping[str, Any]) -> str:
+    """A non-empty, one-paragraph explanation of a failed or unreachable result."""
+    msg = _text(res.get("msg")).strip() or "task failed"
+    stderr = _text(res.get("stderr")).strip()
+    if stderr and stderr not in msg:
+        msg = f"{msg}; stderr: {stderr[-500:]}"
+    return msg

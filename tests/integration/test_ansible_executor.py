@@ -1,0 +1,308 @@
+"""AnsibleExecutor against real ansible-runner: local-connection hosts and a real sshd.
+
+Every inventory sets ``ansible_python_interpreter: /nonexistent/python3``, so any task
+that is not ``raw`` fails: the engine must never need Python on a device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from engine.errors import ExecutorError
+from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
+from engine.executors.base import HostStatus, PlaybookRequest
+from tests.support.sshd import SshServer, free_port
+
+pytestmark = pytest.mark.integration
+
+NO_PYTHON = {"ansible_python_interpreter": "/nonexistent/python3"}
+
+
+def write_inventory(path: Path, hosts: dict[str, dict[str, Any]]) -> Path:
+    path.write_text(yaml.safe_dump({"all": {"hosts": hosts}}))
+    return path
+
+
+def ssh_vars(server: SshServer, port: int | None = None) -> dict[str, Any]:
+    return {
+        "ansible_host": server.host,
+        "ansible_port": port or server.port,
+        "ansible_user": server.user,
+        "ansible_ssh_private_key_file": str(server.key),
+        "ansible_host_key_checking": False,
+        "ansible_ssh_common_args": "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+        **NO_PYTHON,
+    }
+
+
+@pytest.fixture
+def executor(tmp_path: Path) -> AnsibleExecutor:
+    """An executor whose SSH connections do not outlive the call (no ControlPersist master)."""
+    return AnsibleExecutor(
+        AnsibleSettings(
+            work_dir=tmp_path / "work", ssh_timeout=5, ssh_args=("-o", "ControlMaster=no")
+        )
+    )
+
+
+@pytest.fixture(params=["local", "ssh"])
+def inventory(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Hosts dev1 and dev2, over the local connection or over SSH to the test sshd."""
+    if request.param == "local":
+        host_vars: dict[str, Any] = {"ansible_connection": "local", **NO_PYTHON}
+    else:
+        host_vars = ssh_vars(request.getfixturevalue("sshd"))
+    return write_inventory(tmp_path / "hosts.yml", {"dev1": host_vars, "dev2": host_vars})
+
+
+@pytest.fixture
+def ssh_inventory(tmp_path: Path, sshd: SshServer) -> Path:
+    """Two hosts on the test sshd and one whose port is closed."""
+    return write_inventory(
+        tmp_path / "ssh.yml",
+        {
+            "dev1": ssh_vars(sshd),
+            "dev2": ssh_vars(sshd),
+            "dead": ssh_vars(sshd, port=free_port()),
+        },
+    )
+
+
+def write_playbook(tmp_path: Path, tasks: list[dict[str, Any]], hosts: str = "all") -> Path:
+    path = tmp_path / "playbooks" / "step.yml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump([{"hosts": hosts, "gather_facts": False, "tasks": tasks}]))
+    return path
+
+
+# -- run_script ------------------------------------------------------------------------
+
+
+def test_script_stdout_and_rc_per_host(executor: AnsibleExecutor, inventory: Path) -> None:
+    """Each host returns rc 0 and the script's stdout (no carriage returns) apart from stderr."""
+    script = "printf 'a\\nb\\n'; echo warn >&2"
+    results = executor.run_script(inventory, ["dev1", "dev2"], script, timeout=30)
+    assert set(results) == {"dev1", "dev2"}
+    for result in results.values():
+        assert result.status is HostStatus.OK
+        assert result.rc == 0
+        assert result.stdout == "a\nb\n"
+        assert result.stderr.strip() == "warn"
+
+
+def test_script_is_not_templated(executor: AnsibleExecutor, inventory: Path) -> None:
+    """Jinja in the script reaches the shell verbatim, e.g. docker --format strings."""
+    script = "printf '%s\\n' '{{ 7*6 }}' \"{{ lookup('pipe','id') }}\" '{% raw %}x'"
+    results = executor.run_script(inventory, ["dev1"], script, timeout=30)
+    assert results["dev1"].stdout == "{{ 7*6 }}\n{{ lookup('pipe','id') }}\n{% raw %}x\n"
+
+
+def test_nonzero_exit_is_failed_with_stdout(executor: AnsibleExecutor, inventory: Path) -> None:
+    """A non-zero exit is a FAILED result that keeps rc and stdout."""
+    results = executor.run_script(inventory, ["dev1"], "echo partial; exit 7", timeout=30)
+    result = results["dev1"]
+    assert (result.status, result.rc, result.stdout) == (HostStatus.FAILED, 7, "partial\n")
+    assert result.message
+
+
+def test_hung_host_times_out(executor: AnsibleExecutor, inventory: Path) -> None:
+    """A script that does not finish within the timeout is a FAILED result, not a hang."""
+    results = executor.run_script(inventory, ["dev1"], "sleep 5", timeout=1)
+    assert results["dev1"].status is HostStatus.FAILED
+    assert "timed out" in results["dev1"].message.lower()
+
+
+def test_unreachable_host_among_reachable_ones(
+    executor: AnsibleExecutor, ssh_inventory: Path
+) -> None:
+    """A host whose SSH port is closed is UNREACHABLE while the others succeed in one call."""
+    results = executor.run_script(ssh_inventory, ["dev1", "dead", "dev2"], "echo up", timeout=30)
+    assert results["dead"].status is HostStatus.UNREACHABLE
+    assert "Connection refused" in results["dead"].message
+    assert results["dev1"].stdout == results["dev2"].stdout == "up\n"
+
+
+def test_unknown_host_key_is_unreachable_when_checking(
+    executor: AnsibleExecutor, tmp_path: Path, sshd: SshServer
+) -> None:
+    """With host key checking on (ansible-runner turns it off), an unknown key is UNREACHABLE."""
+    checked = {**ssh_vars(sshd), "ansible_host_key_checking": True}
+    inventory = write_inventory(tmp_path / "checked.yml", {"dev1": checked})
+    results = executor.run_script(inventory, ["dev1"], "echo up", timeout=30)
+    assert results["dev1"].status is HostStatus.UNREACHABLE
+    assert "Host key verification failed" in results["dev1"].message
+
+
+def test_host_missing_from_inventory_is_failed(executor: AnsibleExecutor, inventory: Path) -> None:
+    """A requested host that is not in the inventory still gets a FAILED result."""
+    results = executor.run_script(inventory, ["dev1", "ghost"], "echo up", timeout=30)
+    assert results["dev1"].status is HostStatus.OK
+    assert results["ghost"].status is HostStatus.FAILED
+    assert "ghost" in results["ghost"].message
+
+
+def test_no_requested_host_in_inventory(executor: AnsibleExecutor, inventory: Path) -> None:
+    """When no requested host is in the inventory, each is FAILED; nothing raises."""
+    results = executor.run_script(inventory, ["ghost", "spook"], "echo up", timeout=30)
+    assert {r.status for r in results.values()} == {HostStatus.FAILED}
+
+
+def test_missing_inventory_is_an_executor_error(executor: AnsibleExecutor, tmp_path: Path) -> None:
+    """An inventory path that does not exist raises ExecutorError naming it."""
+    with pytest.raises(ExecutorError, match=r"nope\.yml: no such file"):
+        executor.run_script(tmp_path / "nope.yml", ["dev1"], "true", timeout=5)
+
+
+def test_only_the_named_hosts_run(executor: AnsibleExecutor, tmp_path: Path) -> None:
+    """Host names are matched literally: never as globs, regexes or implicit localhost."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    local = {"ansible_connection": "local", **NO_PYTHON}
+    inventory = write_inventory(
+        tmp_path / "hosts.yml", dict.fromkeys(["dev1", "dev10", "dev1x", "devA1"], local)
+    )
+    playbook = write_playbook(tmp_path, [{"raw": f"touch {marks}/{{{{ inventory_hostname }}}}"}])
+    requested = ("dev1", "dev.*", "dev?", "localhost")
+    request = PlaybookRequest(playbook=playbook, hosts=requested)
+    results = executor.run_playbook(inventory, request, artifacts_dir=tmp_path / "artifacts")
+    assert sorted(p.name for p in marks.iterdir()) == ["dev1"]
+    assert [results[h].status for h in requested] == [HostStatus.OK] + [HostStatus.FAILED] * 3
+
+
+# -- run_playbook ----------------------------------------------------------------------
+
+
+def test_extra_vars_are_not_templated(
+    executor: AnsibleExecutor, inventory: Path, tmp_path: Path
+) -> None:
+    """Extra vars holding Jinja (e.g. from an alert label) reach the device as literal text."""
+    playbook = write_playbook(
+        tmp_path,
+        [
+            {"name": "x", "raw": "printf %s {{ x | quote }}"},
+            {"name": "nested", "raw": "printf %s {{ y.z[0] | quote }}"},
+            {"name": "typed", "raw": "printf %s {{ (n + 1) | string | quote }}{{ flag }}"},
+        ],
+    )
+    request = PlaybookRequest(
+        playbook=playbook,
+        hosts=("dev1",),
+        extravars={
+            "x": "{{ 7*6 }}",
+            "y": {"z": ["{{ lookup('pipe','id') }}"]},
+            "n": 41,
+            "flag": True,
+        },
+    )
+    results = executor.run_playbook(inventory, request, artifacts_dir=tmp_path / "artifacts")
+    result = results["dev1"]
+    assert result.status is HostStatus.OK
+    assert [t.stdout for t in result.tasks] == ["{{ 7*6 }}", "{{ lookup('pipe','id') }}", "42True"]
+
+
+def test_module_task_fails_without_python(
+    executor: AnsibleExecutor, inventory: Path, tmp_path: Path
+) -> None:
+    """A non-raw module fails for want of Python; the tasks around it are reported."""
+    playbook = write_playbook(
+        tmp_path,
+        [
+            {"name": "before", "raw": "echo before"},
+            {"name": "skipped", "raw": "echo never", "when": False},
+            {"name": "ping", "ansible.builtin.ping": {}},
+            {"name": "after", "raw": "echo after"},
+        ],
+    )
+    request = PlaybookRequest(playbook=playbook, hosts=("dev1", "dev2"), label="step one")
+    results = executor.run_playbook(inventory, request, artifacts_dir=tmp_path / "artifacts")
+    for result in results.values():
+        assert result.status is HostStatus.FAILED
+        assert [(t.name, t.status) for t in result.tasks] == [
+            ("before", HostStatus.OK),
+            ("skipped", None),
+            ("ping", HostStatus.FAILED),
+        ]
+        assert result.tasks[0].stdout.strip() == "before"
+        assert result.tasks[0].changed
+        assert "/nonexistent/python3" in result.tasks[2].message
+        assert result.message.startswith("ping: ")
+
+
+def test_artifacts_are_kept_per_label(
+    executor: AnsibleExecutor, inventory: Path, tmp_path: Path
+) -> None:
+    """Runner stdout and events stay under artifacts_dir/<label>/; a reused label gets a suffix."""
+    playbook = write_playbook(tmp_path, [{"name": "hello", "raw": "echo hello"}])
+    artifacts = tmp_path / "artifacts"
+    request = PlaybookRequest(playbook=playbook, hosts=("dev1",), label="disk/prune")
+    executor.run_playbook(inventory, request, artifacts_dir=artifacts)
+    executor.run_playbook(inventory, request, artifacts_dir=artifacts)
+    assert sorted(p.name for p in artifacts.iterdir()) == ["disk_prune", "disk_prune-2"]
+    run = artifacts / "disk_prune"
+    assert "hello" in (run / "stdout").read_text()
+    events = [json.loads(p.read_text()) for p in (run / "job_events").glob("*.json")]
+    assert any(e["event"] == "runner_on_ok" for e in events)
+    assert "env" not in json.loads((run / "command").read_text())
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_unreachable_host_in_playbook(
+    executor: AnsibleExecutor, ssh_inventory: Path, tmp_path: Path
+) -> None:
+    """An unreachable host is an UNREACHABLE result while the others run the playbook."""
+    playbook = write_playbook(tmp_path, [{"name": "hello", "raw": "echo hello"}])
+    request = PlaybookRequest(playbook=playbook, hosts=("dev1", "dead"))
+    results = executor.run_playbook(ssh_inventory, request, artifacts_dir=tmp_path / "a")
+    assert results["dev1"].status is HostStatus.OK
+    assert results["dead"].status is HostStatus.UNREACHABLE
+    assert "Connection refused" in results["dead"].message
+
+
+def test_host_not_matched_by_play_is_failed(
+    executor: AnsibleExecutor, inventory: Path, tmp_path: Path
+) -> None:
+    """A host outside the play's own hosts pattern comes back FAILED, never missing."""
+    playbook = write_playbook(tmp_path, [{"raw": "echo hi"}], hosts="dev2")
+    request = PlaybookRequest(playbook=playbook, hosts=("dev1", "dev2"))
+    results = executor.run_playbook(inventory, request, artifacts_dir=tmp_path / "a")
+    assert results["dev2"].status is HostStatus.OK
+    assert results["dev1"].status is HostStatus.FAILED
+    assert "did not run" in results["dev1"].message
+
+
+def test_broken_playbook_is_an_executor_error(
+    executor: AnsibleExecutor, inventory: Path, tmp_path: Path
+) -> None:
+    """A playbook Ansible cannot parse raises ExecutorError naming the playbook."""
+    playbook = tmp_path / "broken.yml"
+    playbook.write_text("- hosts: all\n  tasks:\n    - no_such_module_xyz: {}\n")
+    request = PlaybookRequest(playbook=playbook, hosts=("dev1",))
+    with pytest.raises(ExecutorError, match=r"broken\.yml.*no_such_module_xyz"):
+        executor.run_playbook(inventory, request, artifacts_dir=tmp_path / "a")
+
+
+def test_missing_playbook_is_an_executor_error(
+    executor: AnsibleExecutor, inventory: Path, tmp_path: Path
+) -> None:
+    """A playbook path that does not exist raises ExecutorError before running anything."""
+    request = PlaybookRequest(playbook=tmp_path / "nope.yml", hosts=("dev1",))
+    with pytest.raises(ExecutorError, match=r"nope\.yml"):
+        executor.run_playbook(inventory, request, artifacts_dir=tmp_path / "a")
+
+
+def test_missing_ansible_binary_is_an_executor_error(inventory: Path, tmp_path: Path) -> None:
+    """Without ansible-playbook on the executor's path the call raises ExecutorError."""
+    if shutil.which("ansible-playbook", path=os.environ.get("PATH", "")):
+        pytest.skip("ansible-playbook is on PATH outside the venv")
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    executor = AnsibleExecutor(AnsibleSettings(work_dir=tmp_path / "w", ansible_bin_dir=empty))
+    with pytest.raises(ExecutorError, match="ansible-playbook"):
+        executor.run_script(inventory, ["dev1"], "true", timeout=5)
