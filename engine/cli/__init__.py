@@ -368,7 +368,7 @@ def audit_verify(
 
 def run_cli(argv: Sequence[str]) -> int:
     """Run the CLI with ``argv``; return the exit code. Only here are errors caught broadly."""
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         result = app(args=list(argv), prog_name="remediate", standalone_mode=False)
     except RunbookError as exc:

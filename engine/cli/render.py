@@ -46,7 +46,7 @@ def problem_dict(problem: Problem) -> dict[str, Any]:
 def print_problems(console: Console, problems: Sequence[Problem]) -> None:
     """One line per problem, ``file:line: field: message``."""
     for problem in problems:
-        console.print(Text(str(problem), style="red"))
+        console.print(Text(str(problem), style="red"), soft_wrap=True)
 
 
 def runbook_summary(runbook: Runbook) -> dict[str, Any]:

@@ -1,0 +1,214 @@
+"""The whole pipeline through the real CLI, real ansible-runner, local connection and real sshd."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.sshd import SshServer
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+NO_PYTHON = "/nonexistent/python3"
+
+MARKER_RUNBOOK = """\
+apiVersion: remediate/v1
+kind: Runbook
+metadata: {name: marker, title: Create a marker file slowly}
+targets: {hosts: all}
+params:
+  marker: {type: str, default: /nonexistent}
+checks:
+  - {id: exists, run: 'test -e "$param_marker" && echo true || echo false', parse: bool}
+symptom: "not checks.exists"
+steps:
+  - id: create
+    playbook: create-marker.yml
+    plan: "create {{ params.marker }}"
+    vars: {marker: "{{ params.marker }}"}
+verify: "checks.exists"
+policy: {serial: 1, max_fail_pct: 0, max_hosts_pct: 100, approval: never}
+"""
+
+MARKER_PLAYBOOK = """\
+- name: Create the marker after a pause, logging every act
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Pause, log and create
+      ansible.builtin.raw: "sleep 4; echo acted >> {{ (marker ~ '.log') | quote }}; touch {{ marker | quote }}"
+"""
+
+
+def _cli(
+    args: list[str], state_dir: Path, *, cwd: Path = ROOT, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state_dir), "REMEDIATE_USER": "tester"}
+    return subprocess.run(
+        [sys.executable, "-c", "from engine.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        check=check,
+        timeout=300,
+    )
+
+
+def _project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    (project / "runbooks").mkdir(parents=True)
+    (project / "playbooks").mkdir()
+    (project / "runbooks" / "marker.yml").write_text(MARKER_RUNBOOK)
+    (project / "playbooks" / "create-marker.yml").write_text(MARKER_PLAYBOOK)
+    return project
+
+
+def _local_inventory(path: Path, hosts: list[str]) -> Path:
+    lines = ["[all]"]
+    lines += [f"{h} ansible_connection=local ansible_python_interpreter={NO_PYTHON}" for h in hosts]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bundled_runbook_plans_and_applies_on_localhost(tmp_path: Path) -> None:
+    """stale-probe-scratch: plan lists the stale folder, apply removes it, verify holds."""
+    stale = Path("/tmp/.remediate-probe.T3stAa")
+    stale.mkdir(exist_ok=True)
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    state = tmp_path / "state"
+    inventory = str(ROOT / "inventories" / "localhost.yml")
+    try:
+        plan = _cli(["plan", "stale-probe-scratch", "-i", inventory, "-o", "json"], state)
+        assert plan.returncode == 0, plan.stderr
+        (host,) = json.loads(plan.stdout)["plan"]["hosts"]
+        assert host["outcome"] == "planned"
+        assert str(stale) in host["steps"][0]["items"]
+        assert stale.exists()  # the dry run changed nothing
+
+        run = _cli(["run", "stale-probe-scratch", "-i", inventory, "--apply", "-o", "json"], state)
+        assert run.returncode == 0, run.stderr
+        (result,) = json.loads(run.stdout)["hosts"]
+        assert result["outcome"] == "fixed"
+        assert not stale.exists()
+    finally:
+        if stale.exists():
+            stale.rmdir()
+    history = _cli(["history", "-o", "json"], state)
+    assert [r["mode"] for r in json.loads(history.stdout)] == ["apply", "dry-run"]
+    verify = _cli(["audit", "verify"], state)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_apply_over_real_sshd_with_raw_only(tmp_path: Path, sshd: SshServer) -> None:
+    """A host reached over SSH on loopback is planned, acted on and verified with raw tasks."""
+    project = _project(tmp_path)
+    marker = tmp_path / "over-ssh"
+    inventory = tmp_path / "ssh.ini"
+    inventory.write_text(
+        "[all]\n"
+        f"dev1 ansible_host={sshd.host} ansible_port={sshd.port} ansible_user={sshd.user} "
+        f"ansible_ssh_private_key_file={sshd.key} ansible_python_interpreter={NO_PYTHON} "
+        "ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null'\n"
+    )
+    state = tmp_path / "state"
+    args = [
+        "run",
+        "marker",
+        "-i",
+        str(inventory),
+        "-e",
+        f"marker={marker}",
+        "--apply",
+        "-o",
+        "json",
+    ]
+    run = _cli(args, state, cwd=project)
+    assert run.returncode == 0, run.stdout + run.stderr
+    (host,) = json.loads(run.stdout)["hosts"]
+    assert host["outcome"] == "fixed"
+    assert marker.exists()
+    assert (tmp_path / "over-ssh.log").read_text() == "acted\n"
+
+
+def test_two_concurrent_runs_on_one_device_act_once(tmp_path: Path) -> None:
+    """Two apply runs started together on one device: exactly one acts, the lock denies the other."""
+    project = _project(tmp_path)
+    marker = tmp_path / "concurrent"
+    inventory = _local_inventory(tmp_path / "one.ini", ["dev1"])
+    state = tmp_path / "state"
+    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state), "REMEDIATE_USER": "tester"}
+    args = [
+        "run",
+        "marker",
+        "-i",
+        str(inventory),
+        "-e",
+        f"marker={marker}",
+        "--apply",
+        "-o",
+        "json",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "from engine.cli import main; main()", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=project,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    reports = [json.loads(out) for out, _ in outputs]
+    outcomes = sorted(r["hosts"][0]["outcome"] for r in reports)
+    assert outcomes == ["fixed", "skipped"], outputs
+    skipped = next(r["hosts"][0] for r in reports if r["hosts"][0]["outcome"] == "skipped")
+    assert "lock" in skipped["reason"]
+    assert (tmp_path / "concurrent.log").read_text() == "acted\n"
+
+
+def test_editing_one_byte_of_the_audit_log_is_detected(tmp_path: Path) -> None:
+    """`remediate audit verify` fails at the line whose byte was changed."""
+    project = _project(tmp_path)
+    inventory = _local_inventory(tmp_path / "one.ini", ["dev1"])
+    state = tmp_path / "state"
+    plan = _cli(
+        ["plan", "marker", "-i", str(inventory), "-e", f"marker={tmp_path / 'm'}"],
+        state,
+        cwd=project,
+    )
+    assert plan.returncode == 0, plan.stderr
+    audit = state / "audit.jsonl"
+    lines = audit.read_bytes().splitlines(keepends=True)
+    assert len(lines) >= 5
+    target = 3  # 1-based line to tamper with
+    edited = lines[target - 1].replace(b'"info"', b'"infO"', 1)
+    assert edited != lines[target - 1]
+    audit.write_bytes(b"".join([*lines[: target - 1], edited, *lines[target:]]))
+    verify = _cli(["audit", "verify", "-o", "json"], state)
+    assert verify.returncode == 1
+    report = json.loads(verify.stdout)
+    assert report["ok"] is False
+    assert report["first_bad_line"] == target
+
+
+def test_unknown_inventory_and_empty_selection_exit_2(tmp_path: Path) -> None:
+    """A missing inventory or a limit that selects nothing is an input error (exit 2)."""
+    state = tmp_path / "state"
+    missing = _cli(["plan", "stale-probe-scratch", "-i", str(tmp_path / "nope.ini")], state)
+    assert missing.returncode == 2
+    assert "Traceback" not in missing.stderr
+    inventory = _local_inventory(tmp_path / "one.ini", ["dev1"])
+    empty = _cli(["plan", "stale-probe-scratch", "-i", str(inventory), "--limit", "other"], state)
+    assert empty.returncode == 2
+    assert "selects no host" in empty.stderr

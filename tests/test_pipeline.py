@@ -1,0 +1,317 @@
+"""The pipeline with a FakeExecutor: decisions, guards, blast radius, acting, verify, audit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from itertools import count
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from engine.executors.base import HostStatus, PlaybookRequest, PlaybookResult
+from engine.executors.fake import FakeExecutor, FakeReply
+from engine.outcomes import HostOutcome, Mode, RunStatus
+from engine.pipeline import RunReport, RunRequest, Services, run_runbook
+from engine.plans import REDACTED
+from engine.runbooks import Runbook, load_runbook
+from engine.state import SqliteStateStore
+from tests.support.probing import Answer, device
+
+DATA = Path(__file__).resolve().parent / "data"
+SICK: dict[str, Answer] = {"free": "5", "rw": "true", "junk": "/junk/a\n/junk/b\n"}
+HEALTHY: dict[str, Answer] = {"free": "50", "rw": "true", "junk": ""}
+
+
+class Clock:
+    """A clock tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def runbook() -> Runbook:
+    """The pipeline test runbook."""
+    return load_runbook(DATA / "runbooks" / "pipeline.yml")
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A hand-moved clock."""
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> Iterator[SqliteStateStore]:
+    """A real SQLite state store in tmp_path."""
+    db = SqliteStateStore(tmp_path / "state.db", clock=clock)
+    yield db
+    db.close()
+
+
+def _inventory(tmp_path: Path, hosts: list[str]) -> Path:
+    path = tmp_path / "hosts.ini"
+    path.write_text("\n".join(["[all]", *hosts]) + "\n")
+    return path
+
+
+def _services(executor: FakeExecutor, store: SqliteStateStore, clock: Clock, tmp: Path) -> Services:
+    ids = count(1)
+    return Services(
+        executor=executor,
+        store=store,
+        clock=clock,
+        new_run_id=lambda: f"run-{next(ids)}",
+        artifacts_dir=tmp / "artifacts",
+        sleep=lambda _seconds: None,
+    )
+
+
+def _run(
+    runbook: Runbook,
+    services: Services,
+    inventory: Path,
+    mode: Mode = Mode.APPLY,
+    *,
+    approve: bool = True,
+) -> RunReport:
+    request = RunRequest(inventory=inventory, mode=mode, trigger="user:test", user="test")
+    return run_runbook(runbook, request, services, approve=lambda _plan: approve)
+
+
+def _outcomes(report: RunReport) -> dict[str, HostOutcome]:
+    return {h.host: h.outcome for h in report.hosts}
+
+
+def _fixing(
+    states: dict[str, dict[str, Answer]],
+) -> Callable[[PlaybookRequest, str], PlaybookResult]:
+    """A playbook answer that makes the host healthy (the next probe sees it)."""
+
+    def answer(_request: PlaybookRequest, host: str) -> PlaybookResult:
+        states[host].update(HEALTHY)
+        return PlaybookResult(host=host, status=HostStatus.OK)
+
+    return answer
+
+
+def test_dry_run_plans_without_running_any_playbook(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A dry run plans sick hosts, leaves healthy ones, and starts no playbook."""
+    executor = FakeExecutor(scripts={"a": device(SICK), "b": device(HEALTHY)})
+    with capture_logs() as events:
+        report = _run(
+            runbook,
+            _services(executor, store, clock, tmp_path),
+            _inventory(tmp_path, ["a", "b"]),
+            Mode.DRY_RUN,
+        )
+    assert _outcomes(report) == {"a": HostOutcome.PLANNED, "b": HostOutcome.HEALTHY}
+    assert executor.playbook_calls == []
+    assert len(executor.script_calls) == 1  # one probe call for all hosts and checks
+    (host_a,) = report.plan.acting
+    assert [s.id for s in host_a.steps] == ["clean", "tidy"]
+    assert host_a.steps[0].items == ["/junk/a", "/junk/b"]
+    assert host_a.steps[0].plan == "remove 2 junk files"
+    assert host_a.evidence["free"] == 5
+    names = [e["event"] for e in events]
+    for expected in (
+        "run.started",
+        "targets.resolved",
+        "probe.finished",
+        "plan.created",
+        "run.finished",
+    ):
+        assert expected in names
+    assert report.status is RunStatus.SUCCEEDED
+
+
+def test_apply_fixes_and_verifies_on_fresh_probes(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """Apply runs the planned steps in order, re-probes, and ends the host fixed."""
+    states = {"a": dict(SICK), "b": dict(HEALTHY)}
+    executor = FakeExecutor(
+        scripts={h: device(s) for h, s in states.items()},
+        playbooks={"a": _fixing(states)},
+    )
+    with capture_logs() as events:
+        report = _run(
+            runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, ["a", "b"])
+        )
+    assert _outcomes(report) == {"a": HostOutcome.FIXED, "b": HostOutcome.HEALTHY}
+    steps = [
+        (c.request.hosts, c.request.extravars["remediate_step"]) for c in executor.playbook_calls
+    ]
+    assert steps == [(("a",), "clean"), (("a",), "tidy")]
+    clean = executor.playbook_calls[0].request.extravars
+    assert clean["remediate_items"] == ["/junk/a", "/junk/b"]
+    tidy = executor.playbook_calls[1].request.extravars
+    assert tidy["level"] == "10"
+    assert store.last_acted("pipeline-test", "a") == clock.now
+    assert store.lock_holder("a") is None
+    assert [e["event"] for e in events if e["event"].startswith(("step.", "verify."))] == [
+        "step.started",
+        "step.finished",
+        "step.started",
+        "step.finished",
+        "verify.finished",
+    ]
+    run = store.get_run(report.plan.run_id)
+    assert run is not None
+    assert run.status is RunStatus.SUCCEEDED
+
+
+def test_guard_blocks_with_its_id_and_message(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """The first blocking guard skips the host and says why; nothing runs."""
+    executor = FakeExecutor(scripts={"a": device({**SICK, "rw": "false"})})
+    with capture_logs() as events:
+        report = _run(
+            runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, ["a"])
+        )
+    (host,) = report.hosts
+    assert host.outcome is HostOutcome.SKIPPED
+    assert host.reason == "guard rw: data partition is read-only"
+    assert executor.playbook_calls == []
+    denied = [e for e in events if e["event"] == "guard.denied"]
+    assert denied[0]["guard"] == "rw"
+
+
+def test_cooldown_skips_a_device_acted_on_recently(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A second run within the cool-down skips the device; after it, the device is acted on."""
+    store.mark_acted("pipeline-test", "a", clock.now)
+    executor = FakeExecutor(scripts={"a": device(SICK)})
+    services = _services(executor, store, clock, tmp_path)
+    inventory = _inventory(tmp_path, ["a"])
+    clock.now += timedelta(minutes=10)
+    report = _run(runbook, services, inventory, Mode.DRY_RUN)
+    assert report.hosts[0].outcome is HostOutcome.SKIPPED
+    assert "cooldown" in report.hosts[0].reason
+    assert "last acted 10m ago" in report.hosts[0].reason
+    clock.now += timedelta(minutes=25)
+    assert _run(runbook, services, inventory, Mode.DRY_RUN).hosts[0].outcome is HostOutcome.PLANNED
+
+
+def test_lock_held_by_another_run_skips_the_device(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A device locked by another run is skipped, at plan time and at act time."""
+    assert store.try_lock("a", "other-run", timedelta(minutes=5))
+    executor = FakeExecutor(scripts={"a": device(SICK)})
+    report = _run(runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, ["a"]))
+    assert report.hosts[0].outcome is HostOutcome.SKIPPED
+    assert "other-run" in report.hosts[0].reason
+    assert executor.playbook_calls == []
+
+
+def test_blast_radius_refuses_the_whole_run(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """More sick hosts than max_hosts_pct allows refuses the run; no host is acted on."""
+    hosts = [f"h{i}" for i in range(6)]
+    executor = FakeExecutor(
+        scripts={h: device(SICK if i < 4 else HEALTHY) for i, h in enumerate(hosts)}
+    )
+    report = _run(runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, hosts))
+    assert report.status is RunStatus.REFUSED
+    assert report.plan.refused is not None
+    assert "4 hosts need action, the policy allows 3 of 6" in report.plan.refused
+    assert {h.outcome for h in report.hosts[:4]} == {HostOutcome.REFUSED}
+    assert executor.playbook_calls == []
+
+
+def test_declined_approval_refuses_destructive_steps(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A destructive plan without approval does not act."""
+    executor = FakeExecutor(scripts={"a": device(SICK)})
+    report = _run(
+        runbook,
+        _services(executor, store, clock, tmp_path),
+        _inventory(tmp_path, ["a"]),
+        approve=False,
+    )
+    assert report.status is RunStatus.REFUSED
+    assert report.hosts[0].outcome is HostOutcome.REFUSED
+    assert executor.playbook_calls == []
+
+
+def test_failed_step_stops_the_host_and_the_failure_budget_stops_the_run(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A failing step fails its host; above max_fail_pct later batches do not start."""
+    hosts = ["a", "b", "c", "d"]
+    executor = FakeExecutor(
+        scripts={h: device(SICK if h in {"a", "b"} else HEALTHY) for h in hosts},
+        playbooks={"a": HostStatus.FAILED, "b": HostStatus.OK},
+    )
+    report = _run(runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, hosts))
+    outcomes = _outcomes(report)
+    assert outcomes["a"] is HostOutcome.FAILED
+    assert outcomes["b"] is HostOutcome.NOT_FIXED  # steps ran, the device still reports sick
+    assert report.hosts[0].steps[0].step == "clean"
+    assert len(report.hosts[0].steps) == 1  # no step after the failed one
+    assert report.status is RunStatus.DEGRADED
+
+
+def test_failure_budget_skips_later_batches(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """With max_fail_pct 0 and batches of 2, a failure in batch 1 skips batch 2."""
+    hosts = [f"h{i}" for i in range(8)]
+    scripts = {h: device(SICK if i < 4 else HEALTHY) for i, h in enumerate(hosts)}
+    executor = FakeExecutor(scripts=scripts, playbooks={"h0": HostStatus.FAILED})
+    report = _run(runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, hosts))
+    outcomes = _outcomes(report)
+    assert outcomes["h0"] is HostOutcome.FAILED
+    assert outcomes["h2"] is HostOutcome.SKIPPED
+    assert outcomes["h3"] is HostOutcome.SKIPPED
+    assert "max_fail_pct" in report.hosts[2].reason
+    assert report.status is RunStatus.ABORTED
+    assert all("h2" not in c.request.hosts for c in executor.playbook_calls)
+
+
+def test_unreachable_and_failed_checks_are_outcomes(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """An unreachable host and a failing symptom check end as outcomes, not exceptions."""
+    executor = FakeExecutor(
+        scripts={"a": FakeReply(unreachable="ssh: connect refused"), "b": device({"rw": "true"})}
+    )
+    report = _run(
+        runbook,
+        _services(executor, store, clock, tmp_path),
+        _inventory(tmp_path, ["a", "b"]),
+        Mode.DRY_RUN,
+    )
+    outcomes = _outcomes(report)
+    assert outcomes == {"a": HostOutcome.UNREACHABLE, "b": HostOutcome.ERROR}
+    assert "check 'free' failed" in report.hosts[1].reason
+    assert report.status is RunStatus.DEGRADED
+
+
+def test_secret_params_are_redacted_in_plan_and_audit(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A param marked secret never appears in the plan or the audit events."""
+    executor = FakeExecutor(scripts={"a": device(SICK)})
+    with capture_logs() as events:
+        report = _run(
+            runbook,
+            _services(executor, store, clock, tmp_path),
+            _inventory(tmp_path, ["a"]),
+            Mode.DRY_RUN,
+        )
+    assert report.plan.params["token"] == REDACTED
+    started = next(e for e in events if e["event"] == "run.started")
+    assert started["secret_keys"] == ["token"]
