@@ -43,7 +43,8 @@ MARKER_PLAYBOOK = """\
   gather_facts: false
   tasks:
     - name: Pause, log and create
-      ansible.builtin.raw: "sleep 4; echo acted >> {{ (marker ~ '.log') | quote }}; touch {{ marker | quote }}"
+      ansible.builtin.raw: >-
+        sleep 4; echo acted >> {{ (marker ~ '.log') | quote }}; touch {{ marker | quote }}
 """
 
 
@@ -140,7 +141,7 @@ def test_apply_over_real_sshd_with_raw_only(tmp_path: Path, sshd: SshServer) -> 
 
 
 def test_two_concurrent_runs_on_one_device_act_once(tmp_path: Path) -> None:
-    """Two apply runs started together on one device: exactly one acts, the lock denies the other."""
+    """Two apply runs started together on one device: one acts, the lock denies the other."""
     project = _project(tmp_path)
     marker = tmp_path / "concurrent"
     inventory = _local_inventory(tmp_path / "one.ini", ["dev1"])
