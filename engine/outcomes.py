@@ -29,6 +29,7 @@ class HostOutcome(StrEnum):
     ERROR = "error"  # a probe or expression needed to decide failed
     REFUSED = "refused"  # the whole run was refused (blast radius, approval)
     INTERRUPTED = "interrupted"  # the engine stopped while acting on the host
+    DRIFTED = "drifted"  # applying a saved plan: the device changed since the review
 
 
 class RunStatus(StrEnum):
@@ -52,5 +53,6 @@ BAD_OUTCOMES = frozenset(
         HostOutcome.ERROR,
         HostOutcome.REFUSED,
         HostOutcome.INTERRUPTED,
+        HostOutcome.DRIFTED,
     }
 )

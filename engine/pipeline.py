@@ -23,10 +23,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.actions import StepRun, run_steps
 from engine.audit import audit_context
+from engine.drift import drift_reason
+from engine.errors import PlanFileError
 from engine.executors.base import Executor, HostStatus
 from engine.guards import blast_radius_refusal, evaluate_host
 from engine.outcomes import BAD_OUTCOMES, HostOutcome, Mode, RunStatus
-from engine.plans import HostPlan, Plan, plan_host, refuse, runbook_ref, shown_params
+from engine.planfiles import SavedPlan
+from engine.plans import (
+    REDACTED,
+    HostPlan,
+    Plan,
+    plan_host,
+    refuse,
+    runbook_ref,
+    shown_params,
+)
 from engine.probes import HostProbe, run_probes
 from engine.runbooks import Runbook
 from engine.runbooks.spec import Approval
@@ -79,6 +90,7 @@ class RunRequest(BaseModel):
     mode: Mode = Mode.DRY_RUN
     trigger: str  # "user:<name>" or "alert:<fingerprint>"
     user: str
+    hosts: tuple[str, ...] | None = None  # exact host names to keep (a saved plan's hosts)
 
 
 class HostReport(BaseModel):
@@ -135,14 +147,28 @@ def _secret_keys(runbook: Runbook) -> list[str]:
 
 
 def plan_run(
-    runbook: Runbook, request: RunRequest, services: Services, *, run_id: str | None = None
+    runbook: Runbook,
+    request: RunRequest,
+    services: Services,
+    *,
+    run_id: str | None = None,
+    targeted: int | None = None,
 ) -> tuple[Plan, PlanContext]:
-    """Resolve targets, probe, evaluate guards and plan; nothing on a device changes."""
+    """Resolve targets, probe, evaluate guards and plan; nothing on a device changes.
+
+    ``targeted`` is the fleet size the blast radius is judged against, when the request's
+    hosts are a part of it (applying a saved plan: the hosts the review targeted).
+    """
     log = structlog.get_logger()
     params = runbook.param_values(request.overrides)
     run_id = run_id or services.new_run_id()
     services.reporter.phase("resolving targets")
     targets = resolve_targets(request.inventory, runbook.spec.targets.hosts, request.limit)
+    if request.hosts is not None:
+        keep = set(request.hosts)
+        targets = targets.model_copy(
+            update={"hosts": tuple(h for h in targets.hosts if h.name in keep)}
+        )
     log.info("targets.resolved", run_id=run_id, hosts=list(targets.names))
     services.reporter.phase(f"probing {len(targets.hosts)} hosts", len(targets.hosts))
     probes = run_probes(
@@ -185,7 +211,7 @@ def plan_run(
         services.reporter.advance()
     plans = tuple(host_plans)
     acting = sum(1 for h in plans if h.outcome is HostOutcome.PLANNED)
-    refused = blast_radius_refusal(runbook, len(targets.hosts), acting)
+    refused = blast_radius_refusal(runbook, targeted or len(targets.hosts), acting)
     if refused:
         plans = refuse(plans, refused)
         log.warning("guard.denied", run_id=run_id, guard="blast_radius", message=refused)
@@ -200,6 +226,7 @@ def plan_run(
         pattern=runbook.spec.targets.hosts,
         limit=request.limit,
         params=shown_params(runbook, params),
+        overrides=shown_params(runbook, request.overrides),
         hosts=plans,
         refused=refused,
     )
@@ -414,14 +441,14 @@ def execute_plan(
     return RunReport(plan=plan, status=status, hosts=hosts, finished_at=now)
 
 
-def run_runbook(
+def _recorded_run(
     runbook: Runbook,
     request: RunRequest,
     services: Services,
-    *,
-    approve: Callable[[Plan], bool],
+    body: Callable[[str], RunReport],
+    **context: object,
 ) -> RunReport:
-    """Plan, then act (or stop, in dry-run), with every stage in the audit log."""
+    """Run ``body(run_id)`` inside one run's audit context and state record."""
     runbook.param_values(request.overrides)  # a bad -e fails before anything is recorded
     run_id = services.new_run_id()
     started = services.clock()
@@ -431,6 +458,7 @@ def run_runbook(
         runbook_digest=runbook.digest,
         trigger=request.trigger,
         mode=request.mode.value,
+        **context,
     ):
         log = structlog.get_logger()
         log.info(
@@ -452,8 +480,7 @@ def run_runbook(
             )
         )
         try:
-            plan, ctx = plan_run(runbook, request, services, run_id=run_id)
-            return execute_plan(plan, ctx, services, approve=approve)
+            return body(run_id)
         except BaseException as exc:
             status = RunStatus.ERROR if isinstance(exc, Exception) else RunStatus.INTERRUPTED
             services.store.finish_run(run_id, status, {})
@@ -461,3 +488,92 @@ def run_runbook(
                 "run.finished", status=status.value, error=f"{type(exc).__name__}: {exc}"
             )
             raise
+
+
+def run_runbook(
+    runbook: Runbook,
+    request: RunRequest,
+    services: Services,
+    *,
+    approve: Callable[[Plan], bool],
+) -> RunReport:
+    """Plan, then act (or stop, in dry-run), with every stage in the audit log."""
+
+    def body(run_id: str) -> RunReport:
+        plan, ctx = plan_run(runbook, request, services, run_id=run_id)
+        return execute_plan(plan, ctx, services, approve=approve)
+
+    return _recorded_run(runbook, request, services, body)
+
+
+def apply_saved_plan(
+    saved: SavedPlan,
+    runbook: Runbook,
+    services: Services,
+    *,
+    user: str,
+    trigger: str,
+    approve: Callable[[Plan], bool],
+) -> RunReport:
+    """Apply a reviewed plan: re-probe its hosts, refuse drifted ones, act exactly as reviewed.
+
+    The caller has checked the plan's digest, expiry and runbook (:mod:`engine.planfiles`).
+    """
+    reviewed = {h.host: h for h in saved.plan.acting}
+    overrides = {k: v for k, v in saved.plan.overrides.items() if v != REDACTED}
+    request = RunRequest(
+        inventory=Path(saved.plan.inventory),
+        limit=saved.plan.limit,
+        overrides=overrides,
+        mode=Mode.APPLY,
+        trigger=trigger,
+        user=user,
+        hosts=tuple(reviewed),
+    )
+
+    def body(run_id: str) -> RunReport:
+        log = structlog.get_logger()
+        if saved.plan.refused or not reviewed:
+            why = saved.plan.refused or "the reviewed plan acts on no host"
+            raise PlanFileError(f"nothing to apply: {why}")
+        fresh, ctx = plan_run(
+            runbook, request, services, run_id=run_id, targeted=len(saved.plan.hosts)
+        )
+        hosts: list[HostPlan] = []
+        for host in fresh.hosts:
+            reason = drift_reason(reviewed[host.host], host)
+            if reason is None:
+                hosts.append(host)
+                continue
+            log.warning("plan.drifted", host=host.host, reason=reason)
+            hosts.append(
+                host.model_copy(
+                    update={
+                        "outcome": HostOutcome.DRIFTED,
+                        "reason": f"drifted: {reason}",
+                        "steps": (),
+                    }
+                )
+            )
+        for name in reviewed.keys() - {h.host for h in fresh.hosts}:
+            log.warning("plan.drifted", host=name, reason="no longer in the inventory")
+            hosts.append(
+                reviewed[name].model_copy(
+                    update={
+                        "outcome": HostOutcome.DRIFTED,
+                        "reason": "drifted: no longer in the inventory",
+                        "steps": (),
+                    }
+                )
+            )
+        plan = fresh.model_copy(update={"hosts": tuple(hosts)})
+        return execute_plan(plan, ctx, services, approve=approve)
+
+    return _recorded_run(
+        runbook,
+        request,
+        services,
+        body,
+        plan_digest=saved.digest,
+        plan_run_id=saved.plan.run_id,
+    )

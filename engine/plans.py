@@ -72,6 +72,7 @@ class Plan(_Frozen):
     pattern: str
     limit: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)  # secret values redacted
+    overrides: dict[str, str] = Field(default_factory=dict)  # the -e values, secrets redacted
     hosts: tuple[HostPlan, ...] = ()
     refused: str | None = None  # why the whole run is refused (blast radius, approval)
 
@@ -175,7 +176,7 @@ def runbook_ref(runbook: Runbook) -> RunbookRef:
 
 
 def shown_params(runbook: Runbook, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Params as a plan shows them: secret ones redacted."""
+    """Params (or overrides) as a plan shows them: secret ones redacted."""
     secret = runbook.secret_params
     return {k: REDACTED if k in secret else v for k, v in params.items()}
 

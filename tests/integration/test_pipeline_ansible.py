@@ -213,3 +213,47 @@ def test_unknown_inventory_and_empty_selection_exit_2(tmp_path: Path) -> None:
     empty = _cli(["plan", "stale-probe-scratch", "-i", str(inventory), "--limit", "other"], state)
     assert empty.returncode == 2
     assert "selects no host" in empty.stderr
+
+
+def test_saved_plan_applies_as_reviewed_and_refuses_drift(tmp_path: Path) -> None:
+    """A plan saved with --out applies as reviewed; a device changed after review is refused."""
+    stale = Path("/tmp/.remediate-probe.RevW01")
+    extra = Path("/tmp/.remediate-probe.RevW02")
+    old = time.time() - 7200
+    state = tmp_path / "state"
+    inventory = str(ROOT / "inventories" / "localhost.yml")
+    plan_file = tmp_path / "plan.json"
+    try:
+        stale.mkdir(exist_ok=True)
+        os.utime(stale, (old, old))
+        made = _cli(
+            ["plan", "stale-probe-scratch", "-i", inventory, "--out", str(plan_file)], state
+        )
+        assert made.returncode == 0, made.stderr
+        extra.mkdir(exist_ok=True)  # the device changes after the review
+        os.utime(extra, (old, old))
+        drifted = _cli(["apply", str(plan_file), "-o", "json"], state)
+        assert drifted.returncode == 1
+        (host,) = json.loads(drifted.stdout)["hosts"]
+        assert host["outcome"] == "drifted"
+        assert str(extra) in host["reason"]
+        assert stale.exists()
+        assert extra.exists()
+        extra.rmdir()  # back to the reviewed state
+        applied = _cli(["apply", str(plan_file), "-o", "json"], state)
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        (host,) = json.loads(applied.stdout)["hosts"]
+        assert host["outcome"] == "fixed"
+        assert not stale.exists()
+    finally:
+        for path in (stale, extra):
+            if path.exists():
+                path.rmdir()
+    audit = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+    digest = json.loads(plan_file.read_text())["digest"]
+    assert any(r["event"] == "run.started" and r.get("plan_digest") == digest for r in audit)
+    edited = tmp_path / "edited.json"
+    edited.write_text(plan_file.read_text().replace("RevW01", "RevW09"))
+    refused = _cli(["apply", str(edited)], state)
+    assert refused.returncode == 2
+    assert "digest mismatch" in refused.stderr

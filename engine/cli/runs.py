@@ -1,0 +1,249 @@
+"""Commands that run runbooks and look back at runs: plan, run, apply, show-plan, history."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from engine.audit import utc_now
+from engine.cli.app import (
+    EXIT_NOT_FIXED,
+    CliState,
+    ExtraOpt,
+    InventoryOpt,
+    LimitOpt,
+    Output,
+    OutputOpt,
+    app,
+    cli_state,
+    parse_overrides,
+)
+from engine.cli.render import history_table, host_records_table, plan_table, print_json, report_view
+from engine.cli.services import open_services, open_store
+from engine.durations import parse_duration
+from engine.errors import InputError
+from engine.outcomes import Mode
+from engine.pipeline import RunReport, RunRequest, apply_saved_plan, run_runbook
+from engine.planfiles import SavedPlan, check_applicable, load_plan, render_markdown, save_plan
+from engine.plans import Plan
+from engine.runbooks import find_runbook
+
+
+class PlanFormat(StrEnum):
+    """How a plan is shown."""
+
+    TABLE = "table"
+    JSON = "json"
+    MARKDOWN = "markdown"
+
+
+PlanFormatOpt = Annotated[
+    PlanFormat,
+    typer.Option("--format", "--output", "-o", help="table, json, or a markdown review document"),
+]
+
+
+def _approver(yes: bool) -> Callable[[Plan], bool]:
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def approve(plan: Plan) -> bool:
+        if yes:
+            return True
+        err.print(plan_table(plan))
+        if not sys.stdin.isatty():
+            err.print("approval needed: destructive steps planned; rerun with --yes to approve")
+            return False
+        return typer.confirm("Apply the steps above?", default=False, err=True)
+
+    return approve
+
+
+def _progress_console(show: bool) -> Console | None:
+    return Console(stderr=True, highlight=False) if show else None
+
+
+def _show_report(state: CliState, report: RunReport, output: Output | PlanFormat) -> None:
+    if output.value == "json":
+        print_json(state.console, report.model_dump(mode="json"))
+    else:
+        state.console.print(report_view(report))
+    if not report.ok:
+        raise typer.Exit(EXIT_NOT_FIXED)
+
+
+def _request(
+    state: CliState, inventory: Path, limit: str | None, extra: Sequence[str] | None, mode: Mode
+) -> RunRequest:
+    user = state.settings.user
+    return RunRequest(
+        inventory=inventory,
+        limit=limit,
+        overrides=parse_overrides(extra),
+        mode=mode,
+        trigger=f"user:{user}",
+        user=user,
+    )
+
+
+@app.command()
+def plan(
+    ctx: typer.Context,
+    runbook: Annotated[str, typer.Argument(help="Runbook name or file")],
+    inventory: InventoryOpt,
+    limit: LimitOpt = None,
+    extra: ExtraOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Save the plan for review and `remediate apply`")
+    ] = None,
+    expires: Annotated[
+        str, typer.Option(help="How long a saved plan stays applicable (e.g. 30m, 4h)")
+    ] = "4h",
+    output: PlanFormatOpt = PlanFormat.TABLE,
+) -> None:
+    """Dry-run: probe, evaluate guards and show the plan. Nothing on a device changes."""
+    state = cli_state(ctx)
+    settings = state.settings
+    try:
+        expires_in = parse_duration(expires)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--expires") from exc
+    found = find_runbook(runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir)
+    request = _request(state, inventory, limit, extra, Mode.DRY_RUN)
+    console = _progress_console(output is PlanFormat.TABLE)
+    with open_services(settings, reporter_console=console) as services:
+        report = run_runbook(found, request, services, approve=lambda _plan: False)
+    if out is not None:
+        saved = save_plan(report.plan, out, expires_in=expires_in)
+        Console(stderr=True).print(
+            f"plan saved to {out} (digest {saved.digest[:12]}, "
+            f"expires {saved.expires_at:%Y-%m-%d %H:%M} UTC)",
+            markup=False,
+        )
+    if output is PlanFormat.MARKDOWN:
+        sealed = SavedPlan(
+            plan=report.plan, expires_at=report.plan.created_at + expires_in
+        ).sealed()
+        state.console.file.write(render_markdown(sealed))
+        if not report.ok:
+            raise typer.Exit(EXIT_NOT_FIXED)
+        return
+    _show_report(state, report, output)
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    runbook: Annotated[str, typer.Argument(help="Runbook name or file")],
+    inventory: InventoryOpt,
+    limit: LimitOpt = None,
+    extra: ExtraOpt = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Act on devices (without it: a dry-run)")
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Approve steps that need approval without asking")
+    ] = False,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Run a runbook: dry-run unless --apply; destructive steps ask first unless --yes."""
+    state = cli_state(ctx)
+    settings = state.settings
+    found = find_runbook(runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir)
+    request = _request(state, inventory, limit, extra, Mode.APPLY if apply else Mode.DRY_RUN)
+    with open_services(settings, reporter_console=_progress_console(output is Output.TABLE)) as (
+        services
+    ):
+        report = run_runbook(found, request, services, approve=_approver(yes))
+    _show_report(state, report, output)
+
+
+@app.command("apply")
+def apply_plan(
+    ctx: typer.Context,
+    plan_file: Annotated[Path, typer.Argument(help="A plan saved with `remediate plan --out`")],
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Approve steps that need approval without asking")
+    ] = False,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Apply a reviewed plan: drifted hosts are refused, the others get exactly the plan."""
+    state = cli_state(ctx)
+    settings = state.settings
+    saved = load_plan(plan_file)
+    runbook = find_runbook(
+        saved.plan.runbook.name, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir
+    )
+    check_applicable(saved, runbook, utc_now(), plan_file)
+    with open_services(settings, reporter_console=_progress_console(output is Output.TABLE)) as (
+        services
+    ):
+        report = apply_saved_plan(
+            saved,
+            runbook,
+            services,
+            user=settings.user,
+            trigger=f"user:{settings.user}",
+            approve=_approver(yes),
+        )
+    _show_report(state, report, output)
+
+
+@app.command("show-plan")
+def show_plan(
+    ctx: typer.Context,
+    plan_file: Annotated[Path, typer.Argument(help="A plan saved with `remediate plan --out`")],
+    output: PlanFormatOpt = PlanFormat.TABLE,
+) -> None:
+    """Show a saved plan (its digest is checked first)."""
+    state = cli_state(ctx)
+    saved = load_plan(plan_file)
+    if output is PlanFormat.JSON:
+        print_json(state.console, saved.model_dump(mode="json"))
+    elif output is PlanFormat.MARKDOWN:
+        state.console.file.write(render_markdown(saved))
+    else:
+        state.console.print(plan_table(saved.plan))
+        state.console.print(
+            f"digest {saved.digest}, expires {saved.expires_at:%Y-%m-%d %H:%M:%S} UTC",
+            markup=False,
+        )
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    run_id: Annotated[
+        str | None, typer.Argument(help="Show one run's hosts instead of the list")
+    ] = None,
+    runbook: Annotated[str | None, typer.Option(help="Only runs of this runbook")] = None,
+    limit: Annotated[int, typer.Option("--last", help="How many runs")] = 20,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """Past runs, newest first; or the hosts of one run."""
+    state = cli_state(ctx)
+    with open_store(state.settings) as store:
+        if run_id is None:
+            runs = store.list_runs(limit=limit, runbook=runbook)
+            if output is Output.JSON:
+                print_json(state.console, [r.model_dump(mode="json") for r in runs])
+            else:
+                state.console.print(history_table(runs))
+            return
+        record = store.get_run(run_id)
+        if record is None:
+            raise InputError(f"no run {run_id!r} in {state.settings.db_path}")
+        hosts = store.host_records(run_id)
+    if output is Output.JSON:
+        data = record.model_dump(mode="json")
+        data["hosts"] = [h.model_dump(mode="json") for h in hosts]
+        print_json(state.console, data)
+    else:
+        state.console.print(history_table([record]))
+        state.console.print(host_records_table(hosts))

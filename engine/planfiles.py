@@ -1,0 +1,139 @@
+"""Saved plans: a dry-run's plan as a reviewable file that an apply can trust.
+
+The file is JSON: the plan (per host: the evidence the decision rested on, the guard results,
+the steps with their rendered vars and exact items), who made it and when, when it expires,
+and a sha256 digest over all of that.  An edited file no longer matches its digest and is
+refused; so is an expired plan, or one whose runbook changed since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from engine.errors import PlanFileError
+from engine.outcomes import HostOutcome
+from engine.plans import Plan
+from engine.runbooks import Runbook
+
+FORMAT: Literal["remediate-plan/v1"] = "remediate-plan/v1"
+
+
+class SavedPlan(BaseModel):
+    """A plan as saved for review, with its expiry and content digest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Literal["remediate-plan/v1"] = FORMAT
+    plan: Plan
+    expires_at: datetime
+    digest: str = ""
+
+    def computed_digest(self) -> str:
+        """sha256 over the canonical JSON of everything but the digest itself."""
+        body = self.model_dump(mode="json", exclude={"digest"})
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def sealed(self) -> SavedPlan:
+        """A copy carrying its digest."""
+        return self.model_copy(update={"digest": self.computed_digest()})
+
+
+def save_plan(plan: Plan, path: Path, *, expires_in: timedelta) -> SavedPlan:
+    """Write ``plan`` to ``path`` (atomically) with its expiry and digest."""
+    saved = SavedPlan(plan=plan, expires_at=plan.created_at + expires_in).sealed()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(saved.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return saved
+
+
+def load_plan(path: Path) -> SavedPlan:
+    """Read a saved plan and check its digest; an edited or unreadable file is refused."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        data: Any = json.loads(raw)
+        saved = SavedPlan.model_validate(data)
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise PlanFileError(f"{path}: not a remediate plan file: {exc}") from exc
+    if not saved.digest or saved.digest != saved.computed_digest():
+        raise PlanFileError(f"{path}: the plan was edited after it was made (digest mismatch)")
+    return saved
+
+
+def check_applicable(saved: SavedPlan, runbook: Runbook, now: datetime, path: Path) -> None:
+    """Refuse a plan that expired or was made from another version of the runbook."""
+    if now >= saved.expires_at:
+        raise PlanFileError(f"{path}: the plan expired at {saved.expires_at.isoformat()}")
+    ref = saved.plan.runbook
+    if ref.name != runbook.name:
+        raise PlanFileError(f"{path}: the plan is for runbook {ref.name!r}, not {runbook.name!r}")
+    if ref.digest != runbook.digest:
+        raise PlanFileError(
+            f"{path}: runbook {ref.name!r} changed since the plan was made "
+            f"(plan {ref.digest[:12]}, now {runbook.digest[:12]} in {runbook.path})"
+        )
+
+
+def _cell(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(saved: SavedPlan) -> str:
+    """A review document for a ticket or a pull request."""
+    plan = saved.plan
+    ref = plan.runbook
+    out = [
+        f"# Remediation plan: {ref.name} v{ref.version}",
+        "",
+        f"- Plan: `{plan.run_id}`, digest `{saved.digest}`",
+        f"- Runbook: `{ref.path}` (sha256 `{ref.digest}`)",
+        f"- Inventory: `{plan.inventory}`, hosts `{plan.pattern}`"
+        + (f", limit `{plan.limit}`" if plan.limit else ""),
+        (
+            f"- Made by {plan.created_by} at {plan.created_at.isoformat()}; "
+            f"expires {saved.expires_at.isoformat()}"
+        ),
+    ]
+    if plan.params:
+        out.append("- Parameters: " + ", ".join(f"`{k}={v}`" for k, v in plan.params.items()))
+    if plan.refused:
+        out += ["", f"**The run is refused:** {plan.refused}"]
+    counts: dict[str, int] = {}
+    for host in plan.hosts:
+        counts[host.outcome.value] = counts.get(host.outcome.value, 0) + 1
+    out += ["", "Summary: " + ", ".join(f"{n} {o}" for o, n in sorted(counts.items())), ""]
+    for host in plan.acting:
+        out += [f"## {host.host}: {len(host.steps)} step(s)", ""]
+        for number, step in enumerate(host.steps, start=1):
+            flag = " **(destructive)**" if step.destructive else ""
+            out.append(f"{number}. `{step.id}` ({step.playbook}){flag}: {step.plan}")
+            if step.items:
+                out += [f"   - item: `{_cell(item)}`" for item in step.items]
+            if step.vars:
+                out.append(f"   - vars: `{_cell(step.vars)}`")
+        out += ["", "| guard | result | message |", "|---|---|---|"]
+        out += [
+            f"| {g.id} | {'passed' if g.passed else 'BLOCKS'} | {_cell(g.message)} |"
+            for g in host.guards
+        ]
+        out += ["", "| evidence (check) | value |", "|---|---|"]
+        out += [f"| {k} | {_cell(v)} |" for k, v in host.evidence.items()]
+        out.append("")
+    others = [h for h in plan.hosts if h.outcome is not HostOutcome.PLANNED]
+    if others:
+        out += ["## Hosts left alone", "", "| host | outcome | why |", "|---|---|---|"]
+        out += [f"| {h.host} | {h.outcome.value} | {_cell(h.reason)} |" for h in others]
+        out.append("")
+    return "\n".join(out)
