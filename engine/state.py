@@ -18,10 +18,11 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
@@ -190,6 +191,64 @@ MIGRATIONS: tuple[Migration, ...] = (
                 id   INTEGER PRIMARY KEY CHECK (id = 1),
                 seq  INTEGER NOT NULL,
                 hash TEXT NOT NULL
+            )
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "alert firings, the alert run queue and the circuit breaker (webhook server)",
+        (
+            """
+            CREATE TABLE alert_firings (
+                fingerprint  TEXT NOT NULL,
+                starts_at    TEXT NOT NULL,
+                alertname    TEXT NOT NULL,
+                labels       TEXT NOT NULL,  -- JSON object, as received (untrusted data)
+                status       TEXT NOT NULL,  -- firing | resolved
+                outcome      TEXT NOT NULL,  -- queued | held | unmatched | unresolved | resolved
+                reason       TEXT NOT NULL,
+                received_at  TEXT NOT NULL,
+                last_seen_at TEXT NOT NULL,
+                times_seen   INTEGER NOT NULL,
+                resolved_at  TEXT,
+                PRIMARY KEY (fingerprint, starts_at)
+            )
+            """,
+            "CREATE INDEX alert_firings_by_outcome ON alert_firings (outcome, received_at)",
+            "CREATE INDEX alert_firings_by_received ON alert_firings (received_at)",
+            """
+            CREATE TABLE alert_queue (
+                item_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+                fingerprint  TEXT NOT NULL,
+                starts_at    TEXT NOT NULL,
+                runbook      TEXT NOT NULL,
+                host         TEXT NOT NULL,  -- an inventory host name, never label text
+                trigger_mode TEXT NOT NULL,  -- apply | plan | approve (the runbook trigger's)
+                mode         TEXT NOT NULL,  -- apply | dry-run (what the run does)
+                state        TEXT NOT NULL,
+                reason       TEXT NOT NULL,
+                enqueued_at  TEXT NOT NULL,
+                claimed_at   TEXT,
+                finished_at  TEXT,
+                owner        TEXT,           -- the server process that claimed it
+                run_id       TEXT,
+                run_status   TEXT,
+                UNIQUE (fingerprint, starts_at, runbook),
+                FOREIGN KEY (fingerprint, starts_at)
+                    REFERENCES alert_firings (fingerprint, starts_at) ON DELETE CASCADE
+            )
+            """,
+            "CREATE INDEX alert_queue_by_state ON alert_queue (state, item_id)",
+            "CREATE INDEX alert_queue_by_enqueued ON alert_queue (enqueued_at)",
+            "CREATE INDEX alert_queue_by_finished ON alert_queue (finished_at)",
+            """
+            CREATE TABLE alert_breaker (
+                id        INTEGER PRIMARY KEY CHECK (id = 1),
+                open      INTEGER NOT NULL,
+                reason    TEXT NOT NULL,
+                opened_at TEXT,
+                reset_at  TEXT
             )
             """,
         ),
@@ -606,3 +665,633 @@ def _run_record(row: tuple[str, ...]) -> RunRecord:
 def open_state(path: Path, *, clock: Callable[[], datetime]) -> StateStore:
     """Open the default state store at ``path`` (the entry points' one call)."""
     return SqliteStateStore(path, clock=clock)
+
+
+# --------------------------------------------------------------------------- alert intake
+#
+# The webhook server's part of the store (migration 2): one row per alert *firing*
+# (fingerprint + startsAt, so a re-sent or duplicated notification is recognised), a durable
+# queue of alert-triggered runs, and the fleet-wide circuit breaker.  Label values are
+# untrusted data: they are stored as JSON and never used to build a statement.
+
+
+class FiringOutcome(StrEnum):
+    """What the server decided for one alert firing."""
+
+    QUEUED = "queued"  # at least one runbook run was queued
+    HELD = "held"  # runs were recorded but the circuit breaker was open: not run
+    UNMATCHED = "unmatched"  # no runbook trigger matches the alert
+    UNRESOLVED = "unresolved"  # a trigger matches, but the device is not exactly one host
+    RESOLVED = "resolved"  # the first notification seen already said resolved
+
+
+class QueueState(StrEnum):
+    """Where one queued alert-triggered run is."""
+
+    QUEUED = "queued"  # waiting for a worker
+    RUNNING = "running"  # claimed by a worker of the server process named by ``owner``
+    DONE = "done"  # the run finished; ``run_status`` says how
+    FAILED = "failed"  # the run could not be completed (engine error); ``reason`` says why
+    CANCELLED = "cancelled"  # the alert resolved before the run started
+    HELD = "held"  # not run: the circuit breaker was open
+    EXPIRED = "expired"  # not run: it waited longer than the queue's max age
+    INTERRUPTED = "interrupted"  # the server stopped while the run was in progress
+
+
+class QueueRoute(_Record):
+    """One run the intake wants queued for a firing: runbook, inventory host, modes."""
+
+    runbook: str
+    host: str
+    trigger_mode: str  # the runbook trigger's mode: apply | plan | approve
+    mode: Mode
+
+
+class FiringInput(_Record):
+    """A firing alert as the intake routed it."""
+
+    fingerprint: str
+    starts_at: AwareDatetime
+    alertname: str
+    labels: dict[str, str]
+    outcome: FiringOutcome
+    reason: str
+    routes: tuple[QueueRoute, ...] = ()
+
+
+class ResolvedInput(_Record):
+    """A resolved alert from a notification."""
+
+    fingerprint: str
+    starts_at: AwareDatetime
+    alertname: str
+    labels: dict[str, str]
+
+
+class FiringKey(_Record):
+    """Identifies one firing."""
+
+    fingerprint: str
+    starts_at: AwareDatetime
+
+
+class FiringRecord(_Record):
+    """One alert firing as the store keeps it."""
+
+    fingerprint: str
+    starts_at: AwareDatetime
+    alertname: str
+    labels: dict[str, str]
+    status: str  # firing | resolved
+    outcome: FiringOutcome
+    reason: str
+    received_at: AwareDatetime
+    last_seen_at: AwareDatetime
+    times_seen: int
+    resolved_at: AwareDatetime | None = None
+
+
+class QueueItem(_Record):
+    """One alert-triggered run in the durable queue."""
+
+    item_id: int
+    fingerprint: str
+    starts_at: AwareDatetime
+    runbook: str
+    host: str
+    trigger_mode: str
+    mode: Mode
+    state: QueueState
+    reason: str
+    enqueued_at: AwareDatetime
+    claimed_at: AwareDatetime | None = None
+    finished_at: AwareDatetime | None = None
+    owner: str | None = None
+    run_id: str | None = None
+    run_status: RunStatus | None = None
+
+
+class RecordedAlerts(_Record):
+    """What one notification changed in the store."""
+
+    new: tuple[FiringKey, ...] = ()
+    deduplicated: tuple[FiringKey, ...] = ()
+    resolved: tuple[FiringKey, ...] = ()
+    queued: tuple[QueueItem, ...] = ()
+    held: tuple[QueueItem, ...] = ()
+    cancelled: tuple[QueueItem, ...] = ()
+
+
+class QueueClaim(_Record):
+    """A worker's claim: the item it now runs (if any) and items set aside on the way."""
+
+    item: QueueItem | None = None
+    held: tuple[QueueItem, ...] = ()
+    expired: tuple[QueueItem, ...] = ()
+
+
+class BreakerRecord(_Record):
+    """The circuit breaker as last saved."""
+
+    open: bool
+    reason: str
+    opened_at: AwareDatetime | None = None
+    reset_at: AwareDatetime | None = None
+
+
+class AlertStore(StateStore, Protocol):
+    """A :class:`StateStore` that also keeps alert firings, the run queue and the breaker."""
+
+    def record_alerts(
+        self,
+        firing: Sequence[FiringInput],
+        resolved: Sequence[ResolvedInput],
+        *,
+        now: datetime,
+        hold_reason: str | None,
+    ) -> RecordedAlerts:
+        """Record one notification's alerts and queue new firings' runs, in one transaction."""
+
+    def claim_queue_item(
+        self,
+        owner: str,
+        *,
+        now: datetime,
+        max_age: timedelta,
+        hold_reason: str | None,
+        new_run_id: Callable[[], str],
+    ) -> QueueClaim:
+        """Claim the oldest runnable queued item for ``owner``."""
+
+    def finish_queue_item(
+        self,
+        item_id: int,
+        owner: str,
+        state: QueueState,
+        *,
+        now: datetime,
+        run_status: RunStatus | None = None,
+        reason: str = "",
+    ) -> bool:
+        """Close a running item ``owner`` holds; return whether it was still running."""
+
+    def interrupt_running(
+        self, *, now: datetime, reason: str, owner: str | None = None
+    ) -> list[QueueItem]:
+        """Mark running items (of ``owner``, or all) and their runs interrupted."""
+
+    def get_queue_item(self, item_id: int) -> QueueItem | None:
+        """Return one queue item, or None."""
+
+    def list_queue(self, state: QueueState | None = None, limit: int = 100) -> list[QueueItem]:
+        """Return queue items, newest first, optionally in one state only."""
+
+    def list_firings(
+        self, outcome: FiringOutcome | None = None, limit: int = 100
+    ) -> list[FiringRecord]:
+        """Return firings, most recently received first, optionally of one outcome only."""
+
+    def queue_counts(self) -> dict[QueueState, int]:
+        """Return the number of queue items in each state."""
+
+    def firing_counts(self) -> dict[FiringOutcome, int]:
+        """Return the number of firings with each outcome."""
+
+    def count_failed_items(self, since: datetime) -> int:
+        """Count alert-triggered runs that finished unsuccessfully since ``since``."""
+
+    def count_alerting_devices(self, since: datetime, *, stop_at: int) -> int:
+        """Count distinct hosts with a still-firing alert queued since ``since`` (≤ ``stop_at``)."""
+
+    def breaker_state(self) -> BreakerRecord | None:
+        """Return the saved circuit breaker, or None when never saved."""
+
+    def save_breaker(self, record: BreakerRecord) -> None:
+        """Save the circuit breaker."""
+
+
+_QUEUE_COLUMNS = (
+    "item_id, fingerprint, starts_at, runbook, host, trigger_mode, mode, state, reason,"
+    " enqueued_at, claimed_at, finished_at, owner, run_id, run_status"
+)
+_FIRING_COLUMNS = (
+    "fingerprint, starts_at, alertname, labels, status, outcome, reason, received_at,"
+    " last_seen_at, times_seen, resolved_at"
+)
+
+
+def _maybe_moment(text: str | None) -> datetime | None:
+    return None if text is None else _moment(text)
+
+
+def _queue_item(row: Sequence[object]) -> QueueItem:
+    return QueueItem(
+        item_id=int(str(row[0])),
+        fingerprint=str(row[1]),
+        starts_at=_moment(str(row[2])),
+        runbook=str(row[3]),
+        host=str(row[4]),
+        trigger_mode=str(row[5]),
+        mode=Mode(str(row[6])),
+        state=QueueState(str(row[7])),
+        reason=str(row[8]),
+        enqueued_at=_moment(str(row[9])),
+        claimed_at=_maybe_moment(None if row[10] is None else str(row[10])),
+        finished_at=_maybe_moment(None if row[11] is None else str(row[11])),
+        owner=None if row[12] is None else str(row[12]),
+        run_id=None if row[13] is None else str(row[13]),
+        run_status=None if row[14] is None else RunStatus(str(row[14])),
+    )
+
+
+def _firing_record(row: Sequence[object]) -> FiringRecord:
+    return FiringRecord(
+        fingerprint=str(row[0]),
+        starts_at=_moment(str(row[1])),
+        alertname=str(row[2]),
+        labels=json.loads(str(row[3])),
+        status=str(row[4]),
+        outcome=FiringOutcome(str(row[5])),
+        reason=str(row[6]),
+        received_at=_moment(str(row[7])),
+        last_seen_at=_moment(str(row[8])),
+        times_seen=int(str(row[9])),
+        resolved_at=_maybe_moment(None if row[10] is None else str(row[10])),
+    )
+
+
+class SqliteAlertStore(SqliteStateStore):
+    """The SQLite store with the webhook server's tables: firings, run queue, breaker."""
+
+    def __repr__(self) -> str:
+        return f"SqliteAlertStore({str(self.path)!r})"
+
+    # -- intake
+
+    def record_alerts(
+        self,
+        firing: Sequence[FiringInput],
+        resolved: Sequence[ResolvedInput],
+        *,
+        now: datetime,
+        hold_reason: str | None,
+    ) -> RecordedAlerts:
+        """Record one notification's alerts in one transaction; return what changed.
+
+        A firing seen before (same fingerprint and startsAt) is only counted as seen again:
+        each firing queues its runs at most once, ever.  New firings queue their routes
+        (``held`` instead when ``hold_reason`` is given: the circuit breaker is open).  A
+        resolved alert marks its firing resolved and cancels its runs not yet started; a
+        resolved alert never seen firing is recorded, so a late firing copy is a duplicate.
+        """
+        stamp = _text(now)
+        new: list[FiringKey] = []
+        dups: list[FiringKey] = []
+        done: list[FiringKey] = []
+        queued: list[QueueItem] = []
+        held: list[QueueItem] = []
+        cancelled: list[QueueItem] = []
+        with self._transaction("record alerts") as db:
+            for alert in firing:
+                key = FiringKey(fingerprint=alert.fingerprint, starts_at=alert.starts_at)
+                outcome, reason = alert.outcome, alert.reason
+                if hold_reason is not None and alert.routes:
+                    outcome, reason = FiringOutcome.HELD, hold_reason
+                (seen,) = db.execute(
+                    "INSERT INTO alert_firings (fingerprint, starts_at, alertname, labels,"
+                    " status, outcome, reason, received_at, last_seen_at, times_seen)"
+                    " VALUES (?, ?, ?, ?, 'firing', ?, ?, ?, ?, 1)"
+                    " ON CONFLICT (fingerprint, starts_at) DO UPDATE"
+                    " SET last_seen_at = excluded.last_seen_at, times_seen = times_seen + 1"
+                    " RETURNING times_seen",
+                    (
+                        alert.fingerprint,
+                        _text(alert.starts_at),
+                        alert.alertname,
+                        json.dumps(alert.labels, sort_keys=True),
+                        outcome.value,
+                        reason,
+                        stamp,
+                        stamp,
+                    ),
+                ).fetchone()
+                if seen > 1:
+                    dups.append(key)
+                    continue
+                new.append(key)
+                state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
+                for route in alert.routes:
+                    row = db.execute(
+                        "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host,"  # noqa: S608 - constant columns, bound values
+                        " trigger_mode, mode, state, reason, enqueued_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                        f" RETURNING {_QUEUE_COLUMNS}",
+                        (
+                            alert.fingerprint,
+                            _text(alert.starts_at),
+                            route.runbook,
+                            route.host,
+                            route.trigger_mode,
+                            route.mode.value,
+                            state.value,
+                            hold_reason or "",
+                            stamp,
+                        ),
+                    ).fetchone()
+                    (held if hold_reason is not None else queued).append(_queue_item(row))
+            for gone in resolved:
+                key = FiringKey(fingerprint=gone.fingerprint, starts_at=gone.starts_at)
+                params = (gone.fingerprint, _text(gone.starts_at))
+                row = db.execute(
+                    "SELECT status FROM alert_firings WHERE fingerprint = ? AND starts_at = ?",
+                    params,
+                ).fetchone()
+                if row is not None and row[0] == "resolved":
+                    db.execute(
+                        "UPDATE alert_firings SET last_seen_at = ?, times_seen = times_seen + 1"
+                        " WHERE fingerprint = ? AND starts_at = ?",
+                        (stamp, *params),
+                    )
+                    dups.append(key)
+                    continue
+                done.append(key)
+                if row is None:
+                    db.execute(
+                        "INSERT INTO alert_firings (fingerprint, starts_at, alertname, labels,"
+                        " status, outcome, reason, received_at, last_seen_at, times_seen,"
+                        " resolved_at) VALUES (?, ?, ?, ?, 'resolved', ?, ?, ?, ?, 1, ?)",
+                        (
+                            *params,
+                            gone.alertname,
+                            json.dumps(gone.labels, sort_keys=True),
+                            FiringOutcome.RESOLVED.value,
+                            "resolved before any firing notification was received",
+                            stamp,
+                            stamp,
+                            stamp,
+                        ),
+                    )
+                    continue
+                db.execute(
+                    "UPDATE alert_firings SET status = 'resolved', resolved_at = ?,"
+                    " last_seen_at = ?, times_seen = times_seen + 1"
+                    " WHERE fingerprint = ? AND starts_at = ?",
+                    (stamp, stamp, *params),
+                )
+                rows = db.execute(
+                    "UPDATE alert_queue SET state = ?, reason = ?, finished_at = ?"  # noqa: S608 - constant columns, bound values
+                    " WHERE fingerprint = ? AND starts_at = ? AND state = ?"
+                    f" RETURNING {_QUEUE_COLUMNS}",
+                    (
+                        QueueState.CANCELLED.value,
+                        "the alert resolved before the run started",
+                        stamp,
+                        *params,
+                        QueueState.QUEUED.value,
+                    ),
+                ).fetchall()
+                cancelled += (_queue_item(r) for r in rows)
+        return RecordedAlerts(
+            new=tuple(new),
+            deduplicated=tuple(dups),
+            resolved=tuple(done),
+            queued=tuple(queued),
+            held=tuple(held),
+            cancelled=tuple(cancelled),
+        )
+
+    # -- the queue
+
+    def claim_queue_item(
+        self,
+        owner: str,
+        *,
+        now: datetime,
+        max_age: timedelta,
+        hold_reason: str | None,
+        new_run_id: Callable[[], str],
+    ) -> QueueClaim:
+        """Claim the oldest runnable queued item for ``owner``; give it a run id.
+
+        With ``hold_reason`` (the circuit breaker is open) nothing is claimed and every
+        queued item is set ``held``.  Items queued longer than ``max_age`` ago are set
+        ``expired``.  An item whose host has a running item waits, so one server never runs
+        two alert runs on one device at once.
+        """
+        stamp = _text(now)
+        with self._transaction(f"claim a queue item for {owner}") as db:
+            if hold_reason is not None:
+                rows = db.execute(
+                    "UPDATE alert_queue SET state = ?, reason = ?, finished_at = ?"  # noqa: S608 - constant columns, bound values
+                    f" WHERE state = ? RETURNING {_QUEUE_COLUMNS}",
+                    (QueueState.HELD.value, hold_reason, stamp, QueueState.QUEUED.value),
+                ).fetchall()
+                return QueueClaim(held=tuple(_queue_item(r) for r in rows))
+            rows = db.execute(
+                "UPDATE alert_queue SET state = ?, reason = ?, finished_at = ?"  # noqa: S608 - constant columns, bound values
+                f" WHERE state = ? AND enqueued_at < ? RETURNING {_QUEUE_COLUMNS}",
+                (
+                    QueueState.EXPIRED.value,
+                    f"not started within the queue's max age ({max_age})",
+                    stamp,
+                    QueueState.QUEUED.value,
+                    _text(now - max_age),
+                ),
+            ).fetchall()
+            expired = tuple(_queue_item(r) for r in rows)
+            row = db.execute(
+                "SELECT item_id FROM alert_queue WHERE state = ? AND host NOT IN"
+                " (SELECT host FROM alert_queue WHERE state = ?) ORDER BY item_id LIMIT 1",
+                (QueueState.QUEUED.value, QueueState.RUNNING.value),
+            ).fetchone()
+            if row is None:
+                return QueueClaim(expired=expired)
+            claimed = db.execute(
+                "UPDATE alert_queue SET state = ?, owner = ?, claimed_at = ?, run_id = ?"  # noqa: S608 - constant columns, bound values
+                f" WHERE item_id = ? RETURNING {_QUEUE_COLUMNS}",
+                (QueueState.RUNNING.value, owner, stamp, new_run_id(), row[0]),
+            ).fetchone()
+        return QueueClaim(item=_queue_item(claimed), expired=expired)
+
+    def finish_queue_item(
+        self,
+        item_id: int,
+        owner: str,
+        state: QueueState,
+        *,
+        now: datetime,
+        run_status: RunStatus | None = None,
+        reason: str = "",
+    ) -> bool:
+        """Close a running item ``owner`` holds; return whether it was still running."""
+        with self._transaction(f"finish queue item {item_id}") as db:
+            cursor = db.execute(
+                "UPDATE alert_queue SET state = ?, run_status = ?, reason = ?, finished_at = ?"
+                " WHERE item_id = ? AND owner = ? AND state = ?",
+                (
+                    state.value,
+                    None if run_status is None else run_status.value,
+                    reason,
+                    _text(now),
+                    item_id,
+                    owner,
+                    QueueState.RUNNING.value,
+                ),
+            )
+        return cursor.rowcount > 0
+
+    def interrupt_running(
+        self, *, now: datetime, reason: str, owner: str | None = None
+    ) -> list[QueueItem]:
+        """Mark running items (of ``owner``, or all) interrupted, and their runs; free locks.
+
+        Never re-queues: an item a stopped process claimed may have acted already.  Call with
+        ``owner=None`` only when no other server process uses the store (the server holds a
+        lock file for that).  Device locks held by those runs are released: their process is
+        gone (or giving up on them), so nothing else would release them before their ttl.
+        """
+        stamp = _text(now)
+        where, params = "state = ?", [QueueState.RUNNING.value]
+        if owner is not None:
+            where, params = "state = ? AND owner = ?", [QueueState.RUNNING.value, owner]
+        with self._transaction("interrupt running queue items") as db:
+            rows = db.execute(
+                "UPDATE alert_queue SET state = ?, run_status = ?, reason = ?, finished_at = ?"  # noqa: S608 - constant columns, bound values
+                f" WHERE {where} RETURNING {_QUEUE_COLUMNS}",
+                (
+                    QueueState.INTERRUPTED.value,
+                    RunStatus.INTERRUPTED.value,
+                    reason,
+                    stamp,
+                    *params,
+                ),
+            ).fetchall()
+            items = sorted((_queue_item(r) for r in rows), key=lambda i: i.item_id)
+            for item in items:
+                if item.run_id is None:
+                    continue
+                db.execute(
+                    "UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ? AND status = ?",
+                    (RunStatus.INTERRUPTED.value, stamp, item.run_id, RunStatus.RUNNING.value),
+                )
+                db.execute("DELETE FROM device_locks WHERE run_id = ?", (item.run_id,))
+        return items
+
+    def get_queue_item(self, item_id: int) -> QueueItem | None:
+        """Return one queue item, or None."""
+        with self._guard, self._sqlite_errors(f"read queue item {item_id}"):
+            row = self._db.execute(
+                f"SELECT {_QUEUE_COLUMNS} FROM alert_queue WHERE item_id = ?",  # noqa: S608 - constant columns, bound values
+                (item_id,),
+            ).fetchone()
+        return None if row is None else _queue_item(row)
+
+    def list_queue(self, state: QueueState | None = None, limit: int = 100) -> list[QueueItem]:
+        """Return queue items, newest first, optionally in one state only."""
+        where, params = ("WHERE state = ?", (state.value,)) if state is not None else ("", ())
+        with self._guard, self._sqlite_errors("list the queue"):
+            rows = self._db.execute(
+                f"SELECT {_QUEUE_COLUMNS} FROM alert_queue {where} ORDER BY item_id DESC LIMIT ?",  # noqa: S608 - constant columns, bound values
+                (*params, limit),
+            ).fetchall()
+        return [_queue_item(r) for r in rows]
+
+    def list_firings(
+        self, outcome: FiringOutcome | None = None, limit: int = 100
+    ) -> list[FiringRecord]:
+        """Return firings, most recently received first, optionally of one outcome only."""
+        where, params = ("WHERE outcome = ?", (outcome.value,)) if outcome is not None else ("", ())
+        with self._guard, self._sqlite_errors("list alert firings"):
+            rows = self._db.execute(
+                f"SELECT {_FIRING_COLUMNS} FROM alert_firings {where}"  # noqa: S608 - constant columns, bound values
+                " ORDER BY received_at DESC, fingerprint LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [_firing_record(r) for r in rows]
+
+    def queue_counts(self) -> dict[QueueState, int]:
+        """Return the number of queue items in each state (0 for states with none)."""
+        with self._guard, self._sqlite_errors("count the queue"):
+            rows = self._db.execute(
+                "SELECT state, count(*) FROM alert_queue GROUP BY state"
+            ).fetchall()
+        counts = dict.fromkeys(QueueState, 0)
+        counts.update({QueueState(r[0]): int(r[1]) for r in rows})
+        return counts
+
+    def firing_counts(self) -> dict[FiringOutcome, int]:
+        """Return the number of firings with each outcome (0 for outcomes with none)."""
+        with self._guard, self._sqlite_errors("count alert firings"):
+            rows = self._db.execute(
+                "SELECT outcome, count(*) FROM alert_firings GROUP BY outcome"
+            ).fetchall()
+        counts = dict.fromkeys(FiringOutcome, 0)
+        counts.update({FiringOutcome(r[0]): int(r[1]) for r in rows})
+        return counts
+
+    def count_failed_items(self, since: datetime) -> int:
+        """Count alert-triggered runs that finished unsuccessfully since ``since``.
+
+        A run counts when it ended in any status but ``succeeded``, or could not be completed
+        (``failed``).  Interrupted, cancelled, held and expired items never ran to an end.
+        """
+        with self._guard, self._sqlite_errors("count failed alert runs"):
+            (count,) = self._db.execute(
+                "SELECT count(*) FROM alert_queue WHERE finished_at >= ?"
+                " AND (state = ? OR (state = ? AND run_status != ?))",
+                (
+                    _text(since),
+                    QueueState.FAILED.value,
+                    QueueState.DONE.value,
+                    RunStatus.SUCCEEDED.value,
+                ),
+            ).fetchone()
+        return int(count)
+
+    def count_alerting_devices(self, since: datetime, *, stop_at: int) -> int:
+        """Count distinct hosts with a still-firing alert queued since ``since``.
+
+        Counting stops at ``stop_at``: a breaker only needs to know the threshold is passed.
+        """
+        with self._guard, self._sqlite_errors("count alerting devices"):
+            (count,) = self._db.execute(
+                "SELECT count(*) FROM (SELECT DISTINCT q.host FROM alert_queue q"
+                " JOIN alert_firings f"
+                " ON f.fingerprint = q.fingerprint AND f.starts_at = q.starts_at"
+                " WHERE q.enqueued_at >= ? AND f.status = 'firing' LIMIT ?)",
+                (_text(since), stop_at),
+            ).fetchone()
+        return int(count)
+
+    # -- the circuit breaker
+
+    def breaker_state(self) -> BreakerRecord | None:
+        """Return the saved circuit breaker, or None when never saved."""
+        with self._guard, self._sqlite_errors("read the circuit breaker"):
+            row = self._db.execute(
+                "SELECT open, reason, opened_at, reset_at FROM alert_breaker WHERE id = 1"
+            ).fetchone()
+        if row is None:
+            return None
+        return BreakerRecord(
+            open=bool(row[0]),
+            reason=str(row[1]),
+            opened_at=_maybe_moment(row[2]),
+            reset_at=_maybe_moment(row[3]),
+        )
+
+    def save_breaker(self, record: BreakerRecord) -> None:
+        """Save the circuit breaker."""
+        with self._transaction("save the circuit breaker") as db:
+            db.execute(
+                "INSERT INTO alert_breaker (id, open, reason, opened_at, reset_at)"
+                " VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET open = excluded.open,"
+                " reason = excluded.reason, opened_at = excluded.opened_at,"
+                " reset_at = excluded.reset_at",
+                (
+                    int(record.open),
+                    record.reason,
+                    None if record.opened_at is None else _text(record.opened_at),
+                    None if record.reset_at is None else _text(record.reset_at),
+                ),
+            )
