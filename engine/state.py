@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict
 
@@ -71,6 +71,32 @@ class LockRecord(_Record):
     run_id: str
     acquired_at: AwareDatetime
     expires_at: AwareDatetime
+
+
+class ApprovalStatus(StrEnum):
+    """Where an approval stands."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+
+
+class ApprovalRecord(_Record):
+    """A saved plan waiting for (or past) a person's decision; see :mod:`engine.approvals`."""
+
+    approval_id: str
+    runbook: str
+    source: str  # "user:<name>" or "alert:<fingerprint>"
+    requested_by: str
+    requested_at: AwareDatetime
+    expires_at: AwareDatetime
+    four_eyes: bool
+    status: ApprovalStatus = ApprovalStatus.PENDING
+    decided_by: str | None = None
+    decided_at: AwareDatetime | None = None
+    reason: str = ""
+    plan: dict[str, Any]  # the saved plan as JSON data, digest included
 
 
 # --------------------------------------------------------------------------- interface
@@ -120,6 +146,20 @@ class StateStore(Protocol):
 
     def audit_head(self) -> tuple[int, str] | None:
         """Return the saved audit head as (seq, hash), or None if none was saved."""
+
+    def add_approval(self, record: ApprovalRecord) -> None:
+        """Store a new pending approval."""
+
+    def get_approval(self, approval_id: str) -> ApprovalRecord | None:
+        """One approval by id."""
+
+    def list_approvals(self, status: ApprovalStatus | None = None) -> list[ApprovalRecord]:
+        """Approvals, newest first, optionally of one status."""
+
+    def decide_approval(
+        self, approval_id: str, status: ApprovalStatus, *, by: str | None, at: datetime, reason: str
+    ) -> ApprovalRecord | None:
+        """Move a *pending* approval to ``status`` atomically; None if it was not pending."""
 
     def close(self) -> None:
         """Release the store's resources."""
@@ -251,6 +291,29 @@ MIGRATIONS: tuple[Migration, ...] = (
                 reset_at  TEXT
             )
             """,
+        ),
+    ),
+    Migration(
+        3,
+        "approvals of saved plans",
+        (
+            """
+            CREATE TABLE approvals (
+                approval_id  TEXT PRIMARY KEY,
+                runbook      TEXT NOT NULL,
+                source       TEXT NOT NULL,
+                requested_by TEXT NOT NULL,
+                requested_at TEXT NOT NULL,
+                expires_at   TEXT NOT NULL,
+                four_eyes    INTEGER NOT NULL,
+                status       TEXT NOT NULL,  -- pending | approved | denied | expired
+                decided_by   TEXT,
+                decided_at   TEXT,
+                reason       TEXT NOT NULL,
+                plan         TEXT NOT NULL   -- the saved plan (JSON, with its digest)
+            )
+            """,
+            "CREATE INDEX approvals_by_status ON approvals (status, requested_at)",
         ),
     ),
 )
@@ -641,6 +704,68 @@ class SqliteStateStore:
             row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
 
+    # -- approvals
+
+    _APPROVAL_COLUMNS = (
+        "approval_id, runbook, source, requested_by, requested_at, expires_at, four_eyes,"
+        " status, decided_by, decided_at, reason, plan"
+    )
+
+    def add_approval(self, record: ApprovalRecord) -> None:
+        """Store a new pending approval."""
+        with self._transaction(f"add approval {record.approval_id}") as db:
+            db.execute(
+                f"INSERT INTO approvals ({self._APPROVAL_COLUMNS})"  # noqa: S608 - constant
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.approval_id,
+                    record.runbook,
+                    record.source,
+                    record.requested_by,
+                    _text(record.requested_at),
+                    _text(record.expires_at),
+                    int(record.four_eyes),
+                    record.status.value,
+                    record.decided_by,
+                    None if record.decided_at is None else _text(record.decided_at),
+                    record.reason,
+                    json.dumps(record.plan, sort_keys=True),
+                ),
+            )
+
+    def get_approval(self, approval_id: str) -> ApprovalRecord | None:
+        """One approval by id."""
+        with self._guard, self._sqlite_errors(f"read approval {approval_id}"):
+            row = self._db.execute(
+                f"SELECT {self._APPROVAL_COLUMNS} FROM approvals"  # noqa: S608 - constant
+                " WHERE approval_id = ?",
+                (approval_id,),
+            ).fetchone()
+        return None if row is None else _approval_record(row)
+
+    def list_approvals(self, status: ApprovalStatus | None = None) -> list[ApprovalRecord]:
+        """Approvals, newest first, optionally of one status."""
+        query = f"SELECT {self._APPROVAL_COLUMNS} FROM approvals"  # noqa: S608 - constant
+        args: tuple[str, ...] = ()
+        if status is not None:
+            query += " WHERE status = ?"
+            args = (status.value,)
+        with self._guard, self._sqlite_errors("list approvals"):
+            rows = self._db.execute(query + " ORDER BY requested_at DESC", args).fetchall()
+        return [_approval_record(row) for row in rows]
+
+    def decide_approval(
+        self, approval_id: str, status: ApprovalStatus, *, by: str | None, at: datetime, reason: str
+    ) -> ApprovalRecord | None:
+        """Move a *pending* approval to ``status`` atomically; None if it was not pending."""
+        with self._transaction(f"decide approval {approval_id}") as db:
+            cursor = db.execute(
+                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, reason = ?"
+                " WHERE approval_id = ? AND status = ?",
+                (status.value, by, _text(at), reason, approval_id, ApprovalStatus.PENDING.value),
+            )
+        return self.get_approval(approval_id) if cursor.rowcount == 1 else None
+
 
 _RUN_SELECT = (
     "SELECT run_id, runbook, runbook_digest, mode, trigger, started_at, finished_at,"
@@ -659,6 +784,23 @@ def _run_record(row: tuple[str, ...]) -> RunRecord:
         finished_at=_moment(row[6]) if row[6] is not None else None,
         status=RunStatus(row[7]),
         summary=json.loads(row[8]),
+    )
+
+
+def _approval_record(row: Sequence[object]) -> ApprovalRecord:
+    return ApprovalRecord(
+        approval_id=str(row[0]),
+        runbook=str(row[1]),
+        source=str(row[2]),
+        requested_by=str(row[3]),
+        requested_at=_moment(str(row[4])),
+        expires_at=_moment(str(row[5])),
+        four_eyes=bool(row[6]),
+        status=ApprovalStatus(str(row[7])),
+        decided_by=None if row[8] is None else str(row[8]),
+        decided_at=None if row[9] is None else _moment(str(row[9])),
+        reason=str(row[10]),
+        plan=json.loads(str(row[11])),
     )
 
 

@@ -12,6 +12,7 @@ import click
 import typer
 from rich.console import Console
 
+from engine.approvals import request_approval as request_approval_for
 from engine.audit import utc_now
 from engine.cli.app import (
     EXIT_NOT_FIXED,
@@ -105,6 +106,12 @@ def plan(
     expires: Annotated[
         str, typer.Option(help="How long a saved plan stays applicable (e.g. 30m, 4h)")
     ] = "4h",
+    request_approval: Annotated[
+        bool,
+        typer.Option(
+            "--request-approval", help="Keep the plan as a pending approval (remediate approvals)"
+        ),
+    ] = False,
     output: PlanFormatOpt = PlanFormat.TABLE,
 ) -> None:
     """Dry-run: probe, evaluate guards and show the plan. Nothing on a device changes."""
@@ -119,6 +126,17 @@ def plan(
     console = _progress_console(output is PlanFormat.TABLE)
     with open_services(settings, reporter_console=console) as services:
         report = run_runbook(found, request, services, approve=lambda _plan: False)
+        if request_approval and report.plan.acting and not report.plan.refused:
+            expiry = report.plan.created_at + expires_in
+            pending = SavedPlan(plan=report.plan, expires_at=expiry).sealed()
+            record = request_approval_for(
+                services.store, pending, found, source=f"user:{settings.user}", now=utc_now()
+            )
+            Console(stderr=True).print(
+                f"approval {record.approval_id} requested; decide with "
+                f"`remediate approvals approve|deny {record.approval_id}`",
+                markup=False,
+            )
     if out is not None:
         saved = save_plan(report.plan, out, expires_in=expires_in)
         Console(stderr=True).print(
