@@ -8,7 +8,7 @@ rendered vars differ run in separate invocations so nobody gets another host's i
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -25,7 +25,7 @@ class StepRun(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     step: str
-    status: HostStatus
+    status: HostStatus | None  # None: skipped, no longer needed when probed again
     changed: bool = False
     message: str = ""
 
@@ -43,19 +43,35 @@ def run_steps(
     run_id: str,
     artifacts_dir: Path,
     label: str,
+    recheck: Callable[[Sequence[str], str], set[str]] | None = None,
 ) -> dict[str, list[StepRun]]:
-    """Run every planned step of ``batch`` in runbook order; a host stops at its first failure."""
+    """Run every planned step of ``batch`` in runbook order; a host stops at its first failure.
+
+    For steps marked ``recheck``, ``recheck(hosts, step_id)`` probes again and returns the
+    hosts that still need the step; the others skip it.
+    """
     log = structlog.get_logger()
     runs: dict[str, list[StepRun]] = {h.host: [] for h in batch}
     failed: set[str] = set()
     for spec_step in runbook.spec.steps:
+        due = {
+            host_plan.host: step
+            for host_plan in batch
+            if host_plan.host not in failed
+            for step in host_plan.steps
+            if step.id == spec_step.id
+        }
+        if spec_step.recheck and recheck is not None and due:
+            still = recheck(list(due), spec_step.id)
+            for host in [h for h in due if h not in still]:
+                del due[host]
+                runs[host].append(
+                    StepRun(step=spec_step.id, status=None, message="no longer needed (recheck)")
+                )
+                log.info("step.skipped", host=host, step=spec_step.id, reason="recheck")
         groups: dict[str, list[tuple[str, PlannedStep]]] = {}
-        for host_plan in batch:
-            if host_plan.host in failed:
-                continue
-            step = next((s for s in host_plan.steps if s.id == spec_step.id), None)
-            if step is not None:
-                groups.setdefault(_group_key(step), []).append((host_plan.host, step))
+        for host, step in due.items():
+            groups.setdefault(_group_key(step), []).append((host, step))
         for index, members in enumerate(groups.values()):
             hosts = tuple(host for host, _ in members)
             step = members[0][1]
@@ -92,7 +108,7 @@ def run_steps(
                     "step.finished",
                     host=host,
                     step=step.id,
-                    status=run.status.value,
+                    status=result.status.value,
                     changed=run.changed,
                     message=run.message,
                 )

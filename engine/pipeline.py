@@ -12,7 +12,7 @@ through structlog; outcomes are values in the :class:`RunReport`, never exceptio
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +26,8 @@ from engine.audit import audit_context
 from engine.drift import drift_reason
 from engine.errors import PlanFileError
 from engine.executors.base import Executor, HostStatus
-from engine.guards import blast_radius_refusal, evaluate_host
+from engine.expressions import EvaluationError
+from engine.guards import blast_radius_refusal, context_for, evaluate_host
 from engine.outcomes import BAD_OUTCOMES, HostOutcome, Mode, RunStatus
 from engine.planfiles import SavedPlan
 from engine.plans import (
@@ -323,6 +324,28 @@ class _Apply:
             for host_plan in locked:
                 store.release_lock(host_plan.host, self.plan.run_id)
 
+    def _still_needed(self, hosts: Sequence[str], step_id: str) -> set[str]:
+        """Probe ``hosts`` again: those where the symptom and the step's ``when`` still hold."""
+        ctx = self.ctx
+        probes = run_probes(
+            self.services.executor,
+            ctx.request.inventory,
+            hosts,
+            ctx.runbook.spec.checks,
+            ctx.params,
+        )
+        still: set[str] = set()
+        for host in hosts:
+            context = context_for(probes[host], ctx.params, ctx.host_vars[host])
+            try:
+                if ctx.runbook.symptom.test(context) and ctx.runbook.steps[step_id].when.test(
+                    context
+                ):
+                    still.add(host)
+            except EvaluationError as exc:  # cannot tell: do less, never more
+                self.log.warning("step.recheck_failed", host=host, step=step_id, error=str(exc))
+        return still
+
     def _act(self, number: int, batch: tuple[HostPlan, ...]) -> None:
         if not batch:
             return
@@ -336,6 +359,7 @@ class _Apply:
                 run_id=self.plan.run_id,
                 artifacts_dir=services.artifacts_dir / self.plan.run_id,
                 label=f"batch{number}",
+                recheck=self._still_needed,
             )
         except BaseException:
             for host_plan in batch:
@@ -350,7 +374,9 @@ class _Apply:
             runs = step_runs[host_plan.host]
             if runs:
                 services.store.mark_acted(ctx.runbook.name, host_plan.host, now)
-            failed = next((r for r in runs if r.status is not HostStatus.OK), None)
+            failed = next(
+                (r for r in runs if r.status is not None and r.status is not HostStatus.OK), None
+            )
             if failed is None:
                 succeeded.append(host_plan.host)
                 continue
@@ -362,7 +388,7 @@ class _Apply:
             self.reports[host_plan.host] = HostReport(
                 host=host_plan.host,
                 outcome=outcome,
-                reason=f"step {failed.step} {failed.status.value}: {failed.message}",
+                reason=f"step {failed.step} {failed.status}: {failed.message}",
                 steps=tuple(runs),
             )
         verified = verify_hosts(

@@ -111,7 +111,7 @@ def build_probe_script(checks: Sequence[Check], params: Mapping[str, object], no
     ]
     for check in checks:
         seconds = max(1, int(check.timeout.total_seconds()))
-        lines.append(f"__rc {check.id} {seconds} {shlex.quote(check.run)}")
+        lines.append(f"__rc {check.id} {seconds} {shlex.quote(check.command)}")
     lines.append("exit 0")
     return "\n".join(lines) + "\n"
 

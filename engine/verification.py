@@ -52,7 +52,13 @@ def _judge(
         return HostOutcome.ERROR, f"verify: {exc}"
     if holds:
         return HostOutcome.FIXED, "verify holds"
-    return HostOutcome.NOT_FIXED, f"verify does not hold: {runbook.verify.source}"
+    reason = f"verify does not hold: {runbook.verify.source}"
+    if runbook.explain is not None:
+        try:
+            reason += f"; {runbook.explain.render(context)}"
+        except EvaluationError as exc:
+            reason += f"; (explain failed: {exc})"
+    return HostOutcome.NOT_FIXED, reason
 
 
 def verify_hosts(

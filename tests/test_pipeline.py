@@ -315,3 +315,39 @@ def test_secret_params_are_redacted_in_plan_and_audit(
     assert report.plan.params["token"] == REDACTED
     started = next(e for e in events if e["event"] == "run.started")
     assert started["secret_keys"] == ["token"]
+
+
+def test_recheck_skips_a_step_no_longer_needed(
+    store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A step marked recheck is skipped when a fresh probe shows the symptom gone."""
+    text = (DATA / "runbooks" / "pipeline.yml").read_text()
+    text = text.replace('    plan: "tidy up"', '    plan: "tidy up"\n    recheck: true')
+    text = text.replace(
+        'verify: "checks.free >= params.free_min"',
+        "verify:\n  expr: checks.free >= params.free_min\n"
+        '  explain: "{{ checks.free }}% free, {{ checks.junk | length }} junk files left"',
+    )
+    path = tmp_path / "runbooks" / "pipeline.yml"
+    path.parent.mkdir()
+    path.write_text(text)
+    rechecking = load_runbook(path, playbooks_dir=DATA / "playbooks")
+    states = {"a": dict(SICK), "b": dict(SICK)}
+    executor = FakeExecutor(
+        scripts={h: device(s) for h, s in states.items()},
+        playbooks={"a": _fixing(states)},  # "clean" fixes a; b stays sick
+    )
+    report = _run(
+        rechecking,
+        _services(executor, store, clock, tmp_path),
+        _inventory(tmp_path, ["a", "b", "c", "d"]),
+    )
+    by_host = {h.host: h for h in report.hosts}
+    assert [(s.step, s.status) for s in by_host["a"].steps] == [
+        ("clean", HostStatus.OK),
+        ("tidy", None),
+    ]
+    assert [s.step for s in by_host["b"].steps] == ["clean", "tidy"]
+    assert by_host["a"].outcome is HostOutcome.FIXED
+    assert by_host["b"].outcome is HostOutcome.NOT_FIXED
+    assert by_host["b"].reason.endswith("; 5% free, 2 junk files left")

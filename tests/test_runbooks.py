@@ -113,3 +113,23 @@ def test_runbook_files_expands_folders(tmp_path: Path) -> None:
     for name in ("b.yaml", "a.yml", "notes.txt"):
         (tmp_path / name).write_text("")
     assert [p.name for p in runbook_files([tmp_path])] == ["a.yml", "b.yaml"]
+
+
+def test_run_file_is_inlined_and_part_of_the_digest(tmp_path: Path) -> None:
+    """A check's run_file script is inlined; changing the script changes the runbook digest."""
+    books = tmp_path / "runbooks"
+    (books / "checks").mkdir(parents=True)
+    script = books / "checks" / "count.sh"
+    script.write_text("echo 7\n")
+    text = (DATA / "valid" / "base.yml").read_text(encoding="utf-8")
+    text = text.replace('run: "echo true"', "run_file: checks/count.sh")
+    path = books / "base.yml"
+    path.write_text(text)
+    first = load_runbook(path, playbooks_dir=DATA / "playbooks")
+    assert first.spec.checks[1].command == "echo 7\n"
+    script.write_text("echo 8\n")
+    second = load_runbook(path, playbooks_dir=DATA / "playbooks")
+    assert second.digest != first.digest
+    script.unlink()
+    with pytest.raises(RunbookError, match=r"checks\[1\]\.run_file: cannot read"):
+        load_runbook(path, playbooks_dir=DATA / "playbooks")

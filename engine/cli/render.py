@@ -152,7 +152,15 @@ def runbook_view(runbook: Runbook) -> Group:
         _table(
             "Checks (read-only probes)",
             ("id", "parse", "timeout", "command"),
-            [(c.id, c.parse.value, format_duration(c.timeout), c.run) for c in spec.checks],
+            [
+                (
+                    c.id,
+                    c.parse.value,
+                    format_duration(c.timeout),
+                    f"script {c.run_file}" if c.run_file else c.command,
+                )
+                for c in spec.checks
+            ],
         ),
         Text.assemble(("Symptom: ", "bold"), spec.symptom),
         _table(
@@ -251,7 +259,9 @@ def report_view(report: RunReport) -> Group:
             table.add_column(column, overflow="fold")
         for host in report.hosts:
             steps = "\n".join(
-                f"{s.step}: {s.status.value}{' (changed)' if s.changed else ''}" for s in host.steps
+                f"{s.step}: {s.status.value if s.status else 'skipped'}"
+                f"{' (changed)' if s.changed else ''}"
+                for s in host.steps
             )
             table.add_row(
                 Text(host.host), _outcome(host.outcome.value), Text(steps), Text(host.reason)

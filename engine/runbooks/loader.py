@@ -61,6 +61,7 @@ class Runbook:
     guards: Mapping[str, Expression]  # expression guards by id
     steps: Mapping[str, CompiledStep]
     verify: Expression
+    explain: Template | None = None  # what is left, when verify does not hold
 
     @property
     def name(self) -> str:
@@ -236,7 +237,7 @@ def _semantic_problems_and_runbook(
     problems += _duplicates(file, root, "steps", [s.id for s in spec.steps])
 
     for index, check in enumerate(spec.checks):
-        message = _shell_syntax_problem(check.run)
+        message = _shell_syntax_problem(check.command)
         if message:
             line, field = _locate(root, ("checks", index, "run"))
             problems.append(Problem(file, line, field, message))
@@ -275,7 +276,13 @@ def _semantic_problems_and_runbook(
         step_vars = compiler.vars(step.vars, step_scope, ("steps", i, "vars"))
         if when is not None and plan is not None:
             steps[step.id] = CompiledStep(when, items, plan, step_vars)
-    verify = compiler.expression(spec.verify.expr, scope.with_names(before=check_ids), ("verify",))
+    verify_scope = scope.with_names(before=check_ids)
+    verify = compiler.expression(spec.verify.expr, verify_scope, ("verify",))
+    explain = (
+        compiler.template(spec.verify.explain, verify_scope, ("verify", "explain"))
+        if spec.verify.explain is not None
+        else None
+    )
     problems += compiler.problems
     if problems or symptom is None or verify is None or None in guards.values():
         return problems, None
@@ -288,7 +295,35 @@ def _semantic_problems_and_runbook(
         guards={k: v for k, v in guards.items() if v is not None},
         steps=steps,
         verify=verify,
+        explain=explain,
     )
+
+
+def _inline_run_files(
+    path: Path, root: object, spec: RunbookSpec
+) -> tuple[RunbookSpec, list[bytes], list[Problem]]:
+    """Replace each check's ``run_file`` with the script's text (part of the runbook digest)."""
+    base = path.resolve().parent
+    checks, scripts, problems = [], [], []
+    for index, check in enumerate(spec.checks):
+        if check.run_file is None:
+            checks.append(check)
+            continue
+        target = (base / check.run_file).resolve()
+        line, field = _locate(root, ("checks", index, "run_file"))
+        if not target.is_relative_to(base):
+            problems.append(
+                Problem(str(path), line, field, f"{check.run_file!r} is outside {base}")
+            )
+            continue
+        try:
+            content = target.read_bytes()
+        except OSError as exc:
+            problems.append(Problem(str(path), line, field, f"cannot read: {exc.strerror}"))
+            continue
+        scripts.append(content)
+        checks.append(check.model_copy(update={"run": content.decode("utf-8", "replace")}))
+    return spec.model_copy(update={"checks": tuple(checks)}), scripts, problems
 
 
 def _by_line(problems: Iterable[Problem]) -> list[Problem]:
@@ -329,6 +364,11 @@ def load_runbook(path: Path, *, playbooks_dir: Path | None = None) -> Runbook:
         spec = RunbookSpec.model_validate(_to_plain(root))
     except ValidationError as exc:
         raise RunbookError(_by_line(_pydantic_problems(file, root, exc))) from exc
+    spec, scripts, script_problems = _inline_run_files(path, root, spec)
+    if script_problems:
+        raise RunbookError(_by_line(script_problems))
+    if scripts:
+        digest = hashlib.sha256(data + b"".join(scripts)).hexdigest()
     books = playbooks_dir if playbooks_dir is not None else default_playbooks_dir(path)
     problems, runbook = _semantic_problems_and_runbook(path, digest, root, spec, books)
     if problems or runbook is None:

@@ -244,14 +244,31 @@ class Check(_Spec):
     """A read-only probe: a POSIX-sh command run on the device with ``raw``.
 
     Runbook params are visible to the command as shell variables ``$param_<name>``;
-    the command itself is never a template.
+    the command itself is never a template.  ``run_file`` names a script beside the runbook
+    (e.g. ``checks/orphan-layers.sh``) shared by several runbooks; the loader inlines it.
     """
 
     id: Identifier
-    run: Annotated[str, StringConstraints(min_length=1)]
+    run: Annotated[str, StringConstraints(min_length=1)] | None = None
+    run_file: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")] | None = (
+        None
+    )
     parse: ParseKind = ParseKind.STR
     timeout: Duration = timedelta(seconds=10)
     description: str = ""
+
+    @model_validator(mode="after")
+    def _one_command(self) -> Check:
+        if (self.run is None) == (self.run_file is None):
+            raise ValueError("give exactly one of run (a command) or run_file (a script)")
+        return self
+
+    @property
+    def command(self) -> str:
+        """The POSIX-sh command (a ``run_file`` is inlined by the loader)."""
+        if self.run is None:
+            raise ValueError(f"check {self.id}: run_file {self.run_file} was not inlined")
+        return self.run
 
 
 class ExprGuard(_Spec):
@@ -323,6 +340,11 @@ class Step(_Spec):
         "passed to the playbook as remediate_items).",
     )
     destructive: bool = False
+    recheck: bool = Field(
+        default=False,
+        description="Before this step runs, probe again; skip it unless the symptom and `when` "
+        "still hold (a step only ever does less than planned, never more).",
+    )
     timeout: Duration = timedelta(minutes=10)
 
 
@@ -332,6 +354,10 @@ class Verify(_Spec):
     expr: Annotated[str, StringConstraints(min_length=1)]
     retries: Annotated[int, Field(ge=1, le=100)] = 1
     delay: Duration = timedelta(0)
+    explain: str | None = Field(
+        default=None,
+        description="Template saying what is left when verify does not hold (e.g. top consumers).",
+    )
 
 
 def _verify_from_str(value: object) -> object:
