@@ -1,0 +1,200 @@
+"""One server's parts, built once and wired: store, router, fleet, breaker, intake, workers.
+
+:func:`engine.server.serve.serve` puts it behind uvicorn; tests build it directly with a
+fake executor and a fake inventory resolver.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+import structlog
+
+from engine.audit import audit_context
+from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
+from engine.executors.base import Executor
+from engine.pipeline import Services
+from engine.runbooks import load_runbooks
+from engine.server.breaker import CircuitBreaker
+from engine.server.config import ServerConfig
+from engine.server.fleet import FleetWatcher, ResolveTargets
+from engine.server.intake import Intake
+from engine.server.metrics import ServerMetrics
+from engine.server.routing import Router
+from engine.server.worker import WorkerPool
+from engine.settings import Settings
+from engine.state import AlertStore, QueueItem, SqliteAlertStore
+from engine.targets import resolve_targets
+
+#: How often the inventory's files are checked for changes.
+INVENTORY_CHECK = 2.0
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random hex (as the CLI makes them)."""
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+class WebhookServer:
+    """Everything one server process runs, apart from HTTP."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        settings: Settings,
+        *,
+        clock: Callable[[], datetime],
+        executor: Executor | None = None,
+        resolve: ResolveTargets = resolve_targets,
+        run_ids: Callable[[], str] = new_run_id,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.clock = clock
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.draining = threading.Event()
+        runbooks = load_runbooks(
+            [config.runbooks(settings)], playbooks_dir=config.playbooks(settings)
+        )
+        self.router = Router(runbooks)
+        self.executor = executor or AnsibleExecutor(
+            AnsibleSettings(work_dir=settings.state_dir / "work")
+        )
+        self.store: AlertStore = self._open_store()
+        self.metrics = ServerMetrics(self.store.queue_counts)
+        self.fleet = FleetWatcher(
+            config.inventory,
+            self.router.index_keys,
+            resolve=resolve,
+            clock=clock,
+            refresh=config.inventory_refresh,
+        )
+        self.breaker = CircuitBreaker(
+            config.breaker,
+            clock=clock,
+            fleet_size=lambda: self.fleet.current.size,
+            metrics=self.metrics,
+        )
+        self.pool = WorkerPool(
+            count=config.workers,
+            owner=self.owner,
+            runbooks=self.router.runbooks,
+            inventory=config.inventory,
+            open_services=self._open_services,
+            breaker=self.breaker,
+            metrics=self.metrics,
+            clock=clock,
+            max_age=config.queue.max_age,
+            new_run_id=run_ids,
+        )
+        self.intake = Intake(
+            self.store,
+            self.router,
+            self.fleet,
+            self.breaker,
+            self.metrics,
+            clock=clock,
+            on_queued=self._after_queued,
+        )
+        self._watcher_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _after_queued(self) -> None:
+        """New runs are queued: let the breaker see them first, then wake the workers."""
+        self.breaker.refresh(self.store)
+        self.pool.wake()
+
+    def _open_store(self) -> SqliteAlertStore:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        return SqliteAlertStore(self.settings.db_path, clock=self.clock)
+
+    def _open_services(self) -> tuple[Services, AlertStore]:
+        store = self._open_store()
+        services = Services(
+            executor=self.executor,
+            store=store,
+            clock=self.clock,
+            new_run_id=new_run_id,
+            artifacts_dir=self.settings.artifacts_dir,
+            sleep=time.sleep,
+        )
+        return services, store
+
+    # -- lifecycle
+
+    def recover(self) -> list[QueueItem]:
+        """Mark runs a previous process left running as interrupted; they are never re-run.
+
+        Call before :meth:`start`, holding the state directory's server lock (so no other
+        server process can be running them).
+        """
+        items = self.store.interrupt_running(
+            now=self.clock(), reason="the server stopped while the run was in progress"
+        )
+        _audit_interrupted(items)
+        return items
+
+    def start(self) -> None:
+        """Load the inventory and the breaker, start the workers and the inventory watcher."""
+        self.fleet.load()
+        self.breaker.load(self.store)
+        self.pool.start()
+        self._watcher = threading.Thread(
+            target=self._watch_inventory, name="remediate-inventory", daemon=True
+        )
+        self._watcher.start()
+        structlog.get_logger().info(
+            "server.started",
+            owner=self.owner,
+            runbooks=sorted(self.router.runbooks),
+            workers=self.config.workers,
+            hosts=self.fleet.current.size,
+        )
+
+    def stop(self, timeout: float) -> list[QueueItem]:
+        """Stop taking work; wait up to ``timeout`` for running runs; interrupt the rest.
+
+        Queued items stay queued for the next start.  Returns the items interrupted.
+        """
+        self.draining.set()
+        running = [i.item_id for i in self.pool.running]
+        structlog.get_logger().info("server.stopping", running=running, timeout=timeout)
+        self.pool.stop()
+        self._watcher_stop.set()
+        interrupted: list[QueueItem] = []
+        if not self.pool.join(timeout):
+            interrupted = self.store.interrupt_running(
+                now=self.clock(),
+                reason=f"the server stopped: the run did not finish within {timeout:g}s",
+                owner=self.owner,
+            )
+            _audit_interrupted(interrupted)
+        structlog.get_logger().info("server.stopped", interrupted=[i.item_id for i in interrupted])
+        return interrupted
+
+    def close(self) -> None:
+        """Close the store."""
+        self.store.close()
+
+    def _watch_inventory(self) -> None:
+        while not self._watcher_stop.wait(INVENTORY_CHECK):
+            self.fleet.reload_if_due()
+
+
+def _audit_interrupted(items: list[QueueItem]) -> None:
+    for item in items:
+        if item.run_id is None:
+            continue
+        with audit_context(item.run_id, runbook=item.runbook, trigger=f"alert:{item.fingerprint}"):
+            structlog.get_logger().warning(
+                "run.interrupted",
+                item=item.item_id,
+                host=item.host,
+                reason=item.reason,
+            )

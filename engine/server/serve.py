@@ -1,0 +1,131 @@
+"""``remediate serve``: the webhook server behind uvicorn, with a worker pool and clean stops.
+
+Start-up: read the config, take the state directory's server lock (one server per state
+store), mark runs a killed predecessor left running as interrupted (never re-run), load the
+runbooks and the inventory, start the workers, then listen.
+
+SIGTERM or SIGINT: new webhooks get 503 (Alertmanager retries), workers claim nothing more,
+running runs get ``shutdown_timeout`` to finish (then they are marked interrupted), queued
+runs stay queued for the next start; then HTTP stops and the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from engine.audit import AuditLog, configure_audit, utc_now
+from engine.errors import ConfigError, StateError
+from engine.server.app import create_app
+from engine.server.config import ServerConfig, load_server_config
+from engine.server.runtime import WebhookServer
+from engine.settings import Settings
+
+#: Exit code when HTTP serving stopped on its own (not on a signal).
+EXIT_HTTP_FAILED = 3
+
+
+@contextmanager
+def server_lock(state_dir: Path) -> Iterator[None]:
+    """Hold ``<state_dir>/server.lock``: one server process per state store."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "server.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StateError(
+                f"{path}: another remediate server is using the state directory {state_dir}"
+            ) from exc
+        yield
+    finally:
+        os.close(fd)
+
+
+def _listen(config: ServerConfig) -> socket.socket:
+    host, port = config.listen.host, config.listen.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"listen {host}:{port}: cannot listen: {exc.strerror}") from exc
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(config_path: Path, settings: Settings) -> int:
+    """Run the webhook server until SIGTERM/SIGINT; return the exit code.
+
+    Raises :class:`~engine.errors.EngineError` subclasses for start-up problems (bad
+    configuration, runbooks or inventory; another server on the state directory).
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        config = load_server_config(config_path, os.environ)
+        with server_lock(settings.state_dir):
+            return _serve(config, settings, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> int:
+    audit = AuditLog(settings.audit_path)
+    configure_audit(audit, clock=utc_now)
+    server = WebhookServer(config, settings, clock=utc_now)
+    try:
+        server.recover()
+        sock = _listen(config)
+        http = uvicorn.Server(
+            uvicorn.Config(
+                create_app(server),
+                log_config=None,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=10,
+            )
+        )
+        server.start()
+        thread = threading.Thread(
+            target=http.run, kwargs={"sockets": [sock]}, name="remediate-http", daemon=True
+        )
+        thread.start()
+        host, port = sock.getsockname()[:2]
+        sys.stderr.write(f"remediate serve: listening on http://{host}:{port}\n")
+        sys.stderr.flush()
+        while not stop.wait(0.2):
+            if not thread.is_alive():
+                break
+        http_failed = not stop.is_set()
+        server.stop(config.shutdown_timeout.total_seconds())
+        http.should_exit = True
+        thread.join(15)
+        sock.close()
+        head = audit.head()
+        if head is not None:
+            server.store.save_audit_head(head.seq, head.hash)
+    finally:
+        server.close()
+    return EXIT_HTTP_FAILED if http_failed else 0

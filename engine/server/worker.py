@@ -1,0 +1,203 @@
+"""The worker pool: a bounded number of threads taking runs from the durable queue.
+
+Each worker owns its :class:`~engine.pipeline.Services` (its own store connection; the
+executor is shared and stateless) and runs one queue item at a time through
+:func:`engine.pipeline.run_runbook`: with ``limit`` and ``hosts`` set to the one inventory host
+name routing found, ``trigger="alert:<fingerprint>"`` and ``user="alertmanager"``.  Per-device
+locks and cool-downs are the pipeline's, shared with CLI runs.  Nobody approves destructive
+steps for an alert run: a runbook whose policy asks for approval is refused, not run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import structlog
+
+from engine.errors import EngineError
+from engine.outcomes import RunStatus
+from engine.pipeline import RunRequest, Services, run_runbook
+from engine.plans import Plan
+from engine.runbooks import Runbook
+from engine.server.breaker import CircuitBreaker
+from engine.server.metrics import ServerMetrics
+from engine.state import AlertStore, QueueItem, QueueState
+
+#: Who alert-triggered runs are recorded as.
+ALERT_USER = "alertmanager"
+
+#: How long an idle worker sleeps before looking at the queue again (new items wake it).
+IDLE_POLL = 1.0
+
+
+def _no_approver(plan: Plan) -> bool:
+    """No person is there to approve an alert-triggered run: decline."""
+    del plan
+    return False
+
+
+def audit_set_aside(kind: str, items: tuple[QueueItem, ...], metrics: ServerMetrics) -> None:
+    """Audit and count queue items held or expired instead of run."""
+    if not items:
+        return
+    metrics.runs.labels(kind).inc(len(items))
+    structlog.get_logger().warning(
+        f"queue.{kind}",
+        reason=items[0].reason,
+        runs=[{"item": i.item_id, "runbook": i.runbook, "host": i.host} for i in items],
+    )
+
+
+class WorkerPool:
+    """``count`` worker threads; stop claiming on :meth:`stop`, then :meth:`join`."""
+
+    def __init__(
+        self,
+        *,
+        count: int,
+        owner: str,
+        runbooks: Mapping[str, Runbook],
+        inventory: Path,
+        open_services: Callable[[], tuple[Services, AlertStore]],
+        breaker: CircuitBreaker,
+        metrics: ServerMetrics,
+        clock: Callable[[], datetime],
+        max_age: timedelta,
+        new_run_id: Callable[[], str],
+    ) -> None:
+        self.count = count
+        self.owner = owner
+        self._runbooks = runbooks
+        self._inventory = inventory
+        self._open_services = open_services
+        self._breaker = breaker
+        self._metrics = metrics
+        self._clock = clock
+        self._max_age = max_age
+        self._new_run_id = new_run_id
+        self._stopping = threading.Event()
+        self._wake = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._busy: dict[int, QueueItem] = {}
+        self._busy_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the worker threads (daemons: a stuck playbook never blocks the exit)."""
+        for number in range(self.count):
+            thread = threading.Thread(
+                target=self._work, name=f"remediate-worker-{number}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """New items were queued: let idle workers look now."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def stop(self) -> None:
+        """Claim nothing more; runs in progress go on."""
+        self._stopping.set()
+        self.wake()
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the workers; return whether all finished."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    @property
+    def running(self) -> list[QueueItem]:
+        """The items being run now."""
+        with self._busy_lock:
+            return sorted(self._busy.values(), key=lambda i: i.item_id)
+
+    def _work(self) -> None:
+        services, store = self._open_services()
+        try:
+            while not self._stopping.is_set():
+                if not self._step(services, store):
+                    with self._wake:
+                        if not self._stopping.is_set():
+                            self._wake.wait(IDLE_POLL)
+        finally:
+            store.close()
+
+    def _step(self, services: Services, store: AlertStore) -> bool:
+        """Claim and run one item; return whether there was one."""
+        self._breaker.refresh(store)
+        claim = store.claim_queue_item(
+            self.owner,
+            now=self._clock(),
+            max_age=self._max_age,
+            hold_reason=self._breaker.hold_reason,
+            new_run_id=self._new_run_id,
+        )
+        audit_set_aside("held", claim.held, self._metrics)
+        audit_set_aside("expired", claim.expired, self._metrics)
+        if claim.item is None:
+            return False
+        with self._busy_lock:
+            self._busy[claim.item.item_id] = claim.item
+        try:
+            self._run(claim.item, services, store)
+        finally:
+            with self._busy_lock:
+                del self._busy[claim.item.item_id]
+        self._breaker.refresh(store)
+        return True
+
+    def _run(self, item: QueueItem, services: Services, store: AlertStore) -> None:
+        run_id = item.run_id or self._new_run_id()
+        log = structlog.get_logger().bind(
+            item=item.item_id, run_id=run_id, runbook=item.runbook, host=item.host
+        )
+        log.info(
+            "queue.started",
+            fingerprint=item.fingerprint,
+            starts_at=item.starts_at,
+            trigger_mode=item.trigger_mode,
+            mode=item.mode.value,
+        )
+        started = time.monotonic()
+        state, status, reason = self._execute(item, run_id, services)
+        self._metrics.run_duration.labels(item.runbook).observe(time.monotonic() - started)
+        self._metrics.runs.labels(status.value if status else state.value).inc()
+        store.finish_queue_item(
+            item.item_id, self.owner, state, now=self._clock(), run_status=status, reason=reason
+        )
+        log.info(
+            "queue.finished",
+            state=state.value,
+            status=status.value if status else None,
+            reason=reason,
+        )
+
+    def _execute(
+        self, item: QueueItem, run_id: str, services: Services
+    ) -> tuple[QueueState, RunStatus | None, str]:
+        runbook = self._runbooks.get(item.runbook)
+        if runbook is None:
+            return QueueState.FAILED, None, f"runbook {item.runbook!r} is no longer loaded"
+        request = RunRequest(
+            inventory=self._inventory,
+            limit=item.host,
+            hosts=(item.host,),
+            mode=item.mode,
+            trigger=f"alert:{item.fingerprint}",
+            user=ALERT_USER,
+        )
+        one_run = dataclasses.replace(services, new_run_id=lambda: run_id)
+        try:
+            report = run_runbook(runbook, request, one_run, approve=_no_approver)
+        except EngineError as exc:
+            return QueueState.FAILED, RunStatus.ERROR, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a worker must outlive any one run's failure
+            return QueueState.FAILED, RunStatus.ERROR, f"{type(exc).__name__}: {exc}"
+        return QueueState.DONE, report.status, ""
