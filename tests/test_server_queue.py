@@ -1,0 +1,370 @@
+"""The durable queue, the worker pool and the circuit breaker, with a FakeExecutor."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from engine.audit import AuditLog, configure_audit
+from engine.executors.base import HostStatus, PlaybookRequest, PlaybookResult
+from engine.executors.fake import FakeExecutor
+from engine.outcomes import Mode, RunStatus
+from engine.server.app import create_app
+from engine.server.config import ServerConfig
+from engine.server.runtime import WebhookServer
+from engine.state import (
+    FiringInput,
+    FiringOutcome,
+    QueueRoute,
+    QueueState,
+    RunRecord,
+    SqliteAlertStore,
+)
+from tests.support.probing import encode_records
+from tests.support.webhook import (
+    ENGINE_RUNBOOK,
+    FLEET,
+    TOKEN,
+    AppClient,
+    Project,
+    alert,
+    body,
+    fake_resolver,
+    wait_for,
+    write_project,
+)
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+class Clock:
+    """A clock tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _firing(fingerprint: str, host: str, runbook: str = "engine-down") -> FiringInput:
+    return FiringInput(
+        fingerprint=fingerprint,
+        starts_at=T0,
+        alertname="BalenaEngineDown",
+        labels={"instance": host},
+        outcome=FiringOutcome.QUEUED,
+        reason="",
+        routes=(QueueRoute(runbook=runbook, host=host, trigger_mode="apply", mode=Mode.APPLY),),
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteAlertStore]:
+    """A real SQLite alert store."""
+    with SqliteAlertStore(tmp_path / "state.db", clock=lambda: T0) as db:
+        yield db
+
+
+def test_claims_oldest_first_one_run_per_device_at_a_time(store: SqliteAlertStore) -> None:
+    """Workers get the oldest item whose device has no run in progress."""
+    store.record_alerts(
+        [_firing("a1", "dev-a"), _firing("a2", "dev-a", "other"), _firing("b1", "dev-b")],
+        [],
+        now=T0,
+        hold_reason=None,
+    )
+    ids = iter(["r1", "r2", "r3"])
+
+    def claim() -> Any:
+        return store.claim_queue_item(
+            "me", now=T0, max_age=timedelta(hours=1), hold_reason=None, new_run_id=lambda: next(ids)
+        ).item
+
+    first, second, third = claim(), claim(), claim()
+    assert (first.fingerprint, first.run_id) == ("a1", "r1")
+    assert second.fingerprint == "b1"
+    assert third is None  # a2 waits: dev-a is busy
+    assert store.finish_queue_item(first.item_id, "me", QueueState.DONE, now=T0)
+    assert claim().fingerprint == "a2"
+
+
+def test_stale_items_expire_instead_of_running(store: SqliteAlertStore) -> None:
+    """An item queued longer than max_age is expired, never run late."""
+    store.record_alerts([_firing("a1", "dev-a")], [], now=T0, hold_reason=None)
+    claim = store.claim_queue_item(
+        "me",
+        now=T0 + timedelta(hours=2),
+        max_age=timedelta(hours=1),
+        hold_reason=None,
+        new_run_id=lambda: "r1",
+    )
+    assert claim.item is None
+    assert [i.state for i in claim.expired] == [QueueState.EXPIRED]
+
+
+def test_an_open_breaker_holds_queued_items_at_claim(store: SqliteAlertStore) -> None:
+    """With a hold reason nothing is claimed and every queued item is held with that reason."""
+    store.record_alerts(
+        [_firing("a1", "dev-a"), _firing("b1", "dev-b")], [], now=T0, hold_reason=None
+    )
+    claim = store.claim_queue_item(
+        "me", now=T0, max_age=timedelta(hours=1), hold_reason="storm", new_run_id=lambda: "r"
+    )
+    assert claim.item is None
+    assert {(i.state, i.reason) for i in claim.held} == {(QueueState.HELD, "storm")}
+
+
+def test_interrupting_marks_item_and_run_and_frees_the_lock(store: SqliteAlertStore) -> None:
+    """A claimed item of a dead process becomes interrupted (never queued again), with its run."""
+    store.record_alerts([_firing("a1", "dev-a")], [], now=T0, hold_reason=None)
+    item = store.claim_queue_item(
+        "dead", now=T0, max_age=timedelta(hours=1), hold_reason=None, new_run_id=lambda: "r1"
+    ).item
+    assert item is not None
+    store.start_run(
+        RunRecord(
+            run_id="r1",
+            runbook="engine-down",
+            runbook_digest="d",
+            mode=Mode.APPLY,
+            trigger="alert:a1",
+            started_at=T0,
+        )
+    )
+    assert store.try_lock("dev-a", "r1", timedelta(minutes=30))
+    (interrupted,) = store.interrupt_running(now=T0, reason="server died")
+    assert interrupted.state is QueueState.INTERRUPTED
+    run = store.get_run("r1")
+    assert run is not None
+    assert run.status is RunStatus.INTERRUPTED
+    assert store.lock_holder("dev-a") is None
+    assert (
+        store.claim_queue_item(
+            "me", now=T0, max_age=timedelta(hours=1), hold_reason=None, new_run_id=lambda: "r2"
+        ).item
+        is None
+    )
+
+
+# --------------------------------------------------------------------------- with workers
+
+
+class Device:
+    """A fake engine-down device: probes say down until a playbook restarts it (if it can)."""
+
+    def __init__(self, *, fixable: bool = True) -> None:
+        self.up = False
+        self.fixable = fixable
+        self.gate: threading.Event | None = None
+
+    def probe(self, script: str) -> str:
+        return encode_records(script, {"up": "true" if self.up else "false"})
+
+    def act(self, request: PlaybookRequest, host: str) -> PlaybookResult:
+        del request
+        if self.gate is not None:
+            self.gate.wait(30)
+        self.up = self.fixable
+        return PlaybookResult(host=host, status=HostStatus.OK)
+
+
+ServerFactory = Callable[..., tuple[WebhookServer, AppClient]]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    """The engine-down runbook (apply) over a three-device fleet."""
+    return write_project(tmp_path, runbooks={"engine.yml": ENGINE_RUNBOOK})
+
+
+@pytest.fixture
+def audit_path(tmp_path: Path) -> Iterator[Path]:
+    """Events go to a real audit log."""
+    path = tmp_path / "audit.jsonl"
+    configure_audit(AuditLog(path))
+    yield path
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def make_server(project: Project, audit_path: Path) -> Iterator[ServerFactory]:
+    """A started server whose workers use a FakeExecutor."""
+    del audit_path
+    made: list[tuple[WebhookServer, AppClient]] = []
+
+    def make(
+        executor: FakeExecutor, clock: Clock | None = None, **fields: Any
+    ) -> tuple[WebhookServer, AppClient]:
+        config = ServerConfig.model_validate(
+            {"inventory": project.inventory, "auth": {"token": TOKEN}, **fields}
+        )
+        server = WebhookServer(
+            config,
+            project.settings(),
+            clock=clock or Clock(),
+            executor=executor,
+            resolve=fake_resolver(FLEET),
+        )
+        server.start()
+        client = AppClient(create_app(server))
+        made.append((server, client))
+        return server, client
+
+    yield make
+    for server, client in made:
+        client.close()
+        server.stop(timeout=30)
+        server.close()
+
+
+def _down(host_edge: str, fingerprint: str) -> dict[str, Any]:
+    return alert(
+        {"alertname": "BalenaEngineDown", "instance": f"{host_edge}:9100", "job": "node"},
+        fingerprint=fingerprint,
+    )
+
+
+def _executor(devices: dict[str, Device]) -> FakeExecutor:
+    return FakeExecutor(
+        scripts={name: d.probe for name, d in devices.items()},
+        playbooks={name: d.act for name, d in devices.items()},
+    )
+
+
+def _settled(server: WebhookServer, count: int) -> Callable[[], bool]:
+    ended = {QueueState.DONE, QueueState.FAILED}
+    return lambda: sum(i.state in ended for i in server.store.list_queue()) >= count
+
+
+def test_a_worker_runs_the_queued_item_once_on_exactly_that_host(
+    make_server: ServerFactory, audit_path: Path
+) -> None:
+    """The queued apply run acts on the one routed host, as alertmanager, and is recorded done."""
+    devices = {name: Device() for name in FLEET}
+    executor = _executor(devices)
+    server, client = make_server(executor, workers=2)
+    assert (
+        client.post("/webhook", json=body(_down("b1b2c3d.balena", "f1")), headers=AUTH).json()[
+            "queued"
+        ]
+        == 1
+    )
+    wait_for("the run to finish", _settled(server, 1))
+    (item,) = server.store.list_queue()
+    assert (item.state, item.run_status) == (QueueState.DONE, RunStatus.SUCCEEDED)
+    assert [c.request.hosts for c in executor.playbook_calls] == [("dev-b",)]
+    run = server.store.get_run(item.run_id or "")
+    assert run is not None
+    assert (run.trigger, run.mode) == ("alert:f1", Mode.APPLY)
+    assert devices["dev-b"].up
+    assert not devices["dev-a"].up
+    events = [json.loads(line)["event"] for line in audit_path.read_text().splitlines()]
+    assert {
+        "alert.queued",
+        "queue.started",
+        "run.started",
+        "run.finished",
+        "queue.finished",
+    } <= set(events)
+    metrics = client.get("/metrics").text
+    assert 'remediate_runs_total{outcome="succeeded"} 1.0' in metrics
+    assert 'remediate_run_duration_seconds_count{runbook="engine-down"} 1.0' in metrics
+
+
+def test_failures_open_the_breaker_and_later_runs_are_held(make_server: ServerFactory) -> None:
+    """More failed runs than max_failures open the breaker; new firings are recorded held."""
+    devices = {name: Device(fixable=False) for name in FLEET}
+    executor = _executor(devices)
+    server, client = make_server(
+        executor,
+        workers=1,
+        breaker={"max_failures": 1, "min_alerting_devices": 3, "max_alerting_pct": 100},
+    )
+    client.post("/webhook", json=body(_down("a1b2c3d.balena", "f1")), headers=AUTH)
+    wait_for("the first run", _settled(server, 1))
+    client.post("/webhook", json=body(_down("b1b2c3d.balena", "f2")), headers=AUTH)
+    wait_for("the second run", _settled(server, 2))
+    wait_for("the breaker to open", lambda: client.get("/healthz").json()["breaker"]["open"])
+    health = client.get("/healthz").json()
+    assert health["status"] == "breaker-open"
+    assert "2 alert-triggered runs failed" in health["breaker"]["reason"]
+    third = client.post("/webhook", json=body(_down("c1b2c3d.balena", "f3")), headers=AUTH).json()
+    assert (third["queued"], third["held"]) == (0, 1)
+    assert len(executor.playbook_calls) == 2
+    assert "remediate_circuit_breaker_open 1.0" in client.get("/metrics").text
+    (held,) = server.store.list_queue(QueueState.HELD)
+    assert held.reason.startswith("circuit breaker open")
+    reset = client.post("/breaker/reset", headers=AUTH)
+    assert reset.json()["breaker"]["open"] is False
+    assert "remediate_circuit_breaker_open 0.0" in client.get("/metrics").text
+
+
+def test_an_alert_storm_opens_the_breaker_before_anything_runs(make_server: ServerFactory) -> None:
+    """Most of the fleet alerting at once opens the breaker; the storm's runs are all held."""
+    devices = {name: Device() for name in FLEET}
+    executor = _executor(devices)
+    server, client = make_server(
+        executor, workers=2, breaker={"max_alerting_pct": 50, "min_alerting_devices": 2}
+    )
+    storm = body(_down("a1b2c3d.balena", "s1"), _down("b1b2c3d.balena", "s2"))
+    answer = client.post("/webhook", json=storm, headers=AUTH).json()
+    assert answer["queued"] == 2
+    wait_for(
+        "the storm's runs to be held",
+        lambda: len(server.store.list_queue(QueueState.HELD)) == 2,
+    )
+    assert executor.playbook_calls == []
+    assert client.get("/healthz").json()["breaker"]["open"]
+
+
+def test_the_breaker_closes_after_the_cool_off_and_survives_a_restart(
+    make_server: ServerFactory,
+) -> None:
+    """An open breaker is still open after a restart, and closes once the cool-off passed."""
+    clock = Clock()
+    breaker = {"max_alerting_pct": 50, "min_alerting_devices": 2, "cool_off": "10m"}
+    server, client = make_server(FakeExecutor(), clock, workers=0, breaker=breaker)
+    client.post(
+        "/webhook",
+        json=body(_down("a1b2c3d.balena", "s1"), _down("b1b2c3d.balena", "s2")),
+        headers=AUTH,
+    )
+    assert server.breaker.status.open
+    again, again_client = make_server(FakeExecutor(), clock, workers=0, breaker=breaker)
+    assert again.breaker.status.open
+    clock.now += timedelta(minutes=11)
+    assert again_client.get("/healthz").json()["breaker"]["open"] is False
+
+
+def test_stop_waits_then_interrupts_a_run_that_outlives_the_timeout(
+    make_server: ServerFactory, audit_path: Path
+) -> None:
+    """On stop, a run past the shutdown timeout is marked interrupted; queued items stay queued."""
+    devices = {name: Device() for name in FLEET}
+    gate = threading.Event()
+    devices["dev-a"].gate = gate
+    executor = _executor(devices)
+    server, client = make_server(executor, workers=1)
+    client.post("/webhook", json=body(_down("a1b2c3d.balena", "f1")), headers=AUTH)
+    wait_for("the run to act", lambda: len(executor.playbook_calls) == 1)
+    client.post("/webhook", json=body(_down("b1b2c3d.balena", "f2")), headers=AUTH)
+    interrupted = server.stop(timeout=0.2)
+    gate.set()
+    assert [i.fingerprint for i in interrupted] == ["f1"]
+    states = {i.fingerprint: i.state for i in server.store.list_queue()}
+    assert states == {"f1": QueueState.INTERRUPTED, "f2": QueueState.QUEUED}
+    run = server.store.get_run(interrupted[0].run_id or "")
+    assert run is not None
+    assert run.status is RunStatus.INTERRUPTED
+    records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    (event,) = [r for r in records if r["event"] == "run.interrupted"]
+    assert event["run_id"] == run.run_id

@@ -1,0 +1,174 @@
+"""Routing: trigger matching, device label → exactly one inventory host, and the mode seam."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from engine.outcomes import Mode
+from engine.runbooks import load_runbooks
+from engine.runbooks.spec import TriggerMode
+from engine.server.alerts import Alert
+from engine.server.fleet import Fleet, load_fleet
+from engine.server.routing import Router, run_mode, strip_port
+from engine.state import FiringOutcome
+from tests.support.webhook import (
+    DISK_RUNBOOK,
+    ENGINE_RUNBOOK,
+    FIXTURE_UUID,
+    FLEET,
+    fake_resolver,
+    write_project,
+)
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def _alert(**labels: str) -> Alert:
+    return Alert.model_validate(
+        {
+            "status": "firing",
+            "labels": labels,
+            "startsAt": "2026-11-26T11:03:48Z",
+            "fingerprint": "abc",
+        }
+    )
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Router:
+    """A router over the disk and engine runbooks."""
+    project = write_project(
+        tmp_path, runbooks={"disk.yml": DISK_RUNBOOK, "engine.yml": ENGINE_RUNBOOK}
+    )
+    return Router(load_runbooks([project.runbooks], playbooks_dir=project.playbooks))
+
+
+def _fleet(router: Router, hosts: dict[str, dict[str, str]] = FLEET) -> Fleet:
+    return load_fleet(Path("hosts.ini"), router.index_keys, fake_resolver(hosts), NOW)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("dev-a:9100", "dev-a"),
+        ("10.0.0.1:9100", "10.0.0.1"),
+        ("[fe80::1]:9100", "fe80::1"),
+        ("dev-a", "dev-a"),
+        ("fe80::1", "fe80::1"),
+        ("dev-a:http", "dev-a:http"),
+        (":9100", ":9100"),
+        ("dev-a:99999999", "dev-a:99999999"),
+    ],
+)
+def test_strip_port(value: str, expected: str) -> None:
+    """Only a numeric port suffix is dropped; IPv6 literals keep their colons."""
+    assert strip_port(value) == expected
+
+
+def test_trigger_modes_map_to_run_modes() -> None:
+    """Trigger mode apply applies; plan and (until approvals are wired) approve are dry runs."""
+    assert run_mode(TriggerMode.APPLY) is Mode.APPLY
+    assert run_mode(TriggerMode.PLAN) is Mode.DRY_RUN
+    assert run_mode(TriggerMode.APPROVE) is Mode.DRY_RUN
+
+
+def test_match_labels_must_be_equal(router: Router) -> None:
+    """A ``match`` label with another value (or missing) means no match."""
+    fleet = _fleet(router)
+    other_mount = _alert(
+        alertname="NodeFilesystemAlmostOutOfSpace", mountpoint="/", balena_uuid=FIXTURE_UUID
+    )
+    missing = _alert(alertname="NodeFilesystemAlmostOutOfSpace", balena_uuid=FIXTURE_UUID)
+    assert router.route(other_mount, fleet).outcome is FiringOutcome.UNMATCHED
+    assert router.route(missing, fleet).outcome is FiringOutcome.UNMATCHED
+
+
+def test_match_re_must_match_the_whole_value(router: Router) -> None:
+    """``match_re`` is a full match: ``node`` matches, ``nodes`` and ``a-node`` do not."""
+    fleet = _fleet(router)
+    for job, outcome in [
+        ("node", FiringOutcome.QUEUED),
+        ("balena", FiringOutcome.QUEUED),
+        ("nodes", FiringOutcome.UNMATCHED),
+        ("a-node", FiringOutcome.UNMATCHED),
+    ]:
+        alert = _alert(alertname="BalenaEngineDown", instance="a1b2c3d.balena:9100", job=job)
+        assert router.route(alert, fleet).outcome is outcome, job
+
+
+def test_device_by_host_var_resolves_to_the_inventory_name(router: Router) -> None:
+    """The uuid label is compared with the balena_uuid host var; the route carries the host name."""
+    routing = router.route(
+        _alert(
+            alertname="NodeFilesystemSpaceFillingUp", mountpoint="/mnt/data", balena_uuid="b" * 32
+        ),
+        _fleet(router),
+    )
+    assert routing.outcome is FiringOutcome.QUEUED
+    (route,) = routing.routes
+    assert (route.runbook, route.host, route.trigger_mode) == ("disk-full", "dev-b", "plan")
+
+
+def test_a_device_on_two_hosts_is_ambiguous(router: Router) -> None:
+    """Two hosts with the same uuid: the device is not exactly one host, nothing is routed."""
+    hosts = {**FLEET, "dev-z": {"balena_uuid": FIXTURE_UUID}}
+    routing = router.route(
+        _alert(
+            alertname="NodeFilesystemAlmostOutOfSpace",
+            mountpoint="/mnt/data",
+            balena_uuid=FIXTURE_UUID,
+        ),
+        _fleet(router, hosts),
+    )
+    assert routing.outcome is FiringOutcome.UNRESOLVED
+    assert "2 hosts" in routing.reason
+
+
+def test_a_missing_device_label_is_unresolved(router: Router) -> None:
+    """A matching alert without the device label is recorded unresolved with the label named."""
+    routing = router.route(
+        _alert(alertname="NodeFilesystemAlmostOutOfSpace", mountpoint="/mnt/data"), _fleet(router)
+    )
+    assert routing.outcome is FiringOutcome.UNRESOLVED
+    assert "no 'balena_uuid' label" in routing.reason
+
+
+def test_host_names_that_are_not_plain_are_never_routed(router: Router) -> None:
+    """An inventory host name with pattern characters is not used as a limit."""
+    hosts = {"dev[1:2]": {"balena_uuid": FIXTURE_UUID}}
+    routing = router.route(
+        _alert(
+            alertname="NodeFilesystemAlmostOutOfSpace",
+            mountpoint="/mnt/data",
+            balena_uuid=FIXTURE_UUID,
+        ),
+        _fleet(router, hosts),
+    )
+    assert routing.outcome is FiringOutcome.UNRESOLVED
+    assert "not a plain name" in routing.reason
+
+
+def test_one_alert_may_start_several_runbooks(tmp_path: Path) -> None:
+    """Two runbooks triggered by the same alert each get a route."""
+    second = DISK_RUNBOOK.replace("name: disk-full", "name: disk-full-too")
+    project = write_project(tmp_path, runbooks={"a.yml": DISK_RUNBOOK, "b.yml": second})
+    router = Router(load_runbooks([project.runbooks], playbooks_dir=project.playbooks))
+    routing = router.route(
+        _alert(
+            alertname="NodeFilesystemAlmostOutOfSpace",
+            mountpoint="/mnt/data",
+            balena_uuid=FIXTURE_UUID,
+        ),
+        _fleet(router),
+    )
+    assert sorted(r.runbook for r in routing.routes) == ["disk-full", "disk-full-too"]
+
+
+def test_fleet_treats_a_pattern_selecting_nothing_as_empty() -> None:
+    """A runbook whose group is empty has no devices; the fleet still loads."""
+    fleet = load_fleet(Path("x"), [("nobody", None)], fake_resolver(FLEET), NOW)
+    assert fleet.hosts["nobody"] == ()
+    assert fleet.devices("nobody", None, "dev-a") == ()
