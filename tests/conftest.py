@@ -4,4 +4,6 @@ from __future__ import annotations
 
 pytest_plugins: list[str] = [
     "tests.support.sshd",
+    "tests.support.webhook",
+    "tests.support.alertmanager",
 ]
