@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import click
 from rich.console import Console
 
-from engine.cli import approvals, audit, runbooks, runs  # noqa: F401 - registers the commands
+from engine.cli import approvals, audit, runbooks, runs, serve  # noqa: F401 - registers commands
 from engine.cli.app import EXIT_FAULT, EXIT_INPUT, EXIT_NOT_FIXED, EXIT_OK, app
 from engine.cli.render import print_problems
 from engine.errors import EngineError, RunbookError
