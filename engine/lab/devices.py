@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import secrets
 import shutil
@@ -59,6 +58,7 @@ from importlib import resources
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+from ruamel.yaml import YAML
 
 from engine.errors import ConfigError, ExecutorError
 
@@ -503,8 +503,11 @@ class Lab:
 
     def write_inventory(self, path: Path, devices: Sequence[Device] | None = None) -> Path:
         """Write the YAML inventory for ``devices`` (default: all) to ``path`` and return it."""
-        # JSON is YAML; written this way the lab needs no YAML writer.
-        path.write_text(json.dumps(self.inventory(devices), indent=2) + "\n")
+        yaml = YAML(typ="safe", pure=True)
+        yaml.default_flow_style = False
+        with path.open("w") as fh:
+            fh.write("# Written by the remediate device lab; rewritten on every change.\n")
+            yaml.dump(self.inventory(devices), fh)
         return path
 
     # ----------------------------------------------------------------- internals
@@ -607,6 +610,16 @@ def _build_template(lab_dir: Path) -> None:
     root.mkdir(parents=True)
     for sub in ("usr", "proc", "sys", "dev", "run", "tmp", "root", "home", "mnt/data", "srv"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    # nspawn picks the container's cgroup layout from the systemd version it finds under the
+    # directory's /usr *before* mounting the /usr overlay; without this marker it falls back to
+    # pure cgroup v1, where the container's systemd never hears that a unit's cgroup emptied
+    # (every stop then waits for TimeoutStopSec).  The overlay hides the marker afterwards.
+    marker_dir = root / "usr" / "lib" / "systemd"
+    marker_dir.mkdir(parents=True)
+    for lib in Path("/usr/lib").glob("*/systemd/libsystemd-shared-*.so"):
+        (marker_dir / lib.name).write_bytes(b"")
+    for lib in Path("/usr/lib/systemd").glob("libsystemd-shared-*.so"):
+        (marker_dir / lib.name).write_bytes(b"")
     for sub in ("lib/docker", "log", "cache", "tmp", "spool", "lib/systemd"):
         (root / "var" / sub).mkdir(parents=True, exist_ok=True)
     (root / "var" / "run").symlink_to("/run")
@@ -641,8 +654,12 @@ def _build_template(lab_dir: Path) -> None:
     lines = shadow.read_text().splitlines()
     fixed = [("root:*:" + ln.split(":", 2)[2]) if ln.startswith("root:") else ln for ln in lines]
     shadow.write_text("\n".join(fixed) + "\n")
-    # Extras over the host's /usr: the balena client, the healthcheck; hide Docker 28's client.
-    extra = tdir / "usr-extra"
+    _write_usr_extra(tdir / "usr-extra")
+    (tdir / "ready").write_text("ok\n")
+
+
+def _write_usr_extra(extra: Path) -> None:
+    """Extras over the host's /usr: the balena client, the healthcheck; hide Docker 28's client."""
     (extra / "bin").mkdir(parents=True)
     (extra / "lib" / "balena").mkdir(parents=True)
     for name, dest in (
@@ -655,7 +672,6 @@ def _build_template(lab_dir: Path) -> None:
     if Path("/usr/local/bin/docker").exists():
         (extra / "local" / "bin").mkdir(parents=True)
         os.mknod(extra / "local" / "bin" / "docker", 0o600 | 0o020000, os.makedev(0, 0))
-    (tdir / "ready").write_text("ok\n")
 
 
 def _personalise_root(root: Path, *, name: str, address: str, cgroup: str, lab_dir: Path) -> None:

@@ -354,6 +354,7 @@ def hold_update_lock(device: Device, app: str = APP_ID, service: str = APP_SERVI
         [
             "systemd-run",
             f"--unit={_lock_unit(app, service)}",
+            "--property=KillSignal=SIGKILL",
             "--collect",
             "--quiet",
             *("flock", "-x", lock, "sleep", "2147483647"),
@@ -394,7 +395,14 @@ def start_pull(device: Device) -> None:
     header.parent.mkdir(parents=True, exist_ok=True)
     header.write_bytes(_tar_header("layer.bin", 64 * 1024 * _CHUNK))
     device.run(
-        ["systemd-run", f"--unit={_PULL_UNIT}", "--collect", "--quiet", "sh", "-c", _PULL_SCRIPT]
+        [
+            "systemd-run",
+            f"--unit={_PULL_UNIT}",
+            "--property=KillSignal=SIGKILL",
+            "--collect",
+            "--quiet",
+            *("sh", "-c", _PULL_SCRIPT),
+        ]
     )
     wait_for(
         lambda: device.run(["pgrep", "-f", "docker-untar"], check=False).returncode == 0,

