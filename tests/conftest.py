@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 pytest_plugins: list[str] = [
+    "tests.support.lab",
     "tests.support.sshd",
     "tests.support.webhook",
     "tests.support.alertmanager",
