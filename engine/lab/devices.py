@@ -564,7 +564,12 @@ class Lab:
         )
         log.close()
         self._procs[name] = proc
-        leader = _wait_leader(proc, pidfile, ddir / "console.log")
+        try:
+            leader = _wait_leader(proc, pidfile, ddir / "console.log")
+        except ExecutorError:
+            _abort_start(proc, img, cgroup)
+            del self._procs[name]
+            raise
         nspawn_pid = proc.pid
         return DeviceState(
             name=name,
@@ -594,6 +599,19 @@ def _wait_leader(proc: subprocess.Popen[bytes], pidfile: Path, log: Path) -> int
                         return int(child)
         time.sleep(0.05)
     raise ExecutorError(f"lab: device did not boot in 30 s: {log.read_text()[-2000:]}")
+
+
+def _abort_start(proc: subprocess.Popen[bytes], img: Path, cgroup: str) -> None:
+    """Undo a device start that did not boot: kill its PID 1 (if any) and nspawn, clean up."""
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait(timeout=30)
+    _detach_loops(img)
+    _remove_cgroups(cgroup)
 
 
 def _files() -> resources.abc.Traversable:

@@ -209,13 +209,16 @@ def test_update_lock_is_held_inside_one_device(lab_devices: LabDevices) -> None:
 
 
 def test_pull_in_progress_shows_an_untar(lab_device: Device) -> None:
-    """A slow import keeps a docker-untar process visible inside the device."""
+    """A slow import shows a docker-untar process and an unreferenced layer dir until it ends."""
     lab_faults.start_pull(lab_device)
     procs = _ssh_out(lab_device, "ps -eo args")
     assert "docker-untar" in procs
     assert "balena import" in procs or "docker import" in procs
+    in_flight = lab_faults.layer_dirs(lab_device) - lab_faults.referenced_layers(lab_device)
+    assert len(in_flight) == 1  # a layer being loaded looks exactly like an orphan
     lab_faults.stop_pull(lab_device)
     assert "docker-untar" not in _ssh_out(lab_device, "ps -eo args")
+    assert not lab_faults.layer_dirs(lab_device) & in_flight
 
 
 def test_readonly_data_partition_shows_ro(lab_device: Device) -> None:
