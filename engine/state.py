@@ -870,6 +870,13 @@ class ResolvedInput(_Record):
     labels: dict[str, str]
 
 
+class AlertBatch(_Record):
+    """The alerts of one notification, routed."""
+
+    firing: tuple[FiringInput, ...] = ()
+    resolved: tuple[ResolvedInput, ...] = ()
+
+
 class FiringKey(_Record):
     """Identifies one firing."""
 
@@ -953,6 +960,11 @@ class AlertStore(StateStore, Protocol):
         hold_reason: str | None,
     ) -> RecordedAlerts:
         """Record one notification's alerts and queue new firings' runs, in one transaction."""
+
+    def record_notifications(
+        self, notifications: Sequence[AlertBatch], *, now: datetime, hold_reason: str | None
+    ) -> list[RecordedAlerts]:
+        """Record several notifications in one transaction (group commit); one result each."""
 
     def claim_queue_item(
         self,
@@ -1062,6 +1074,129 @@ def _firing_record(row: Sequence[object]) -> FiringRecord:
     )
 
 
+def _record_batch(
+    db: sqlite3.Connection,
+    firing: Sequence[FiringInput],
+    resolved: Sequence[ResolvedInput],
+    stamp: str,
+    hold_reason: str | None,
+) -> RecordedAlerts:
+    """One notification's inserts and updates, inside the caller's transaction."""
+    new: list[FiringKey] = []
+    dups: list[FiringKey] = []
+    done: list[FiringKey] = []
+    queued: list[QueueItem] = []
+    held: list[QueueItem] = []
+    cancelled: list[QueueItem] = []
+    for alert in firing:
+        key = FiringKey(fingerprint=alert.fingerprint, starts_at=alert.starts_at)
+        outcome, reason = alert.outcome, alert.reason
+        if hold_reason is not None and alert.routes:
+            outcome, reason = FiringOutcome.HELD, hold_reason
+        (seen,) = db.execute(
+            "INSERT INTO alert_firings (fingerprint, starts_at, alertname, labels,"
+            " status, outcome, reason, received_at, last_seen_at, times_seen)"
+            " VALUES (?, ?, ?, ?, 'firing', ?, ?, ?, ?, 1)"
+            " ON CONFLICT (fingerprint, starts_at) DO UPDATE"
+            " SET last_seen_at = excluded.last_seen_at, times_seen = times_seen + 1"
+            " RETURNING times_seen",
+            (
+                alert.fingerprint,
+                _text(alert.starts_at),
+                alert.alertname,
+                json.dumps(alert.labels, sort_keys=True),
+                outcome.value,
+                reason,
+                stamp,
+                stamp,
+            ),
+        ).fetchone()
+        if seen > 1:
+            dups.append(key)
+            continue
+        new.append(key)
+        state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
+        for route in alert.routes:
+            row = db.execute(
+                "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host,"  # noqa: S608 - constant columns, bound values
+                " trigger_mode, mode, state, reason, enqueued_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                f" RETURNING {_QUEUE_COLUMNS}",
+                (
+                    alert.fingerprint,
+                    _text(alert.starts_at),
+                    route.runbook,
+                    route.host,
+                    route.trigger_mode,
+                    route.mode.value,
+                    state.value,
+                    hold_reason or "",
+                    stamp,
+                ),
+            ).fetchone()
+            (held if hold_reason is not None else queued).append(_queue_item(row))
+    for gone in resolved:
+        key = FiringKey(fingerprint=gone.fingerprint, starts_at=gone.starts_at)
+        params = (gone.fingerprint, _text(gone.starts_at))
+        row = db.execute(
+            "SELECT status FROM alert_firings WHERE fingerprint = ? AND starts_at = ?",
+            params,
+        ).fetchone()
+        if row is not None and row[0] == "resolved":
+            db.execute(
+                "UPDATE alert_firings SET last_seen_at = ?, times_seen = times_seen + 1"
+                " WHERE fingerprint = ? AND starts_at = ?",
+                (stamp, *params),
+            )
+            dups.append(key)
+            continue
+        done.append(key)
+        if row is None:
+            db.execute(
+                "INSERT INTO alert_firings (fingerprint, starts_at, alertname, labels,"
+                " status, outcome, reason, received_at, last_seen_at, times_seen,"
+                " resolved_at) VALUES (?, ?, ?, ?, 'resolved', ?, ?, ?, ?, 1, ?)",
+                (
+                    *params,
+                    gone.alertname,
+                    json.dumps(gone.labels, sort_keys=True),
+                    FiringOutcome.RESOLVED.value,
+                    "resolved before any firing notification was received",
+                    stamp,
+                    stamp,
+                    stamp,
+                ),
+            )
+            continue
+        db.execute(
+            "UPDATE alert_firings SET status = 'resolved', resolved_at = ?,"
+            " last_seen_at = ?, times_seen = times_seen + 1"
+            " WHERE fingerprint = ? AND starts_at = ?",
+            (stamp, stamp, *params),
+        )
+        rows = db.execute(
+            "UPDATE alert_queue SET state = ?, reason = ?, finished_at = ?"  # noqa: S608 - constant columns, bound values
+            " WHERE fingerprint = ? AND starts_at = ? AND state = ?"
+            f" RETURNING {_QUEUE_COLUMNS}",
+            (
+                QueueState.CANCELLED.value,
+                "the alert resolved before the run started",
+                stamp,
+                *params,
+                QueueState.QUEUED.value,
+            ),
+        ).fetchall()
+        cancelled += (_queue_item(r) for r in rows)
+    return RecordedAlerts(
+        new=tuple(new),
+        deduplicated=tuple(dups),
+        resolved=tuple(done),
+        queued=tuple(queued),
+        held=tuple(held),
+        cancelled=tuple(cancelled),
+    )
+
+
 class SqliteAlertStore(SqliteStateStore):
     """The SQLite store with the webhook server's tables: firings, run queue, breaker."""
 
@@ -1086,121 +1221,23 @@ class SqliteAlertStore(SqliteStateStore):
         resolved alert marks its firing resolved and cancels its runs not yet started; a
         resolved alert never seen firing is recorded, so a late firing copy is a duplicate.
         """
+        batch = AlertBatch(firing=tuple(firing), resolved=tuple(resolved))
+        (recorded,) = self.record_notifications([batch], now=now, hold_reason=hold_reason)
+        return recorded
+
+    def record_notifications(
+        self, notifications: Sequence[AlertBatch], *, now: datetime, hold_reason: str | None
+    ) -> list[RecordedAlerts]:
+        """Record several notifications in one transaction (group commit); one result each.
+
+        Each is recorded as :meth:`record_alerts` would, in order; all or none are committed.
+        """
         stamp = _text(now)
-        new: list[FiringKey] = []
-        dups: list[FiringKey] = []
-        done: list[FiringKey] = []
-        queued: list[QueueItem] = []
-        held: list[QueueItem] = []
-        cancelled: list[QueueItem] = []
-        with self._transaction("record alerts") as db:
-            for alert in firing:
-                key = FiringKey(fingerprint=alert.fingerprint, starts_at=alert.starts_at)
-                outcome, reason = alert.outcome, alert.reason
-                if hold_reason is not None and alert.routes:
-                    outcome, reason = FiringOutcome.HELD, hold_reason
-                (seen,) = db.execute(
-                    "INSERT INTO alert_firings (fingerprint, starts_at, alertname, labels,"
-                    " status, outcome, reason, received_at, last_seen_at, times_seen)"
-                    " VALUES (?, ?, ?, ?, 'firing', ?, ?, ?, ?, 1)"
-                    " ON CONFLICT (fingerprint, starts_at) DO UPDATE"
-                    " SET last_seen_at = excluded.last_seen_at, times_seen = times_seen + 1"
-                    " RETURNING times_seen",
-                    (
-                        alert.fingerprint,
-                        _text(alert.starts_at),
-                        alert.alertname,
-                        json.dumps(alert.labels, sort_keys=True),
-                        outcome.value,
-                        reason,
-                        stamp,
-                        stamp,
-                    ),
-                ).fetchone()
-                if seen > 1:
-                    dups.append(key)
-                    continue
-                new.append(key)
-                state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
-                for route in alert.routes:
-                    row = db.execute(
-                        "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host,"  # noqa: S608 - constant columns, bound values
-                        " trigger_mode, mode, state, reason, enqueued_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                        f" RETURNING {_QUEUE_COLUMNS}",
-                        (
-                            alert.fingerprint,
-                            _text(alert.starts_at),
-                            route.runbook,
-                            route.host,
-                            route.trigger_mode,
-                            route.mode.value,
-                            state.value,
-                            hold_reason or "",
-                            stamp,
-                        ),
-                    ).fetchone()
-                    (held if hold_reason is not None else queued).append(_queue_item(row))
-            for gone in resolved:
-                key = FiringKey(fingerprint=gone.fingerprint, starts_at=gone.starts_at)
-                params = (gone.fingerprint, _text(gone.starts_at))
-                row = db.execute(
-                    "SELECT status FROM alert_firings WHERE fingerprint = ? AND starts_at = ?",
-                    params,
-                ).fetchone()
-                if row is not None and row[0] == "resolved":
-                    db.execute(
-                        "UPDATE alert_firings SET last_seen_at = ?, times_seen = times_seen + 1"
-                        " WHERE fingerprint = ? AND starts_at = ?",
-                        (stamp, *params),
-                    )
-                    dups.append(key)
-                    continue
-                done.append(key)
-                if row is None:
-                    db.execute(
-                        "INSERT INTO alert_firings (fingerprint, starts_at, alertname, labels,"
-                        " status, outcome, reason, received_at, last_seen_at, times_seen,"
-                        " resolved_at) VALUES (?, ?, ?, ?, 'resolved', ?, ?, ?, ?, 1, ?)",
-                        (
-                            *params,
-                            gone.alertname,
-                            json.dumps(gone.labels, sort_keys=True),
-                            FiringOutcome.RESOLVED.value,
-                            "resolved before any firing notification was received",
-                            stamp,
-                            stamp,
-                            stamp,
-                        ),
-                    )
-                    continue
-                db.execute(
-                    "UPDATE alert_firings SET status = 'resolved', resolved_at = ?,"
-                    " last_seen_at = ?, times_seen = times_seen + 1"
-                    " WHERE fingerprint = ? AND starts_at = ?",
-                    (stamp, stamp, *params),
-                )
-                rows = db.execute(
-                    "UPDATE alert_queue SET state = ?, reason = ?, finished_at = ?"  # noqa: S608 - constant columns, bound values
-                    " WHERE fingerprint = ? AND starts_at = ? AND state = ?"
-                    f" RETURNING {_QUEUE_COLUMNS}",
-                    (
-                        QueueState.CANCELLED.value,
-                        "the alert resolved before the run started",
-                        stamp,
-                        *params,
-                        QueueState.QUEUED.value,
-                    ),
-                ).fetchall()
-                cancelled += (_queue_item(r) for r in rows)
-        return RecordedAlerts(
-            new=tuple(new),
-            deduplicated=tuple(dups),
-            resolved=tuple(done),
-            queued=tuple(queued),
-            held=tuple(held),
-            cancelled=tuple(cancelled),
-        )
+        with self._transaction(f"record {len(notifications)} alert notifications") as db:
+            return [
+                _record_batch(db, batch.firing, batch.resolved, stamp, hold_reason)
+                for batch in notifications
+            ]
 
     # -- the queue
 
