@@ -16,6 +16,7 @@ restart does not close it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -55,6 +56,7 @@ class CircuitBreaker:
         self._metrics = metrics
         self._lock = threading.Lock()
         self._record = BreakerRecord(open=False, reason="")
+        self._refreshed = -float("inf")
 
     @property
     def status(self) -> BreakerStatus:
@@ -80,9 +82,17 @@ class CircuitBreaker:
             self._metrics.breaker_open.set(int(self._record.open))
         return self.status
 
-    def refresh(self, store: AlertStore) -> BreakerStatus:
-        """Open on a storm or failures; close after the cool-off."""
+    def refresh(self, store: AlertStore, *, min_interval: float = 0.0) -> BreakerStatus:
+        """Open on a storm or failures; close after the cool-off.
+
+        With ``min_interval`` (seconds), skip the store queries when the last refresh is more
+        recent than that (the intake's hot path); workers refresh before every claim.
+        """
         with self._lock:
+            started = time.monotonic()
+            if started - self._refreshed < min_interval:
+                return self.status
+            self._refreshed = started
             now = self._clock()
             record = self._record
             if record.open:

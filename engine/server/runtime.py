@@ -34,6 +34,8 @@ from engine.targets import resolve_targets
 
 #: How often the inventory's files are checked for changes.
 INVENTORY_CHECK = 2.0
+#: Least time between breaker checks triggered by intake (workers check before every claim).
+INTAKE_BREAKER_INTERVAL = 0.5
 
 
 def new_run_id() -> str:
@@ -107,7 +109,7 @@ class WebhookServer:
 
     def _after_queued(self) -> None:
         """New runs are queued: let the breaker see them first, then wake the workers."""
-        self.breaker.refresh(self.store)
+        self.breaker.refresh(self.store, min_interval=INTAKE_BREAKER_INTERVAL)
         self.pool.wake()
 
     def _open_store(self) -> SqliteAlertStore:
