@@ -430,7 +430,7 @@ def test_hostile_device_labels_resolve_to_no_host(
     assert not Path("/tmp/remediate-pwned").exists()
     received = [json.loads(line) for line in audit_path.read_text().splitlines()]
     (event,) = [r for r in received if r["event"] == "alert.received"]
-    assert event["alerts"][0]["labels"]["instance"] == hostile
+    assert event["notifications"][0]["alerts"][0]["labels"]["instance"] == hostile
 
 
 def test_hostile_other_labels_stay_data_through_a_run(
@@ -457,7 +457,7 @@ def test_hostile_other_labels_stay_data_through_a_run(
     assert executor.playbook_calls == []  # a plan trigger is a dry run
     records = [json.loads(line) for line in audit_path.read_text().splitlines()]
     (received,) = [r for r in records if r["event"] == "alert.received"]
-    assert received["alerts"][0]["labels"] == labels
+    assert received["notifications"][0]["alerts"][0]["labels"] == labels
     started = [r for r in records if r["event"] == "run.started"]
     assert started[0]["trigger"] == "alert:5555"
     assert started[0]["user"] == "alertmanager"

@@ -11,7 +11,7 @@ import pytest
 
 from engine.audit import utc_now, verify_audit
 from engine.outcomes import RunStatus
-from engine.state import SqliteStateStore
+from engine.state import QueueState, SqliteAlertStore, SqliteStateStore
 from tests.support.webhook import (
     MARK_PLAYBOOK,
     TOKEN,
@@ -101,7 +101,7 @@ def test_sigterm_drains_finishes_the_running_run_and_leaves_the_queue(
     tmp_path: Path, server_processes: list[ServerProcess]
 ) -> None:
     """SIGTERM: webhooks get 503, the running run finishes, the queued one stays queued, exit 0."""
-    project, log = _project(tmp_path, pause=4)
+    project, log = _project(tmp_path, pause=2)
     port = free_port()
     config = project.write_config(
         f"listen: {{port: {port}}}\nauth: {{token: {TOKEN}}}\nworkers: 1\nshutdown_timeout: 2m\n"
@@ -123,11 +123,9 @@ def test_sigterm_drains_finishes_the_running_run_and_leaves_the_queue(
     wait_for("webhooks to be refused with 503", refused)
     assert server.wait(timeout=120) == 0
     assert sorted(_lines(log)) == ["acted dev-a", "start dev-a"]
-    with SqliteStateStore(project.state / "state.db", clock=utc_now) as store:
-        runs = store.list_runs()
-        assert [r.status for r in runs] == [RunStatus.SUCCEEDED]
-    second = ServerProcess(project, config, port)
-    server_processes.append(second)
-    second.start()
-    wait_for("the queued run after the restart", lambda: _states(second).get("bbbb") == "done")
-    assert "cccc" not in _states(second)
+    with SqliteAlertStore(project.state / "state.db", clock=utc_now) as store:
+        assert [r.status for r in store.list_runs()] == [RunStatus.SUCCEEDED]
+        states = {i.fingerprint: i.state for i in store.list_queue()}
+    assert states.pop("aaaa") is QueueState.DONE
+    assert states.pop("bbbb") is QueueState.QUEUED
+    assert set(states.values()) <= {QueueState.QUEUED}  # a post racing the signal may be queued
