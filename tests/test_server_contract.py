@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import structlog
 from engine.audit import AuditLog, configure_audit
 from engine.executors.fake import FakeExecutor
 from engine.outcomes import Mode
+from engine.server.alerts import parse_webhook
 from engine.server.app import SIGNATURE_HEADER, create_app
 from engine.server.config import ServerConfig
 from engine.server.runtime import WebhookServer
@@ -475,3 +477,37 @@ def _wait_for_state(server: WebhookServer, state: QueueState) -> None:
         lambda: any(i.state is state for i in server.store.list_queue()),
         timeout=60,
     )
+
+
+def test_concurrent_notifications_are_group_committed_each_answered(
+    make_server: ServerFactory, audit_path: Path
+) -> None:
+    """Notifications recorded from many threads at once are each committed and each answered."""
+    server, _ = make_server()
+    uuids = [v["balena_uuid"] for v in FLEET.values()]
+    messages = [
+        parse_webhook(
+            json.dumps(
+                body(
+                    alert(
+                        {
+                            "alertname": "NodeFilesystemAlmostOutOfSpace",
+                            "mountpoint": "/mnt/data",
+                            "balena_uuid": uuids[n % len(uuids)],
+                        },
+                        fingerprint=f"{n:016x}",
+                    )
+                )
+            ).encode()
+        )
+        for n in range(24)
+    ]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(server.intake.record, messages))
+    assert [len(r.queued) for r in results] == [1] * 24
+    assert len(server.store.list_queue(limit=100)) == 24
+    records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    notifications = [
+        n for r in records if r["event"] == "alert.received" for n in r["notifications"]
+    ]
+    assert len(notifications) == 24
