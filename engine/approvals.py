@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
+from pathlib import Path
 
 import structlog
 from pydantic import ValidationError
 
-from engine.errors import InputError
-from engine.planfiles import SavedPlan
+from engine.errors import EngineError, InputError
+from engine.pipeline import RunReport, Services, apply_saved_plan
+from engine.planfiles import SavedPlan, check_applicable
 from engine.runbooks import Runbook
 from engine.state import ApprovalRecord, ApprovalStatus, StateStore
 
@@ -77,8 +79,12 @@ def expire_approvals(store: StateStore, now: datetime) -> list[ApprovalRecord]:
     expired = []
     for approval in store.list_approvals(ApprovalStatus.PENDING):
         if approval.expires_at <= now:
-            decided = store.decide_approval(
-                approval.approval_id, ApprovalStatus.EXPIRED, by=None, at=now, reason="expired"
+            decided = store.transition_approval(
+                approval.approval_id,
+                from_status=ApprovalStatus.PENDING,
+                to_status=ApprovalStatus.EXPIRED,
+                at=now,
+                reason="expired",
             )
             if decided is not None:
                 structlog.get_logger().info("approval.expired", approval_id=approval.approval_id)
@@ -94,8 +100,13 @@ def decide(
     approve: bool,
     now: datetime,
     reason: str = "",
+    claim: bool = False,
 ) -> ApprovalRecord:
-    """Approve or deny a pending approval, enforcing expiry and four eyes; audited."""
+    """Approve or deny a pending approval, enforcing expiry and four eyes; audited.
+
+    With ``claim`` an approval goes straight to ``applying``: the caller applies it now, and
+    no server worker will pick it up as well.
+    """
     approval = store.get_approval(approval_id)
     if approval is None:
         raise ApprovalError(f"no approval {approval_id!r}")
@@ -104,8 +115,12 @@ def decide(
         raise ApprovalError(f"approval {approval_id} is already {approval.status.value}{by}")
     log = structlog.get_logger()
     if approval.expires_at <= now:
-        store.decide_approval(
-            approval_id, ApprovalStatus.EXPIRED, by=None, at=now, reason="expired"
+        store.transition_approval(
+            approval_id,
+            from_status=ApprovalStatus.PENDING,
+            to_status=ApprovalStatus.EXPIRED,
+            at=now,
+            reason="expired",
         )
         log.info("approval.expired", approval_id=approval_id)
         raise ApprovalError(f"approval {approval_id} expired at {approval.expires_at.isoformat()}")
@@ -120,8 +135,18 @@ def decide(
             f"approval {approval_id}: runbook {approval.runbook!r} needs four eyes; "
             f"{approver} requested it and cannot approve it"
         )
-    status = ApprovalStatus.APPROVED if approve else ApprovalStatus.DENIED
-    decided = store.decide_approval(approval_id, status, by=approver, at=now, reason=reason)
+    if not approve:
+        status = ApprovalStatus.DENIED
+    else:
+        status = ApprovalStatus.APPLYING if claim else ApprovalStatus.APPROVED
+    decided = store.transition_approval(
+        approval_id,
+        from_status=ApprovalStatus.PENDING,
+        to_status=status,
+        at=now,
+        reason=reason,
+        by=approver,
+    )
     if decided is None:
         raise ApprovalError(f"approval {approval_id} was decided by someone else meanwhile")
     log.info(
@@ -133,3 +158,50 @@ def decide(
         reason=reason,
     )
     return decided
+
+
+def apply_approved(
+    store: StateStore,
+    record: ApprovalRecord,
+    runbook: Runbook,
+    services: Services,
+    *,
+    now: datetime,
+) -> RunReport:
+    """Apply an approval in ``applying`` state; mark it applied (or failed, with why)."""
+    log = structlog.get_logger()
+    try:
+        saved = saved_plan(record)
+        check_applicable(saved, runbook, now, Path(f"approval {record.approval_id}"))
+        report = apply_saved_plan(
+            saved,
+            runbook,
+            services,
+            user=record.decided_by or "unknown",
+            trigger=f"approval:{record.approval_id}",
+            approve=lambda _plan: True,  # approved already, by decided_by
+        )
+    except EngineError as exc:
+        store.transition_approval(
+            record.approval_id,
+            from_status=ApprovalStatus.APPLYING,
+            to_status=ApprovalStatus.FAILED,
+            at=now,
+            reason=str(exc),
+        )
+        log.warning("approval.failed", approval_id=record.approval_id, error=str(exc))
+        raise
+    store.transition_approval(
+        record.approval_id,
+        from_status=ApprovalStatus.APPLYING,
+        to_status=ApprovalStatus.APPLIED,
+        at=now,
+        reason=f"run {report.plan.run_id} {report.status.value}",
+    )
+    log.info(
+        "approval.applied",
+        approval_id=record.approval_id,
+        run_id=report.plan.run_id,
+        status=report.status.value,
+    )
+    return report

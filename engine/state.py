@@ -77,7 +77,10 @@ class ApprovalStatus(StrEnum):
     """Where an approval stands."""
 
     PENDING = "pending"
-    APPROVED = "approved"
+    APPROVED = "approved"  # decided; a server worker will apply it
+    APPLYING = "applying"  # being applied (by the approver's CLI or a server worker)
+    APPLIED = "applied"  # the plan was applied (the run's own outcome is in history)
+    FAILED = "failed"  # applying it failed as a tool (plan refused, engine fault)
     DENIED = "denied"
     EXPIRED = "expired"
 
@@ -156,10 +159,20 @@ class StateStore(Protocol):
     def list_approvals(self, status: ApprovalStatus | None = None) -> list[ApprovalRecord]:
         """Approvals, newest first, optionally of one status."""
 
-    def decide_approval(
-        self, approval_id: str, status: ApprovalStatus, *, by: str | None, at: datetime, reason: str
+    def transition_approval(
+        self,
+        approval_id: str,
+        *,
+        from_status: ApprovalStatus,
+        to_status: ApprovalStatus,
+        at: datetime,
+        reason: str,
+        by: str | None = None,
     ) -> ApprovalRecord | None:
-        """Move a *pending* approval to ``status`` atomically; None if it was not pending."""
+        """Move an approval between states atomically; None if it was not in ``from_status``.
+
+        ``by`` (with ``at``) records a person's decision.
+        """
 
     def close(self) -> None:
         """Release the store's resources."""
@@ -754,16 +767,33 @@ class SqliteStateStore:
             rows = self._db.execute(query + " ORDER BY requested_at DESC", args).fetchall()
         return [_approval_record(row) for row in rows]
 
-    def decide_approval(
-        self, approval_id: str, status: ApprovalStatus, *, by: str | None, at: datetime, reason: str
+    def transition_approval(
+        self,
+        approval_id: str,
+        *,
+        from_status: ApprovalStatus,
+        to_status: ApprovalStatus,
+        at: datetime,
+        reason: str,
+        by: str | None = None,
     ) -> ApprovalRecord | None:
-        """Move a *pending* approval to ``status`` atomically; None if it was not pending."""
-        with self._transaction(f"decide approval {approval_id}") as db:
-            cursor = db.execute(
-                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, reason = ?"
-                " WHERE approval_id = ? AND status = ?",
-                (status.value, by, _text(at), reason, approval_id, ApprovalStatus.PENDING.value),
-            )
+        """Move an approval between states atomically; None if it was not in ``from_status``.
+
+        ``by`` (with ``at``) records a person's decision.
+        """
+        with self._transaction(f"move approval {approval_id} to {to_status.value}") as db:
+            if by is not None:
+                cursor = db.execute(
+                    "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, reason = ?"
+                    " WHERE approval_id = ? AND status = ?",
+                    (to_status.value, by, _text(at), reason, approval_id, from_status.value),
+                )
+            else:
+                cursor = db.execute(
+                    "UPDATE approvals SET status = ?, reason = ?"
+                    " WHERE approval_id = ? AND status = ?",
+                    (to_status.value, reason, approval_id, from_status.value),
+                )
         return self.get_approval(approval_id) if cursor.rowcount == 1 else None
 
 

@@ -20,6 +20,7 @@ from engine.server.app import create_app
 from engine.server.config import ServerConfig
 from engine.server.runtime import WebhookServer
 from engine.state import (
+    ApprovalStatus,
     FiringInput,
     FiringOutcome,
     QueueRoute,
@@ -368,3 +369,48 @@ def test_stop_waits_then_interrupts_a_run_that_outlives_the_timeout(
     records = [json.loads(line) for line in audit_path.read_text().splitlines()]
     (event,) = [r for r in records if r["event"] == "run.interrupted"]
     assert event["run_id"] == run.run_id
+
+
+APPROVER_TOKEN = "alice-token-0123456789"  # noqa: S105 - a test credential
+
+
+def test_approve_mode_waits_for_an_approver_then_applies_the_plan(
+    project: Project, make_server: ServerFactory, audit_path: Path
+) -> None:
+    """An approve trigger plans and waits; only an approver's token decides; then it applies."""
+    runbook = project.runbooks / "engine.yml"
+    runbook.write_text(ENGINE_RUNBOOK.replace("mode: apply", "mode: approve"))
+    devices = {name: Device() for name in FLEET}
+    executor = _executor(devices)
+    server, client = make_server(
+        executor, workers=1, approvals={"approvers": {"alice": APPROVER_TOKEN}}
+    )
+    client.post("/webhook", json=body(_down("b1b2c3d.balena", "f1")), headers=AUTH)
+    wait_for("the dry run", _settled(server, 1))
+    assert executor.playbook_calls == []
+    listed = client.get("/approvals?status=pending", headers=AUTH).json()["approvals"]
+    (pending,) = listed
+    assert pending["source"] == "alert:f1"
+    approval_id = pending["approval_id"]
+    path = f"/approvals/{approval_id}/approve"
+    assert client.post(path, headers=AUTH).status_code == 401  # webhook credentials cannot decide
+    assert client.post(path).status_code == 401
+    decided = client.post(
+        path, headers={"Authorization": f"Bearer {APPROVER_TOKEN}"}, json={"reason": "ok"}
+    )
+    assert decided.status_code == 200
+    assert decided.json()["decided_by"] == "alice"
+
+    def applied() -> bool:
+        record = server.store.get_approval(approval_id)
+        return record is not None and record.status is ApprovalStatus.APPLIED
+
+    wait_for("the approved plan to be applied", applied)
+    assert [c.request.hosts for c in executor.playbook_calls] == [("dev-b",)]
+    assert devices["dev-b"].up
+    again = client.post(path, headers={"Authorization": f"Bearer {APPROVER_TOKEN}"})
+    assert again.status_code == 409
+    events = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    granted = next(e for e in events if e["event"] == "approval.granted")
+    assert granted["approver"] == "alice"
+    assert any(e["event"] == "approval.applied" for e in events)

@@ -8,14 +8,13 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from engine.approvals import decide, expire_approvals, saved_plan
+from engine.approvals import apply_approved, decide, expire_approvals, saved_plan
 from engine.audit import utc_now
 from engine.cli.app import EXIT_NOT_FIXED, Output, OutputOpt, app, cli_state
 from engine.cli.render import plan_table, print_json, report_view
 from engine.cli.runs import PlanFormat, PlanFormatOpt
 from engine.cli.services import open_services, open_store
-from engine.pipeline import apply_saved_plan
-from engine.planfiles import check_applicable, render_markdown
+from engine.planfiles import render_markdown
 from engine.runbooks import find_runbook
 from engine.state import ApprovalRecord, ApprovalStatus
 
@@ -90,22 +89,21 @@ def approve_approval(
     state = cli_state(ctx)
     settings = state.settings
     with open_services(settings, reporter_console=None) as services:
-        record = decide(
-            services.store, approval_id, approver=settings.user, approve=True, now=utc_now()
-        )
-        saved = saved_plan(record)
+        record = services.store.get_approval(approval_id)
         runbook = find_runbook(
-            record.runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir
+            record.runbook if record else "?",
+            settings.runbooks_dir,
+            playbooks_dir=settings.playbooks_dir,
         )
-        check_applicable(saved, runbook, utc_now(), settings.state_dir / f"{approval_id}.json")
-        report = apply_saved_plan(
-            saved,
-            runbook,
-            services,
-            user=settings.user,
-            trigger=f"approval:{approval_id}",
-            approve=lambda _plan: True,
+        record = decide(
+            services.store,
+            approval_id,
+            approver=settings.user,
+            approve=True,
+            now=utc_now(),
+            claim=True,
         )
+        report = apply_approved(services.store, record, runbook, services, now=utc_now())
     if output is Output.JSON:
         print_json(state.console, report.model_dump(mode="json"))
     else:

@@ -9,18 +9,25 @@
 ``GET /alerts``           Recorded firings, newest first: ``?status=<outcome>&limit=N``.
 ``GET /queue``            Queue items, newest first: ``?state=<state>&limit=N``.
 ``POST /breaker/reset``   Close the circuit breaker now.
+``GET /approvals``        Approvals of plans from ``approve``-mode triggers: ``?status=``.
+``GET /approvals/{id}``   One approval with its saved plan.
+``POST /approvals/{id}/   Decide (JSON body ``{"reason": ...}`` optional) as the approver whose
+approve|deny``            token was presented; an approved plan is applied by a worker.
 ========================  ====================================================================
 
 ``/webhook``, ``/alerts``, ``/queue`` and ``/breaker/reset`` need the configured
 authentication: ``Authorization: Bearer <token>`` and/or ``X-Remediate-Signature:
 sha256=<hex HMAC-SHA256 of the raw body>`` (both when both are configured), compared in
-constant time.  ``/healthz`` and ``/metrics`` show counts only and are open.
+constant time.  ``/healthz`` and ``/metrics`` show counts only and are open.  Approvals are
+decided only with an approver's own token (``approvals.approvers`` in the configuration), so
+the audit log names a person; the webhook credentials can list them but never decide.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import Mapping
 from enum import StrEnum
@@ -34,11 +41,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine.approvals import ApprovalError, decide
 from engine.errors import StateError
 from engine.server.alerts import BodyError, parse_webhook
 from engine.server.config import Auth
 from engine.server.runtime import WebhookServer
-from engine.state import FiringOutcome, QueueState, RecordedAlerts
+from engine.state import ApprovalStatus, FiringOutcome, QueueState, RecordedAlerts
 
 SIGNATURE_HEADER = "x-remediate-signature"
 _E = TypeVar("_E", bound=StrEnum)
@@ -147,6 +155,20 @@ def _choice(kind: type[_E], params: Mapping[str, str], name: str) -> _E | None:
         raise _RequestError(400, f"{name} must be one of {known}", field=name) from exc
 
 
+def _reason(body: bytes) -> str:
+    """The optional ``{"reason": "..."}`` of a decision."""
+    if not body.strip():
+        return ""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise _RequestError(400, "invalid JSON body", field="reason") from exc
+    reason = data.get("reason", "") if isinstance(data, dict) else None
+    if not isinstance(reason, str):
+        raise _RequestError(400, "reason must be a string", field="reason")
+    return reason
+
+
 class _Endpoints:
     """The request handlers of one server."""
 
@@ -230,6 +252,76 @@ class _Endpoints:
         items = await anyio.to_thread.run_sync(self.server.store.list_queue, state, limit)
         return JSONResponse({"items": [i.model_dump(mode="json") for i in items]})
 
+    def _approver(self, request: Request) -> str:
+        """The configured approver whose bearer token the request carries."""
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() == "bearer" and presented:
+            for name, token in self.server.config.approvals.approvers.items():
+                if hmac.compare_digest(
+                    _latin1(presented.strip()), _latin1(token.get_secret_value())
+                ):
+                    return name
+        raise _RequestError(401, "an approver's bearer token is required")
+
+    async def _viewer(self, request: Request) -> None:
+        """Approvals may be listed with the webhook credentials or an approver's token."""
+        try:
+            self._approver(request)
+        except _RequestError:
+            await _authenticated_body(self.server, request)
+
+    async def approvals(self, request: Request) -> Response:
+        try:
+            await self._viewer(request)
+            status = _choice(ApprovalStatus, request.query_params, "status")
+        except _RequestError as exc:
+            return _error(exc)
+        store = self.server.store
+        records = await anyio.to_thread.run_sync(store.list_approvals, status)
+        return JSONResponse(
+            {"approvals": [r.model_dump(mode="json", exclude={"plan"}) for r in records]}
+        )
+
+    async def approval(self, request: Request) -> Response:
+        try:
+            await self._viewer(request)
+        except _RequestError as exc:
+            return _error(exc)
+        record = await anyio.to_thread.run_sync(
+            self.server.store.get_approval, request.path_params["approval_id"]
+        )
+        if record is None:
+            return _error(_RequestError(404, "no such approval"))
+        return JSONResponse(record.model_dump(mode="json"))
+
+    async def decide(self, request: Request) -> Response:
+        if request.path_params["decision"] not in {"approve", "deny"}:
+            return _error(_RequestError(404, "decide with /approve or /deny"))
+        try:
+            approver = self._approver(request)
+            body = await _read_body(request, self.server.config.max_body_bytes)
+            reason = _reason(body)
+        except _RequestError as exc:
+            return _error(exc)
+        approve = request.path_params["decision"] == "approve"
+        server = self.server
+        try:
+            record = await anyio.to_thread.run_sync(
+                lambda: decide(
+                    server.store,
+                    request.path_params["approval_id"],
+                    approver=approver,
+                    approve=approve,
+                    now=server.clock(),
+                    reason=reason,
+                )
+            )
+        except ApprovalError as exc:
+            return _error(_RequestError(409, str(exc)))
+        server.pool.wake()
+        return JSONResponse(record.model_dump(mode="json", exclude={"plan"}))
+
     async def breaker_reset(self, request: Request) -> Response:
         try:
             await _authenticated_body(self.server, request)
@@ -253,5 +345,8 @@ def create_app(server: WebhookServer) -> Starlette:
             Route("/alerts", endpoints.alerts, methods=["GET"]),
             Route("/queue", endpoints.queue, methods=["GET"]),
             Route("/breaker/reset", endpoints.breaker_reset, methods=["POST"]),
+            Route("/approvals", endpoints.approvals, methods=["GET"]),
+            Route("/approvals/{approval_id}", endpoints.approval, methods=["GET"]),
+            Route("/approvals/{approval_id}/{decision:str}", endpoints.decide, methods=["POST"]),
         ]
     )

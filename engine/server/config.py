@@ -23,6 +23,7 @@ from engine.settings import Settings
 #: Environment variables that override the secrets of the file.
 TOKEN_ENV = "REMEDIATE_WEBHOOK_TOKEN"  # noqa: S105 - a variable name, not a secret
 HMAC_KEY_ENV = "REMEDIATE_WEBHOOK_HMAC_KEY"
+APPROVER_ENV_PREFIX = "REMEDIATE_APPROVER_"
 
 #: Shortest accepted token or HMAC key: a guessable secret is no authentication.
 MIN_SECRET_LENGTH = 16
@@ -90,6 +91,28 @@ class Breaker(_Section):
     )
 
 
+class Approvals(_Section):
+    """Runs from ``approve``-mode triggers wait as pending approvals for these people."""
+
+    ttl: Duration = Field(
+        default=timedelta(hours=1), description="A pending approval not decided by then expires."
+    )
+    approvers: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="name -> bearer token; the name is who the audit log says approved. "
+        "REMEDIATE_APPROVER_<NAME> overrides a token.",
+    )
+
+    @model_validator(mode="after")
+    def _tokens_are_long_enough(self) -> Approvals:
+        for name, token in self.approvers.items():
+            if len(token.get_secret_value()) < MIN_SECRET_LENGTH:
+                raise ValueError(
+                    f"approver {name!r}: token must be at least {MIN_SECRET_LENGTH} characters"
+                )
+        return self
+
+
 class ServerConfig(_Section):
     """The whole server configuration file."""
 
@@ -104,6 +127,7 @@ class ServerConfig(_Section):
     )
     queue: Queue = Queue()
     breaker: Breaker = Breaker()
+    approvals: Approvals = Approvals()
     inventory_refresh: Duration = Field(
         default=timedelta(minutes=5),
         description="Re-read the inventory this often (and whenever its files change).",
@@ -172,6 +196,12 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None
     for var, key in ((TOKEN_ENV, "token"), (HMAC_KEY_ENV, "hmac_key")):
         if environ.get(var):
             auth[key] = environ[var]
+    approvals = data.get("approvals")
+    if isinstance(approvals, dict) and isinstance(approvals.get("approvers"), dict):
+        for name in approvals["approvers"]:
+            token = environ.get(f"{APPROVER_ENV_PREFIX}{str(name).upper()}")
+            if token:
+                approvals["approvers"][name] = token
 
 
 def _anchor_paths(data: dict[str, Any], base: Path) -> None:

@@ -94,6 +94,7 @@ class WebhookServer:
             clock=clock,
             max_age=config.queue.max_age,
             new_run_id=run_ids,
+            approval_ttl=config.approvals.ttl,
         )
         self.intake = Intake(
             self.store,

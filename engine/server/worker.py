@@ -5,7 +5,9 @@ executor is shared and stateless) and runs one queue item at a time through
 :func:`engine.pipeline.run_runbook`: with ``limit`` and ``hosts`` set to the one inventory host
 name routing found, ``trigger="alert:<fingerprint>"`` and ``user="alertmanager"``.  Per-device
 locks and cool-downs are the pipeline's, shared with CLI runs.  Nobody approves destructive
-steps for an alert run: a runbook whose policy asks for approval is refused, not run.
+steps inside an ``apply`` alert run: a runbook whose policy asks for approval is refused, not
+run.  An ``approve`` trigger runs a dry run and keeps its plan as a pending approval; once a
+person approves it (CLI or HTTP), an idle worker applies exactly that plan, drift-checked.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from pathlib import Path
 
 import structlog
 
+from engine.approvals import apply_approved, expire_approvals, request_approval
 from engine.errors import EngineError
 from engine.outcomes import RunStatus
-from engine.pipeline import RunRequest, Services, run_runbook
+from engine.pipeline import RunReport, RunRequest, Services, run_runbook
+from engine.planfiles import SavedPlan
 from engine.plans import Plan
 from engine.runbooks import Runbook
+from engine.runbooks.spec import TriggerMode
 from engine.server.breaker import CircuitBreaker
 from engine.server.metrics import ServerMetrics
-from engine.state import AlertStore, QueueItem, QueueState
+from engine.state import AlertStore, ApprovalStatus, QueueItem, QueueState
 
 #: Who alert-triggered runs are recorded as.
 ALERT_USER = "alertmanager"
@@ -69,6 +74,7 @@ class WorkerPool:
         clock: Callable[[], datetime],
         max_age: timedelta,
         new_run_id: Callable[[], str],
+        approval_ttl: timedelta = timedelta(hours=1),
     ) -> None:
         self.count = count
         self.owner = owner
@@ -80,6 +86,7 @@ class WorkerPool:
         self._clock = clock
         self._max_age = max_age
         self._new_run_id = new_run_id
+        self._approval_ttl = approval_ttl
         self._stopping = threading.Event()
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -142,7 +149,7 @@ class WorkerPool:
         audit_set_aside("held", claim.held, self._metrics)
         audit_set_aside("expired", claim.expired, self._metrics)
         if claim.item is None:
-            return False
+            return self._apply_next_approval(services, store)
         with self._busy_lock:
             self._busy[claim.item.item_id] = claim.item
         try:
@@ -152,6 +159,44 @@ class WorkerPool:
                 del self._busy[claim.item.item_id]
         self._breaker.refresh(store)
         return True
+
+    def _apply_next_approval(self, services: Services, store: AlertStore) -> bool:
+        """Apply the oldest approved plan, unless the breaker is open; whether there was one."""
+        if self._breaker.hold_reason is not None:
+            return False
+        now = self._clock()
+        expire_approvals(store, now)
+        for record in reversed(store.list_approvals(ApprovalStatus.APPROVED)):
+            claimed = store.transition_approval(
+                record.approval_id,
+                from_status=ApprovalStatus.APPROVED,
+                to_status=ApprovalStatus.APPLYING,
+                at=now,
+                reason=f"applying ({self.owner})",
+            )
+            runbook = self._runbooks.get(record.runbook)
+            if claimed is None:
+                continue  # another worker took it
+            if runbook is None:
+                store.transition_approval(
+                    record.approval_id,
+                    from_status=ApprovalStatus.APPLYING,
+                    to_status=ApprovalStatus.FAILED,
+                    at=now,
+                    reason=f"runbook {record.runbook!r} is no longer loaded",
+                )
+                return True
+            try:
+                report = apply_approved(store, claimed, runbook, services, now=now)
+            except Exception as exc:  # noqa: BLE001 - a worker outlives any one run's failure
+                structlog.get_logger().warning(
+                    "approval.apply_failed", approval_id=record.approval_id, error=str(exc)
+                )
+                return True
+            self._metrics.runs.labels(report.status.value).inc()
+            self._breaker.refresh(store)
+            return True
+        return False
 
     def _run(self, item: QueueItem, services: Services, store: AlertStore) -> None:
         run_id = item.run_id or self._new_run_id()
@@ -196,8 +241,24 @@ class WorkerPool:
         one_run = dataclasses.replace(services, new_run_id=lambda: run_id)
         try:
             report = run_runbook(runbook, request, one_run, approve=_no_approver)
+            reason = self._request_approval(item, runbook, report, services)
         except EngineError as exc:
             return QueueState.FAILED, RunStatus.ERROR, f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001 - a worker must outlive any one run's failure
             return QueueState.FAILED, RunStatus.ERROR, f"{type(exc).__name__}: {exc}"
-        return QueueState.DONE, report.status, ""
+        return QueueState.DONE, report.status, reason
+
+    def _request_approval(
+        self, item: QueueItem, runbook: Runbook, report: RunReport, services: Services
+    ) -> str:
+        """For an ``approve`` trigger, keep the dry-run's plan as a pending approval."""
+        if item.trigger_mode != TriggerMode.APPROVE.value:
+            return ""
+        plan = report.plan
+        if not plan.acting or plan.refused:
+            return "approve mode: nothing to approve"
+        saved = SavedPlan(plan=plan, expires_at=plan.created_at + self._approval_ttl).sealed()
+        record = request_approval(
+            services.store, saved, runbook, source=f"alert:{item.fingerprint}", now=self._clock()
+        )
+        return f"approval {record.approval_id} pending"
