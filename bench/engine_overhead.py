@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Engine overhead: ``remediate plan`` vs a hand-written ``ansible-playbook``, same probes.
+
+Both sides are subprocesses started from scratch every round, so both pay interpreter and
+Ansible start-up, on the same generated inventory of local-connection hosts without Python.
+
+* engine: ``remediate plan RUNBOOK -i INVENTORY -o json`` (state in a temporary folder).
+* hand, one task (the fair comparison, and the verdict): a play with **one** ``raw`` task
+  per host whose script sets the runbook's params and runs every check command of the
+  runbook, one per line: the same commands on the same hosts in the same number of Ansible
+  tasks, without the engine's framing (per-check timeout, base64 records), inventory
+  resolution, guards, plan, state and audit.
+* hand, one task per check (for reference): what a play written check by check costs.
+* hand, the engine's probe script (for reference): the engine's generated script (framing
+  included) in a hand-written play, which separates the cost of the framing from the cost
+  of the rest of the engine (start-up, target resolution, ansible-runner, plan, audit).
+
+``ansible-playbook`` gets ``--forks`` equal to the engine's (50), not Ansible's default 5.
+The rounds rotate the four, after a warm-up round; medians are compared.  A breakdown
+then runs ``remediate plan`` in-process in a fresh interpreter with the pipeline's
+``resolve_targets`` and ``run_probes`` wrapped to record wall-clock marks, to show where the
+difference goes (start-up, target resolution, probe, the rest).
+
+Target: engine at most 1.15x the one-task hand-written play.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from engine.probes import build_probe_script
+from engine.runbooks import Runbook, load_runbook
+
+TARGET = 1.15
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEFAULT_RUNBOOK = ROOT / "runbooks" / "stale-probe-scratch.yml"
+ANSIBLE_ENV = {
+    "ANSIBLE_NOCOLOR": "True",
+    "ANSIBLE_NOCOWS": "True",
+    "ANSIBLE_RETRY_FILES_ENABLED": "False",
+    "ANSIBLE_PIPELINING": "True",
+    "ANSIBLE_SSH_USETTY": "False",
+}
+
+
+def write_inventory(path: Path, hosts: int) -> list[str]:
+    """A YAML inventory of ``hosts`` local-connection hosts without Python; their names."""
+    names = [f"dev{i:04d}" for i in range(hosts)]
+    host_vars = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "/nonexistent/python3",
+    }
+    inventory = {"all": {"children": {"fleet": {"hosts": dict.fromkeys(names, host_vars)}}}}
+    path.write_text(yaml.safe_dump(inventory, sort_keys=False), encoding="utf-8")
+    return names
+
+
+def param_lines(params: Mapping[str, object]) -> list[str]:
+    """Shell lines exporting the runbook's params as the engine does (``$param_<name>``)."""
+    lines = []
+    for name, value in params.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        lines.append(f"param_{name}={shlex.quote(text)}; export param_{name}")
+    return lines
+
+
+def write_hand_play(path: Path, runbook: Runbook, kind: str) -> None:
+    """A hand-written probe play (``kind``: one-task, per-check, or engine-script)."""
+    params = param_lines(runbook.param_values())
+    checks = runbook.spec.checks
+    if kind == "per-check":
+        tasks = [
+            {"name": c.id, "ansible.builtin.raw": "\n".join([*params, c.command])} for c in checks
+        ]
+    elif kind == "engine-script":
+        script = build_probe_script(checks, runbook.param_values(), "@@remediate-bench")
+        tasks = [{"name": "probe", "ansible.builtin.raw": script}]
+    else:
+        script = "\n".join(["set +e", *params, *(c.command for c in checks)])
+        tasks = [{"name": "probe", "ansible.builtin.raw": script}]
+    play = [{"name": "hand-written probe", "hosts": "all", "gather_facts": False, "tasks": tasks}]
+    path.write_text(yaml.safe_dump(play, sort_keys=False, width=1000), encoding="utf-8")
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of every child process reaped so far (and their children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(
+    argv: Sequence[str], env: Mapping[str, str]
+) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+    """Wall and CPU seconds (the whole process tree) of one subprocess run, and its result."""
+    cpu = children_cpu()
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=dict(env), check=False)
+    return time.perf_counter() - started, children_cpu() - cpu, proc
+
+
+#: Runs ``remediate`` in-process with the pipeline's stage calls wrapped to record wall-clock
+#: marks; prints them as JSON on stderr's last line.  Nothing in the engine is changed.
+_PHASES_CHILD = """
+import contextlib, io, json, sys, time
+marks = {}
+import engine.cli
+marks["imported"] = time.time()
+import engine.pipeline as pipeline
+def wrap(name):
+    fn = getattr(pipeline, name, None)
+    if fn is None:
+        return
+    def timed(*args, **kwargs):
+        marks[name + ".start"] = time.time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            marks[name + ".end"] = time.time()
+    setattr(pipeline, name, timed)
+wrap("resolve_targets")
+wrap("run_probes")
+with contextlib.redirect_stdout(io.StringIO()):
+    engine.cli.run_cli(sys.argv[1:])
+marks["done"] = time.time()
+sys.stderr.write("\\n" + json.dumps(marks) + "\\n")
+"""
+
+PHASES = (
+    ("interpreter start-up + import engine.cli", "spawned", "imported"),
+    ("settings, runbook load, services", "imported", "resolve_targets.start"),
+    ("target resolution (resolve_targets child)", "resolve_targets.start", "resolve_targets.end"),
+    ("(between)", "resolve_targets.end", "run_probes.start"),
+    ("probe (run_probes: ansible-runner)", "run_probes.start", "run_probes.end"),
+    ("guards, plan, state, audit, JSON", "run_probes.end", "done"),
+    ("interpreter exit", "done", "exited"),
+)
+
+
+def breakdown(cli_args: Sequence[str], repeat: int, env: Mapping[str, str]) -> dict[str, float]:
+    """Median seconds of each phase of ``remediate plan``, marked inside one real run."""
+    samples: dict[str, list[float]] = {name: [] for name, _, _ in PHASES}
+    for _ in range(repeat):
+        marks = {"spawned": time.time()}
+        proc = subprocess.run(
+            [sys.executable, "-c", _PHASES_CHILD, *cli_args],
+            capture_output=True,
+            text=True,
+            env=dict(env),
+            check=False,
+        )
+        marks["exited"] = time.time()
+        try:
+            marks.update(json.loads((proc.stderr.strip().splitlines() or [""])[-1]))
+        except ValueError:
+            continue  # the run failed before its marks were printed: no sample
+        for name, begin, end in PHASES:
+            if begin in marks and end in marks:
+                samples[name].append(marks[end] - marks[begin])
+    return {name: statistics.median(s) for name, s in samples.items() if s}
+
+
+ENGINE = "engine: remediate plan"
+HAND = "hand: one raw task"
+HAND_PER_CHECK = "hand: one raw task per check"
+HAND_FRAMED = "hand: engine's probe script"
+HAND_KINDS = {HAND: "one-task", HAND_PER_CHECK: "per-check", HAND_FRAMED: "engine-script"}
+
+
+@dataclass
+class Measured:
+    """Wall times per command, the engine's host outcomes and failed runs."""
+
+    times: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+    outcomes: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+
+
+def commands_for(
+    root: Path, runbook_path: Path, runbook: Runbook, inventory: Path, forks: int
+) -> dict[str, list[str]]:
+    """The engine's command line and the hand-written plays' (written into ``root``)."""
+    commands = {
+        ENGINE: [
+            str(BIN / "remediate"),
+            *("--state-dir", str(root / "state"), "--runbooks", str(runbook_path.parent)),
+            *("--playbooks", str(runbook.playbooks_dir), "plan", str(runbook_path)),
+            *("-i", str(inventory), "-o", "json"),
+        ]
+    }
+    for name, kind in HAND_KINDS.items():
+        play = root / f"hand-{kind}.yml"
+        write_hand_play(play, runbook, kind)
+        commands[name] = [
+            str(BIN / "ansible-playbook"),
+            "-i",
+            str(inventory),
+            "-f",
+            str(forks),
+            str(play),
+        ]
+    return commands
+
+
+def measure(
+    commands: Mapping[str, Sequence[str]], env: Mapping[str, str], warmup: int, repeat: int
+) -> Measured:
+    """Run every command once per round, rotating the order to cancel drift."""
+    result = Measured(times={name: [] for name in commands}, cpu={name: [] for name in commands})
+    names = list(commands)
+    for round_ in range(warmup + repeat):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            elapsed, cpu, proc = timed(commands[name], env)
+            if round_ < warmup:
+                continue
+            result.times[name].append(elapsed)
+            result.cpu[name].append(cpu)
+            if name == ENGINE and proc.returncode in {0, 1}:
+                result.outcomes.update(h["outcome"] for h in json.loads(proc.stdout)["hosts"])
+            elif proc.returncode != 0:
+                result.failures[name] += 1
+                tail = (proc.stderr.strip().splitlines() or ["no stderr"])[-1]
+                print(f"  {name} failed (rc {proc.returncode}): {tail}", file=sys.stderr)
+    return result
+
+
+def report(measured: Measured, parts: Mapping[str, float]) -> None:
+    """Print the table, the ratios and the verdict, then the breakdown."""
+    print(
+        f"{'command':<30}  {'median s':>9}  {'min s':>7}  {'max s':>7}  {'CPU s':>6}  {'failed':>6}"
+    )
+    medians = {name: statistics.median(t) for name, t in measured.times.items()}
+    cpu = {name: statistics.median(c) for name, c in measured.cpu.items()}
+    for name, t in measured.times.items():
+        print(
+            f"{name:<30}  {medians[name]:>9.3f}  {min(t):>7.3f}  {max(t):>7.3f}  "
+            f"{cpu[name]:>6.2f}  {measured.failures[name]:>6}"
+        )
+    print("  (CPU s: median user+system seconds of the whole process tree)")
+    print(f"engine host outcomes over all rounds: {dict(measured.outcomes)}")
+    engine, hand = medians[ENGINE], medians[HAND]
+    ratio = engine / hand
+    verdict = "ok" if ratio <= TARGET else "MISSED"
+    print(
+        f"ratio engine / hand (one raw task, same commands): {ratio:.2f} "
+        f"(target ≤ {TARGET}): {verdict}; engine adds {engine - hand:.2f} s"
+    )
+    print("for reference:")
+    print(f"  CPU engine / hand (one raw task):          {cpu[ENGINE] / cpu[HAND]:.2f}")
+    print(f"  engine / hand one raw task per check:      {engine / medians[HAND_PER_CHECK]:.2f}")
+    print(f"  engine / hand with the engine's script:    {engine / medians[HAND_FRAMED]:.2f}")
+    print(f"  engine's script / plain commands (framing): {medians[HAND_FRAMED] / hand:.2f}")
+    if parts:
+        print("where the engine's time goes (medians of marks inside separate runs):")
+        for name, seconds in parts.items():
+            print(f"  {name:<44} {seconds:>6.3f} s")
+        print(f"  {'sum':<44} {sum(parts.values()):>6.3f} s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--hosts", type=int, default=20, help="hosts in the inventory [20]")
+    parser.add_argument("--runbook", type=Path, default=DEFAULT_RUNBOOK, help="runbook file")
+    parser.add_argument("--repeat", type=int, default=7, help="measured rounds [7]")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first [1]")
+    parser.add_argument("--forks", type=int, default=50, help="ansible-playbook forks [50]")
+    parser.add_argument(
+        "--no-breakdown", action="store_true", help="skip timing the engine's phases"
+    )
+    args = parser.parse_args()
+
+    runbook_path = args.runbook.resolve()
+    runbook = load_runbook(runbook_path)
+    load_before = os.getloadavg()[0]
+    env = {**os.environ, **ANSIBLE_ENV, "REMEDIATE_USER": "bench"}
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+        root = Path(tmp)
+        inventory = root / "inventory.yml"
+        write_inventory(inventory, args.hosts)
+        commands = commands_for(root, runbook_path, runbook, inventory, args.forks)
+        measured = measure(commands, env, args.warmup, args.repeat)
+        parts = (
+            {}
+            if args.no_breakdown
+            else breakdown(commands[ENGINE][1:], max(3, args.repeat // 2), env)
+        )
+    load_after = os.getloadavg()[0]
+    print(
+        f"engine overhead: {runbook.name} ({len(runbook.spec.checks)} checks) on {args.hosts} "
+        f"local-connection hosts, forks {args.forks}, {args.repeat} rounds "
+        f"(+{args.warmup} warm-up); load average {load_before:.1f} → {load_after:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
+    report(measured, parts)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""Probe cost vs number of checks: one check vs twelve, on the same local-connection hosts.
+
+Both runbooks are generated into a temporary folder (with a trivial playbook in a sibling
+``playbooks/`` folder) and probed through the engine's real probe path:
+``engine.probes.run_probes`` with a real ``AnsibleExecutor`` (ansible-runner, one ``raw``
+task per host).  The two sizes alternate, after a warm-up round, and the medians are compared.
+
+Also printed, to tell the parts apart: the median time to run the generated probe script
+once with ``sh`` on this machine (what one device pays on its own CPU), and an estimate of
+the ratio without that device-side work.  With the local connection the 20 "devices" share
+this machine's CPUs with Ansible, so device-side work that a real fleet does in parallel on
+its own hardware shows up here as controller time.
+
+Target: probing with 12 checks costs at most 1.2x probing with 1 check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
+from engine.probes import ProbeStatus, build_probe_script, run_probes
+from engine.runbooks import Runbook, load_runbook
+
+TARGET = 1.2
+
+#: Cheap, read-only commands of the kind device runbooks use: (command, parse kind).
+CHECKS: tuple[tuple[str, str], ...] = (
+    ("cut -d' ' -f1 /proc/loadavg", "float"),
+    ("df -P /tmp | awk 'NR==2{print 100-$5}'", "int"),
+    ("awk '/MemAvailable/{print $2}' /proc/meminfo", "int"),
+    ("cut -d' ' -f1 /proc/uptime", "float"),
+    ("uname -r", "str"),
+    ("ls -A /tmp | wc -l", "int"),
+    ("cat /proc/sys/kernel/hostname", "str"),
+    ("grep -c ^processor /proc/cpuinfo", "int"),
+    ("cut -f1 /proc/sys/fs/file-nr", "int"),
+    ("test -d /tmp", "ok"),
+    ("cat /etc/os-release", "kv"),
+    ("id -u", "int"),
+)
+
+PLAYBOOK = """\
+- name: Do nothing (benchmark runbook step)
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Nothing
+      ansible.builtin.raw: "true"
+"""
+
+
+def write_inventory(path: Path, hosts: int) -> list[str]:
+    """A YAML inventory of ``hosts`` local-connection hosts without Python; their names."""
+    names = [f"dev{i:04d}" for i in range(hosts)]
+    host_vars = {
+        "ansible_connection": "local",
+        "ansible_python_interpreter": "/nonexistent/python3",
+    }
+    inventory = {"all": {"children": {"fleet": {"hosts": dict.fromkeys(names, host_vars)}}}}
+    path.write_text(yaml.safe_dump(inventory, sort_keys=False), encoding="utf-8")
+    return names
+
+
+def write_runbook(folder: Path, checks: int) -> Path:
+    """A runbook with the first ``checks`` of :data:`CHECKS` (cycled), in ``folder/runbooks``."""
+    (folder / "runbooks").mkdir(parents=True, exist_ok=True)
+    (folder / "playbooks").mkdir(parents=True, exist_ok=True)
+    (folder / "playbooks" / "noop.yml").write_text(PLAYBOOK, encoding="utf-8")
+    spec = {
+        "apiVersion": "remediate/v1",
+        "kind": "Runbook",
+        "metadata": {"name": f"bench-{checks}-checks", "title": f"Benchmark: {checks} checks"},
+        "checks": [
+            {
+                "id": f"c{i + 1:02d}",
+                "run": CHECKS[i % len(CHECKS)][0],
+                "parse": CHECKS[i % len(CHECKS)][1],
+            }
+            for i in range(checks)
+        ],
+        "symptom": "checks.c01 == 'never'",
+        "steps": [{"id": "noop", "playbook": "noop.yml", "plan": "nothing"}],
+        "verify": "true",
+    }
+    path = folder / "runbooks" / f"bench-{checks}.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of every child it has reaped."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def probe_once(
+    executor: AnsibleExecutor, inventory: Path, hosts: list[str], runbook: Runbook
+) -> tuple[float, float, int]:
+    """Wall and CPU seconds of one probe of every host; hosts with a bad probe or check."""
+    cpu = cpu_seconds()
+    started = time.perf_counter()
+    probes = run_probes(executor, inventory, hosts, runbook.spec.checks, runbook.param_values())
+    elapsed = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu
+    bad = sum(
+        1
+        for p in probes.values()
+        if p.status is not ProbeStatus.OK or not all(c.ok for c in p.checks.values())
+    )
+    return elapsed, cpu, bad
+
+
+def sh_seconds(script: str, repeat: int) -> float:
+    """Median wall seconds of running ``script`` once with ``sh`` on this machine."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        subprocess.run(["sh", "-c", script], capture_output=True, check=False)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def device_seconds(runbook: Runbook, repeat: int) -> tuple[float, float]:
+    """Seconds of the engine's probe script, and of the bare check commands, run with ``sh``."""
+    params = runbook.param_values()
+    script = build_probe_script(runbook.spec.checks, params, "@@remediate-bench")
+    bare = "\n".join(c.command for c in runbook.spec.checks)
+    return sh_seconds(script, repeat), sh_seconds(bare, repeat)
+
+
+def report(
+    args: argparse.Namespace,
+    times: dict[int, list[float]],
+    cpu: dict[int, list[float]],
+    bad: dict[int, int],
+    device: dict[int, tuple[float, float]],
+    *,
+    load_before: float,
+) -> None:
+    """Print the table, the ratio and its verdict, and the device-side estimate."""
+    cpus = len(os.sched_getaffinity(0))
+    print(
+        f"probe cost: {args.hosts} local-connection hosts, forks {args.forks}, {args.repeat} "
+        f"rounds (+{args.warmup} warm-up), engine.probes.run_probes + AnsibleExecutor; "
+        f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f} on {cpus} CPUs"
+    )
+    print(
+        f"{'checks':>6}  {'median s':>9}  {'min s':>7}  {'max s':>7}  {'ms/host':>8}  "
+        f"{'CPU s':>6}  {'script ms':>9}  {'bare ms':>7}  {'bad probes':>10}"
+    )
+    cpu_median = {n: statistics.median(c) for n, c in cpu.items()}
+    median = {n: statistics.median(t) for n, t in times.items()}
+    for n, t in times.items():
+        print(
+            f"{n:>6}  {median[n]:>9.3f}  {min(t):>7.3f}  {max(t):>7.3f}  "
+            f"{median[n] / args.hosts * 1000:>8.1f}  {cpu_median[n]:>6.2f}  "
+            f"{device[n][0] * 1000:>9.1f}  "
+            f"{device[n][1] * 1000:>7.1f}  {bad[n]:>10}"
+        )
+    print(
+        "  (CPU s: user+system of this process and every process it started, all hosts; "
+        "script ms: the engine's probe script run once with sh here, what one device pays; "
+        "bare ms: the same check commands without the framing)"
+    )
+    few, many = args.few, args.many
+    ratio = median[many] / median[few]
+    verdict = "ok" if ratio <= TARGET else "MISSED"
+    print(f"ratio {many} vs {few} checks: {ratio:.2f} (target ≤ {TARGET}): {verdict}")
+    print(f"CPU ratio {many} vs {few} checks: {cpu_median[many] / cpu_median[few]:.2f}")
+    framing = (device[many][0] - device[many][1] - device[few][0] + device[few][1]) / max(
+        many - few, 1
+    )
+    print(f"framing cost per added check on the device: {framing * 1000:.2f} ms")
+    on_device = {n: device[n][0] * args.hosts / cpus for n in times}
+    if all(median[n] > on_device[n] for n in times):
+        estimate = (median[many] - on_device[many]) / (median[few] - on_device[few])
+        print(
+            f"estimate without device-side work ({args.hosts} hosts x script / {cpus} CPUs): "
+            f"{estimate:.2f}"
+        )
+    if any(bad.values()):
+        print("warning: some probes or checks failed; the figures may not mean what they say")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--hosts", type=int, default=20, help="hosts in the inventory [20]")
+    parser.add_argument("--few", type=int, default=1, help="checks of the small runbook [1]")
+    parser.add_argument("--many", type=int, default=12, help="checks of the large runbook [12]")
+    parser.add_argument("--repeat", type=int, default=7, help="measured rounds per size [7]")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first [1]")
+    parser.add_argument("--forks", type=int, default=50, help="Ansible forks [50, the engine's]")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp:
+        root = Path(tmp)
+        inventory = root / "inventory.yml"
+        hosts = write_inventory(inventory, args.hosts)
+        sizes = (args.few, args.many)
+        runbooks = {n: load_runbook(write_runbook(root, n)) for n in sizes}
+        executor = AnsibleExecutor(AnsibleSettings(work_dir=root / "work", forks=args.forks))
+        times: dict[int, list[float]] = {n: [] for n in sizes}
+        cpu: dict[int, list[float]] = {n: [] for n in sizes}
+        bad: dict[int, int] = dict.fromkeys(sizes, 0)
+        for round_ in range(args.warmup + args.repeat):
+            order = sizes if round_ % 2 == 0 else sizes[::-1]  # alternate to cancel drift
+            for n in order:
+                elapsed, used, failed = probe_once(executor, inventory, hosts, runbooks[n])
+                if round_ >= args.warmup:
+                    times[n].append(elapsed)
+                    cpu[n].append(used)
+                    bad[n] += failed
+        device = {n: device_seconds(runbooks[n], 3 * args.repeat) for n in sizes}
+    report(args, times, cpu, bad, device, load_before=load_before)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
