@@ -1,0 +1,330 @@
+"""engine-unresponsive on lab devices: hung and stopped engines restarted, every guard holding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ansible_runner
+import pytest
+
+from engine.lab import Device
+from engine.lab import faults as lab_faults
+from engine.lab.images import APP_CONTAINER
+from tests.support.lab import LabDevices, LabInventory
+
+pytestmark = [pytest.mark.lab, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNBOOK = "engine-unresponsive"
+UNIT = "balena.service"
+#: A container with restart policy "always": the engine itself starts it again after a restart.
+ALWAYS = "engine_rb_always"
+#: Lab engines were (re)started moments ago by the lab or a previous test; tests that are not
+#: about the ``settling`` guard turn its grace period off.
+NO_SETTLE = ("-e", "settle=0s")
+
+
+def _cli(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state), "REMEDIATE_USER": "tester"}
+    return subprocess.run(
+        [sys.executable, "-c", "from engine.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=False,
+        timeout=600,
+    )
+
+
+def _apply(inventory: Path, state: Path, *extra: str) -> dict[str, Any]:
+    """``run --apply --yes -o json`` of the runbook; the report as data."""
+    args = ["run", RUNBOOK, "-i", str(inventory), "--apply", "--yes", "-o", "json", *extra]
+    proc = _cli(args, state)
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
+def _host(report: dict[str, Any], name: str) -> dict[str, Any]:
+    hosts: list[dict[str, Any]] = report["hosts"]
+    return next(h for h in hosts if h["host"] == name)
+
+
+def _engine(dev: Device) -> dict[str, str]:
+    """The engine unit's state as systemd inside the device reports it."""
+    out = dev.sh(
+        "systemctl show -p ActiveState -p NRestarts -p MainPID -p ExecMainStartTimestamp " + UNIT
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def _ps_answers(dev: Device) -> bool:
+    return dev.sh("timeout 10 balena ps >/dev/null", check=False).returncode == 0
+
+
+def _running(dev: Device) -> set[str]:
+    return set(dev.sh("balena ps --format '{{.Names}}'").stdout.split())
+
+
+def _stop_engine(dev: Device) -> None:
+    dev.run(["systemctl", "stop", UNIT])
+    assert _engine(dev)["ActiveState"] == "inactive"
+
+
+def _restore(dev: Device) -> None:
+    """Undo what these tests leave beyond the lab's faults: a stopped engine, NRestarts, ALWAYS."""
+    lab_faults.resume_engine(dev)
+    dev.sh(f"systemctl is-active -q {UNIT} || systemctl start {UNIT}", check=False)
+    lab_faults.clear_all(dev)
+    if _engine(dev)["NRestarts"] != "0":
+        dev.run(["systemctl", "restart", UNIT])  # a manual restart flushes systemd's counter
+        dev.wait_engine(timeout=60)
+    dev.balena("rm", "-f", ALWAYS, check=False)
+    lab_faults.clear_all(dev)
+
+
+@pytest.fixture
+def device(lab_device: Device) -> Iterator[Device]:
+    """One lab device, restored afterwards."""
+    try:
+        yield lab_device
+    finally:
+        _restore(lab_device)
+
+
+@pytest.fixture
+def two_devices(lab_devices: LabDevices) -> Iterator[list[Device]]:
+    """Two lab devices, restored afterwards."""
+    devices = lab_devices(2)
+    try:
+        yield devices
+    finally:
+        for dev in devices:
+            _restore(dev)
+
+
+def _events(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((folder / "job_events").glob("*.json"))]
+
+
+def test_hung_engine_is_restarted_exactly_as_planned(
+    two_devices: list[Device], lab_inventory: LabInventory, tmp_path: Path
+) -> None:
+    """Hung engine: planned, evidence saved, restarted and verified; the healthy one untouched."""
+    hung, healthy = two_devices
+    inventory = lab_inventory(two_devices)
+    state = tmp_path / "state"
+    hung.balena(
+        "run", "-d", "--name", ALWAYS, "--restart", "always", "--network", "none", "lab/sidecar:1"
+    )
+    assert _running(hung) == {APP_CONTAINER, ALWAYS}
+    lab_faults.hang_engine(hung)
+    assert not _ps_answers(hung)
+    hung_before, healthy_before = _engine(hung), _engine(healthy)
+
+    plan_file = tmp_path / "plan.json"
+    args = ["plan", RUNBOOK, "-i", str(inventory), *NO_SETTLE, "--out", str(plan_file)]
+    planned = _cli([*args, "-o", "json"], state)
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    plan = {h["host"]: h for h in json.loads(planned.stdout)["plan"]["hosts"]}
+    assert plan[hung.name]["outcome"] == "planned"
+    assert plan[hung.name]["evidence"]["ps_rc"] == 124  # timeout(1) stopped it
+    assert plan[hung.name]["evidence"]["containers"]["source"] == "disk"
+    assert [s["id"] for s in plan[hung.name]["steps"]] == ["capture_evidence", "restart"]
+    restart_line = plan[hung.name]["steps"][1]["plan"]
+    assert restart_line.startswith(f"restart {UNIT} (active, NRestarts 0, balena ps rc 124")
+    assert f"the engine starts again: {ALWAYS};" in restart_line
+    assert f"stay stopped (no restart policy): {APP_CONTAINER}" in restart_line
+    assert plan[healthy.name]["outcome"] == "healthy"
+    assert plan[healthy.name]["steps"] == []
+    assert _engine(hung) == hung_before  # the dry run changed nothing
+
+    applied = _cli(["apply", str(plan_file), "--yes", "-o", "json"], state)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    report = json.loads(applied.stdout)
+    result = _host(report, hung.name)
+    assert result["outcome"] == "fixed", result["reason"]
+    assert [(s["step"], s["status"]) for s in result["steps"]] == [
+        ("capture_evidence", "ok"),
+        ("restart", "ok"),
+    ]
+    assert [h["host"] for h in report["hosts"]] == [hung.name]  # only the planned host
+
+    # Seen from inside the devices: a new engine process that answers, the always-container
+    # back; the healthy device's engine is the same process as before.
+    hung_after = _engine(hung)
+    assert hung_after["ActiveState"] == "active"
+    assert hung_after["MainPID"] != hung_before["MainPID"]
+    assert hung_after["ExecMainStartTimestamp"] != hung_before["ExecMainStartTimestamp"]
+    assert _ps_answers(hung)
+    assert ALWAYS in _running(hung)
+    assert _engine(healthy) == healthy_before
+
+    # Exactly the planned playbooks ran, on exactly the planned host, evidence first.
+    run_dir = state / "artifacts" / report["plan"]["run_id"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "batch1-capture_evidence-0",
+        "batch1-restart-0",
+    ]
+    for folder in run_dir.iterdir():
+        hosts = {e["event_data"]["host"] for e in _events(folder) if "host" in e["event_data"]}
+        assert hosts == {hung.name}
+    evidence = "\n".join(
+        e["event_data"]["res"]["stdout"]
+        for e in _events(run_dir / "batch1-capture_evidence-0")
+        if e["event"] == "runner_on_ok"
+    )
+    assert "balenad[" in evidence  # journal lines of the engine
+    assert "State:\tT (stopped)" in evidence  # dockerd as the restart found it
+    assert f"MainPID={hung_before['MainPID']}" in evidence
+    audit = _cli(["audit", "verify"], state)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_stopped_engine_is_started_then_cooldown_skips_a_second_run(
+    device: Device, lab_inventory: LabInventory, tmp_path: Path
+) -> None:
+    """A stopped engine is started; stopped again right after, the cool-down skips the device."""
+    inventory = lab_inventory([device])
+    state = tmp_path / "state"
+    _stop_engine(device)
+
+    first = _host(_apply(inventory, state, *NO_SETTLE), device.name)
+    assert first["outcome"] == "fixed", first["reason"]
+    assert [s["step"] for s in first["steps"]] == ["capture_evidence", "restart"]
+    assert _engine(device)["ActiveState"] == "active"
+    assert _ps_answers(device)
+
+    _stop_engine(device)
+    second = _host(_apply(inventory, state, *NO_SETTLE), device.name)
+    assert second["outcome"] == "skipped"
+    assert second["reason"].startswith("guard cooldown: this runbook restarted this device")
+    assert second["steps"] == []
+    assert _engine(device)["ActiveState"] == "inactive"  # nothing started it
+
+
+def test_healthy_engine_is_left_alone(
+    device: Device, lab_inventory: LabInventory, tmp_path: Path
+) -> None:
+    """A healthy engine: outcome healthy, no playbook ran, the engine process is unchanged."""
+    inventory = lab_inventory([device])
+    state = tmp_path / "state"
+    before = _engine(device)
+    report = _apply(inventory, state)
+    result = _host(report, device.name)
+    assert result["outcome"] == "healthy"
+    assert result["steps"] == []
+    assert report["status"] == "succeeded"
+    assert _engine(device) == before
+    assert not (state / "artifacts" / report["plan"]["run_id"]).exists()
+
+
+def _lock_and_stop(dev: Device) -> None:
+    lab_faults.hold_update_lock(dev)
+    _stop_engine(dev)
+
+
+def _pull_and_hang(dev: Device) -> None:
+    lab_faults.start_pull(dev)
+    lab_faults.hang_engine(dev)
+
+
+def _fill_and_stop(dev: Device) -> None:
+    lab_faults.fill_data(dev, 97)
+    _stop_engine(dev)
+
+
+def _crash_and_hang(dev: Device) -> None:
+    lab_faults.crash_engine(dev, 1)
+    lab_faults.hang_engine(dev)
+
+
+@pytest.mark.parametrize(
+    ("inject", "guard", "message", "extra"),
+    [
+        (_lock_and_stop, "update_lock", "an app holds its update lock", NO_SETTLE),
+        (_pull_and_hang, "pull", "a pull or image import is in progress", NO_SETTLE),
+        (lab_faults.break_engine, "crash_loop", "the engine is crash-looping", NO_SETTLE),
+        (_fill_and_stop, "data_space", "the data partition is nearly full", NO_SETTLE),
+        (_crash_and_hang, "settling", "systemd is starting the engine or (re)started it", ()),
+    ],
+    ids=["update-lock", "pull", "crash-loop", "data-full", "just-restarted"],
+)
+def test_guard_blocks_the_restart(
+    device: Device,
+    lab_inventory: LabInventory,
+    tmp_path: Path,
+    inject: Callable[[Device], object],
+    guard: str,
+    message: str,
+    extra: tuple[str, ...],
+) -> None:
+    """Each guard skips a sick device with its message, and the engine is not touched."""
+    inventory = lab_inventory([device])
+    inject(device)
+    before = _engine(device)
+    report = _apply(inventory, tmp_path / "state", *extra)
+    result = _host(report, device.name)
+    assert result["outcome"] == "skipped"
+    assert result["reason"].startswith(f"guard {guard}: {message}")
+    assert result["steps"] == []
+    assert _engine(device) == before
+
+
+def test_override_lock_restarts_despite_the_update_lock(
+    device: Device, lab_inventory: LabInventory, tmp_path: Path
+) -> None:
+    """override_lock=true lets the restart through; the app's lock itself is left held."""
+    inventory = lab_inventory([device])
+    _lock_and_stop(device)
+    report = _apply(inventory, tmp_path / "state", *NO_SETTLE, "-e", "override_lock=true")
+    result = _host(report, device.name)
+    assert result["outcome"] == "fixed", result["reason"]
+    assert _engine(device)["ActiveState"] == "active"
+    assert _ps_answers(device)
+    held = device.sh(f"flock -nx {lab_faults.update_lock_path()} true", check=False)
+    assert held.returncode != 0
+
+
+@pytest.mark.parametrize(
+    ("inject", "refusal"),
+    [
+        (_lock_and_stop, "refusing: update lock held"),
+        (lab_faults.start_pull, "refusing: pull or import in progress"),
+    ],
+    ids=["update-lock", "pull"],
+)
+def test_restart_playbook_checks_the_device_again_before_acting(
+    device: Device,
+    lab_inventory: LabInventory,
+    tmp_path: Path,
+    inject: Callable[[Device], object],
+    refusal: str,
+) -> None:
+    """A lock or pull that appears after the probe: the playbook refuses, the engine untouched."""
+    inject(device)
+    before = _engine(device)
+    private = tmp_path / "runner"
+    private.mkdir()
+    run = ansible_runner.run(
+        private_data_dir=str(private),
+        playbook=str(ROOT / "playbooks" / "engine-restart.yml"),
+        inventory=str(lab_inventory([device])),
+        extravars={"engine_unit": UNIT, "override_lock": "False"},
+        quiet=True,
+        envvars={"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])},
+    )
+    assert run.status == "failed"
+    failed = [e for e in run.events if e.get("event") == "runner_on_failed"]
+    assert [e["event_data"]["task"] for e in failed] == [
+        "Refuse when an update lock is held or a pull is in progress"
+    ]
+    assert failed[0]["event_data"]["res"]["stdout"].startswith(refusal)
+    assert _engine(device) == before
