@@ -51,6 +51,10 @@ RESERVED_KEYS = frozenset({"seq", "prev", "hash"})
 _TAIL_CHUNK = 8192
 
 
+#: Per-host events of planning: many per run, none of them changes a device.
+PER_HOST_EVENTS = frozenset({"targets.resolved", "probe.finished", "host.decided"})
+
+
 def utc_now() -> datetime:
     """Return the current time in UTC (the default clock of entry points)."""
     return datetime.now(UTC)
@@ -138,10 +142,15 @@ class AuditLog:
     ``flock``, reads the last record, writes one line, fsyncs and closes — so
     appends from threads and processes interleave as whole, correctly chained
     records.  Earlier lines are never rewritten.
+
+    ``unsynced_events`` names events written without their own fsync (the per-host
+    records of a dry run, thousands per fleet-wide plan): a crashed process loses nothing
+    (the kernel has the bytes), and the next synced record makes them durable too.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, unsynced_events: frozenset[str] = frozenset()) -> None:
         self.path = path
+        self.unsynced_events = unsynced_events
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
@@ -177,7 +186,8 @@ class AuditLog:
             }
             record["hash"] = _digest(record)
             _write_all(fd, (_canonical(record) + "\n").encode("ascii"))
-            os.fsync(fd)
+            if event.get("event") not in self.unsynced_events:
+                os.fsync(fd)
         except OSError as exc:
             raise AuditError(f"{self.path}: cannot append to audit log: {exc.strerror}") from exc
         finally:

@@ -97,15 +97,17 @@ def build_probe_script(checks: Sequence[Check], params: Mapping[str, object], no
     lines += [
         f"__rt=$(mktemp -d /tmp/.remediate-probe.XXXXXX) || {{ echo '{nonce} FATAL'; exit 97; }}",
         "trap 'rm -rf \"$__rt\"' EXIT",
+        # Elapsed seconds come from /proc/uptime (a builtin read, no process), and the encoders
+        # run only for non-empty output: per check, the cost is one `timeout` and one `sh -c`.
         "__rc() {",
-        "  __s=$(date +%s)",
+        "  read -r __s __ </proc/uptime; __s=${__s%.*}",
         '  timeout -s KILL "$2" sh -c "$3" >"$__rt/o" 2>"$__rt/e" </dev/null',
         "  __x=$?",
-        "  __e=$(( $(date +%s) - __s ))",
-        f'  printf \'\\n{nonce} C %s %s %s\\n\' "$1" "$__x" "$__e"',
-        f'  head -c {MAX_STDOUT + 1} "$__rt/o" | base64',
+        "  read -r __n __ </proc/uptime; __n=${__n%.*}",
+        f'  printf \'\\n{nonce} C %s %s %s\\n\' "$1" "$__x" "$((__n - __s))"',
+        f'  [ -s "$__rt/o" ] && head -c {MAX_STDOUT + 1} "$__rt/o" | base64',
         f"  printf '{nonce} E\\n'",
-        f'  head -c {MAX_STDERR} "$__rt/e" | base64',
+        f'  [ -s "$__rt/e" ] && head -c {MAX_STDERR} "$__rt/e" | base64',
         f"  printf '{nonce} Z\\n'",
         "}",
     ]

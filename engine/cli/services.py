@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
-from engine.audit import AuditLog, configure_audit, utc_now
+from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.pipeline import NullReporter, Reporter, Services
 from engine.settings import Settings
@@ -60,7 +60,7 @@ def open_store(settings: Settings) -> Iterator[StateStore]:
 @contextmanager
 def open_services(settings: Settings, *, reporter_console: Console | None) -> Iterator[Services]:
     """Services for one CLI run; the audit log and its head in the store are kept in step."""
-    audit = AuditLog(settings.audit_path)
+    audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
     configure_audit(audit, clock=utc_now)
     executor = AnsibleExecutor(AnsibleSettings(work_dir=settings.state_dir / "work"))
     with open_store(settings) as store:

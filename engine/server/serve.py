@@ -24,7 +24,7 @@ from types import FrameType
 
 import uvicorn
 
-from engine.audit import AuditLog, configure_audit, utc_now
+from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
 from engine.errors import ConfigError, StateError
 from engine.server.app import create_app
 from engine.server.config import ServerConfig, load_server_config
@@ -94,7 +94,7 @@ def serve(config_path: Path, settings: Settings) -> int:
 
 
 def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> int:
-    audit = AuditLog(settings.audit_path)
+    audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
     configure_audit(audit, clock=utc_now)
     server = WebhookServer(config, settings, clock=utc_now)
     try:
