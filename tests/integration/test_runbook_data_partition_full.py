@@ -286,6 +286,52 @@ def test_read_only_data_partition_is_skipped_by_the_rw_guard(
     assert _volume_sums(lab_device) == sums
 
 
+@contextmanager
+def _persistent_journal_on_data(dev: Device) -> Iterator[None]:
+    """Journald writing to /mnt/data/root-overlay/var/log/journal, as with persistentLogging."""
+    dev.sh(
+        "mkdir -p /mnt/data/root-overlay/var/log/journal"
+        " && mount --bind /mnt/data/root-overlay/var/log/journal /var/log/journal"
+        " && systemctl restart systemd-journald"
+    )
+    try:
+        yield
+    finally:
+        dev.sh(
+            "umount -l /var/log/journal; systemctl restart systemd-journald;"
+            " rm -rf /mnt/data/root-overlay",
+            check=False,
+        )
+
+
+def test_journal_on_the_data_partition_is_vacuumed(
+    lab_device: Device, lab_inventory: LabInventory, tmp_path: Path
+) -> None:
+    """A persistent journal on /mnt/data: vacuumed to journal_max_mb, and that frees enough."""
+    journal = "/mnt/data/root-overlay/var/log/journal"
+    with _persistent_journal_on_data(lab_device):
+        lab_device.sh(
+            "head -c 6000000 /dev/urandom | base64 -w 600 | systemd-cat -t dpf-test"
+            " && journalctl --sync && journalctl --rotate"
+        )
+        archived = lab_device.sh(f"find {journal} -name 'system@*.journal'").stdout.split()
+        assert archived
+        _fill(lab_device, 91, FillKind.VOLUME)
+        assert _free_pct(lab_device) < TARGET
+        before = _listing(lab_device)
+
+        report = _apply(lab_inventory([lab_device]), tmp_path / "state", "-e", "journal_max_mb=1")
+        assert _planned(report, lab_device.name) == {"vacuum_journal": None, "report": None}
+        host = _by_host(report["hosts"])[lab_device.name]
+        assert host["outcome"] == "fixed", host["reason"]
+        assert _ran(report, lab_device.name) == [("vacuum_journal", "ok"), ("report", None)]
+        assert _free_pct(lab_device) >= TARGET
+        left = lab_device.sh(f"find {journal} -name 'system@*.journal'").stdout.split()
+        assert not set(archived) & set(left)
+        assert lab_device.sh(f"find {journal} -name system.journal").stdout.strip()
+        assert _listing(lab_device) == before
+
+
 def test_orphaned_layer_is_quarantined_with_the_shared_scan_and_playbook(
     lab_device: Device, lab_inventory: LabInventory, tmp_path: Path
 ) -> None:
