@@ -95,7 +95,9 @@ def run_steps(
             )
             for host in hosts:
                 result = results[host]
-                failing = next((t for t in result.tasks if t.status is not HostStatus.OK), None)
+                failing = next(
+                    (t for t in result.tasks if t.status not in {HostStatus.OK, None}), None
+                )
                 detail = f"task {failing.name!r}: {failing.message}" if failing else ""
                 message = result.message or detail
                 run = StepRun(

@@ -349,7 +349,9 @@ def _probe_play(script: str, timeout: float) -> dict[str, Any]:
         "tasks": [
             {
                 "name": "probe",
-                "ansible.builtin.raw": _Unsafe(script),
+                # Dict form: a free-form string would go through Ansible's argument splitter,
+                # which rejects some valid shell quoting; _raw_params is taken as it is.
+                "ansible.builtin.raw": {"_raw_params": _Unsafe(script)},
                 "timeout": max(1, math.ceil(timeout)),
             }
         ],

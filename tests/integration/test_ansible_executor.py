@@ -104,6 +104,14 @@ def test_script_is_not_templated(executor: AnsibleExecutor, inventory: Path) -> 
     assert results["dev1"].stdout == "{{ 7*6 }}\n{{ lookup('pipe','id') }}\n{% raw %}x\n"
 
 
+def test_script_quoting_reaches_the_shell_unchanged(
+    executor: AnsibleExecutor, inventory: Path
+) -> None:
+    """Quoting Ansible's argument splitter rejects in free-form args passes verbatim."""
+    results = executor.run_script(inventory, ["dev1"], """printf '%s' '"\\'""", timeout=30)
+    assert results["dev1"].stdout == '"\\'
+
+
 def test_nonzero_exit_is_failed_with_stdout(executor: AnsibleExecutor, inventory: Path) -> None:
     """A non-zero exit is a FAILED result that keeps rc and stdout."""
     results = executor.run_script(inventory, ["dev1"], "echo partial; exit 7", timeout=30)
