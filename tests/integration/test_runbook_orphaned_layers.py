@@ -13,6 +13,7 @@ import json
 import os
 import random
 import secrets
+import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -208,10 +209,13 @@ def layout_problems(
     report: dict[str, Any],
     before: LayerListing,
     links: dict[str, str],
+    *,
+    kept: bool = False,
 ) -> list[str]:
     """Everything wrong in how ``report`` (a ``run --apply``) treated ``layout``; [] if nothing.
 
-    ``before`` is the listing just before the run, ``links`` the orphans' short links.
+    ``before`` is the listing just before the run, ``links`` the orphans' short links; with
+    ``kept`` (``keep_quarantine=true``) the run's quarantine must hold exactly the orphans.
     """
     problems: list[str] = []
     after = layer_listing(dev)
@@ -240,9 +244,21 @@ def layout_problems(
         )
     problems += [f"image does not run: {b}" for b in broken_images(dev)]
     problems += [f"container does not inspect: {c}" for c in uninspectable_containers(dev)]
-    if dev.sh(f"test -e {QUARANTINE}", check=False).returncode == 0:
+    if kept:
+        held = quarantine_listing(dev, report["plan"]["run_id"])
+        if held != LayerListing(frozenset(orphans), frozenset(want_links)):
+            problems.append(f"quarantine holds {held}, orphans {sorted(orphans)}")
+    elif dev.sh(f"test -e {QUARANTINE}", check=False).returncode == 0:
         problems.append(f"{QUARANTINE} left behind")
     return problems
+
+
+def quarantine_listing(dev: Device, run_id: str) -> LayerListing:
+    """What a run's kept quarantine holds: the moved layer dirs and ``l/`` links."""
+    where = f"{QUARANTINE}/{run_id}"
+    out = dev.sh('ls -A "$1"; echo /; ls -A "$1/links"', where, check=False).stdout
+    dirs, links = out.split("/\n", 1) if "/\n" in out else (out, "")
+    return LayerListing(frozenset(dirs.split()) - {"links", "manifest"}, frozenset(links.split()))
 
 
 def run_layouts(
@@ -290,6 +306,7 @@ def test_safety_proof_plan_then_apply_quarantines_exactly_the_orphan(
         links = {orphan: short_link(dev, orphan)}
         saved = tmp_path / "plan.json"
         plan_args = ["plan", RUNBOOK, "-i", str(inventory), "-e", FRESH, "--out", str(saved)]
+        plan_args += ["-e", "keep_quarantine=true"]
         plan = remediate(plan_args, tmp_path / "state")
         (host_plan,) = plan["plan"]["hosts"]
         assert host_plan["outcome"] == "planned", host_plan
@@ -304,8 +321,11 @@ def test_safety_proof_plan_then_apply_quarantines_exactly_the_orphan(
         (host,) = report["hosts"]
         assert host["outcome"] == "fixed", host
         assert [s["step"] for s in host["steps"]] == [s["id"] for s in host_plan["steps"]]
-        assert layout_problems(dev, layout, report, before, links) == []
+        assert layout_problems(dev, layout, report, before, links, kept=True) == []
         assert dev.balena("ps", "-q", "--filter", "name=proof-running").stdout.strip()
+        evidence = host["evidence_after"]
+        assert evidence["quarantined_bytes"] >= 4 * 1024 * 1024
+        assert evidence["scan"]["qualifying"] == []
         audit = subprocess.run(
             [sys.executable, "-c", "from engine.cli import main; main()", "audit", "verify"],
             env={**os.environ, "REMEDIATE_STATE_DIR": str(tmp_path / "state")},
@@ -316,6 +336,7 @@ def test_safety_proof_plan_then_apply_quarantines_exactly_the_orphan(
         assert audit.returncode == 0, audit.stdout + audit.stderr
     finally:
         remove_layout(dev, layout)
+        dev.sh(f"rm -rf {QUARANTINE}")
 
 
 def test_randomized_layouts_lose_only_orphans(
@@ -460,3 +481,73 @@ def test_playbook_rechecks_items_restores_on_failed_check_and_restarts_on_reques
     assert set(referenced) <= after.dirs
     assert broken_images(dev) == []
     assert dev.sh(f"test -e {QUARANTINE}", check=False).returncode != 0
+
+
+SCAN = ROOT / "runbooks" / "checks" / "orphan-layers.sh"
+
+
+def _scan(dev: Device, min_age: int = 0) -> subprocess.CompletedProcess[str]:
+    """Run the check script over SSH as the probe does (``param_min_age`` in the environment)."""
+    script = shlex.quote(SCAN.read_text(encoding="utf-8"))
+    return dev.ssh(f"param_min_age={min_age} sh -c {script}")
+
+
+def test_scan_never_qualifies_mounted_lower_open_or_odd_dirs(lab_device: Device) -> None:
+    """Unreferenced dirs that are mounted, a lower layer, open or oddly named never qualify."""
+    dev = lab_device
+    ov = f"{DOCKER}/overlay2"
+    fake = {name: secrets.token_hex(32) for name in ("plain", "mounted", "lower", "open")}
+    shorts = {name: secrets.token_hex(13).upper() for name in fake}
+    odd = ["not-a-layer", secrets.token_hex(32).upper(), f"{secrets.token_hex(32)}-x"]
+    setup = 'set -e; cd "$1"; shift\n' + "".join(
+        f"mkdir -p {i}/diff && printf %s {shorts[n]} > {i}/link && echo x > {i}/diff/f\n"
+        for n, i in fake.items()
+    )
+    setup += f"printf %s l/{shorts['lower']} > {fake['plain']}/lower\n"
+    setup += f"mount -t tmpfs lab {fake['mounted']}/diff\n"
+    setup += "".join(f"mkdir {o}\n" for o in odd)
+    setup += f"touch {secrets.token_hex(32)}\n"  # a file, not a dir
+    dev.sh(setup, ov)
+    hold = f"{ov}/{fake['open']}/diff/f"
+    holder = subprocess.Popen(
+        dev.nsenter_args(["sh", "-c", 'exec 3< "$1"; echo $$; exec sleep 600', "sh", hold]),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    holder_pid = holder.stdout.readline().strip()  # the file is open once this is printed
+    try:
+        assert holder_pid.isdigit()
+        result = _scan(dev)
+        assert result.returncode == 0, result.stderr
+        scan = json.loads(result.stdout)
+        by_id = {c["id"]: c for c in scan["candidates"]}
+        assert {c["id"] for c in scan["qualifying"]} == {fake["plain"]}
+        assert by_id[fake["mounted"]]["mounted"] is True
+        assert by_id[fake["lower"]]["lower"] is True
+        assert by_id[fake["open"]]["open"] is True
+        assert not set(odd) & set(by_id)
+        assert scan["unexpected"] == len(odd) + 1
+        assert scan["dirs"] == len(lab_faults.layer_dirs(dev))
+        assert _scan(dev, min_age=3600).stdout.count(fake["plain"]) == 1  # candidate only
+    finally:
+        dev.run(["kill", holder_pid], check=False)
+        holder.communicate(timeout=60)
+        dev.sh(f'umount "$1/{fake["mounted"]}/diff" || true', ov)
+        names = [*fake.values(), *odd]
+        dev.sh('cd "$1"; shift; rm -rf -- "$@"; find . -maxdepth 1 -type f -delete', ov, *names)
+
+
+def test_scan_refuses_unreadable_metadata(lab_device: Device) -> None:
+    """An empty or malformed reference file makes the scan fail instead of guessing."""
+    dev = lab_device
+    chain = f"{DOCKER}/image/overlay2/layerdb/sha256/{secrets.token_hex(32)}"
+    try:
+        for content in ("", "not-an-id\n"):
+            dev.sh('mkdir -p "$1" && printf %s "$2" > "$1/cache-id"', chain, content)
+            result = _scan(dev)
+            assert result.returncode == 3, result.stdout
+            assert "is empty or not a layer id" in result.stderr
+            assert not result.stdout
+    finally:
+        dev.sh('rm -rf "$1"', chain)
