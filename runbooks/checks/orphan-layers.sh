@@ -38,8 +38,12 @@
 #   exit 3 with a message on stderr when the metadata cannot be read with certainty (a reference
 #   file that is empty or not a layer id, layer dirs without a layerdb): the check fails and
 #   nothing can qualify.  Names are hex (+ "-init"): the JSON needs no escaping.
+#   "in_flight" does not empty "qualifying": a runbook guards on it (the playbook refuses too).
+#   Dirs of other names (BuildKit's 25-character snapshot ids) are "unexpected", never touched.
 #
 # POSIX sh + coreutils or busybox + awk (mawk, gawk, busybox).  Writes nothing anywhere.
+# The probe reaches the device through Ansible's argument splitter: this file must contain no
+# Jinja delimiter (brace-hash, brace-percent, unbalanced double braces).
 
 set -u
 LC_ALL=C
@@ -63,8 +67,7 @@ fail() {
 	exit 3
 }
 
-# Length patterns (the probe runs through Ansible's argument splitter, to which the shell's
-# length operator looks like the start of a Jinja comment: this file must not use it).
+# Length patterns (the shell's length operator starts with a Jinja comment delimiter).
 any64=????????????????????????????????????????????????????????????????
 any26=??????????????????????????
 

@@ -551,3 +551,11 @@ def test_scan_refuses_unreadable_metadata(lab_device: Device) -> None:
             assert not result.stdout
     finally:
         dev.sh('rm -rf "$1"', chain)
+
+
+def test_scan_script_passes_ansible_argument_splitting() -> None:
+    """The probe goes through Ansible's splitter: the script holds no Jinja delimiter."""
+    text = SCAN.read_text(encoding="utf-8")
+    assert "{#" not in text
+    assert "{%" not in text
+    assert text.count("{{") == text.count("}}")
