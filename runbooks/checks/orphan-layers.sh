@@ -177,14 +177,24 @@ if [ "$engine_pid" -eq 0 ]; then
 	p=${p%/comm}
 	case $p in '' | *[!0-9]*) ;; *) engine_pid=$p ;; esac
 fi
+# The engine's start in wall-clock seconds, to the hundredth where `date` gives nanoseconds:
+# now - uptime + the process's start in ticks after boot (btime alone is a whole second off).
+# Without nanoseconds it comes out early, which only makes more entries count as in flight.
 engine_started=0
+engine_started_f=0
 if [ "$engine_pid" -gt 0 ]; then
 	ticks=$(sed 's/^.*) //' "/proc/$engine_pid/stat" 2>/dev/null | awk '{print $20}')
-	btime=$(awk '$1 == "btime" {print $2}' /proc/stat)
 	hz=$(getconf CLK_TCK 2>/dev/null) || hz=100
-	case "$ticks$btime$hz" in
+	wall=$(date +%s.%N 2>/dev/null)
+	case $wall in '' | *[!0-9.]*) wall=$(date +%s) ;; esac
+	up=$(awk '{print $1}' /proc/uptime)
+	case "$ticks$hz" in
 	'' | *[!0-9]*) ;;
-	*) [ "$hz" -gt 0 ] && engine_started=$((btime + ticks / hz)) ;;
+	*)
+		engine_started_f=$(awk -v w="$wall" -v u="$up" -v t="$ticks" -v h="$hz" \
+			'BEGIN { if (h > 0) printf "%.2f\n", w - u + t / h - 0.05; else print 0 }')
+		engine_started=${engine_started_f%.*}
+		;;
 	esac
 fi
 reason=""
@@ -199,10 +209,12 @@ if [ -d "$db/tmp" ]; then
 		case $tname in write-set-*) ;; *) tname="an unexpected entry" ;; esac
 		case $tname in *[!a-z0-9-]*) tname="an unexpected entry" ;; esac
 		changed=$(tree_stats "$t" | awk '{print $2}')
-		if [ "$engine_started" -eq 0 ]; then
+		changed=${changed:-0}
+		if [ "$engine_started" -le 0 ]; then
 			reason="${reason}layerdb/tmp has $tname and the engine's start time is unknown; "
-		elif [ "${changed:-0}" -ge "$engine_started" ]; then
-			reason="${reason}layerdb/tmp/$tname changed since the engine started; "
+		elif awk -v c="$changed" -v s="$engine_started_f" 'BEGIN { exit !(c + 1 > s) }'; then
+			# ctime is whole seconds: a change at c happened before c + 1.
+			reason="${reason}layerdb/tmp/$tname changed at $changed, engine started $engine_started_f; "
 		elif [ $((now - ${changed:-0})) -lt "$min_age" ]; then
 			reason="${reason}layerdb/tmp/$tname changed $((now - changed)) s ago; "
 		fi

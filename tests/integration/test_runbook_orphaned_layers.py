@@ -225,7 +225,9 @@ def layout_problems(
     want_links = {links[o] for o in orphans}
     if orphans:
         if host["outcome"] != "fixed":
-            problems.append(f"outcome {host['outcome']} ({host['reason']}), expected fixed")
+            scan = host_plan["evidence"].get("scan")
+            why = scan.get("in_flight_reason") if isinstance(scan, dict) else scan
+            problems.append(f"outcome {host['outcome']} ({host['reason']}; {why}), expected fixed")
         if sorted(planned_items(host_plan)) != sorted(orphans):
             problems.append(f"planned {planned_items(host_plan)}, orphans {sorted(orphans)}")
         if [s["step"] for s in host["steps"]] != ["quarantine"]:
