@@ -15,6 +15,8 @@ def parse_duration(value: object) -> timedelta:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return timedelta(seconds=value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return timedelta(seconds=int(value.strip()))
     if isinstance(value, str):
         match = DURATION_RE.match(value.strip())
         if match and any(match.groupdict().values()):

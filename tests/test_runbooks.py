@@ -102,6 +102,8 @@ def test_param_overrides_are_typed() -> None:
         "free_pct_min": 25,
         "min_age": 7200,
     }
+    assert runbook.param_values({"min_age": "0"})["min_age"] == 0  # plain seconds
+    assert runbook.param_values({"min_age": "90"})["min_age"] == 90
     with pytest.raises(ParamError, match="no parameter 'nope'"):
         runbook.param_values({"nope": "1"})
     with pytest.raises(ParamError, match="expected an int"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -139,7 +140,8 @@ def test_hung_engine_is_restarted_exactly_as_planned(
     assert plan[hung.name]["evidence"]["containers"]["source"] == "disk"
     assert [s["id"] for s in plan[hung.name]["steps"]] == ["capture_evidence", "restart"]
     restart_line = plan[hung.name]["steps"][1]["plan"]
-    assert restart_line.startswith(f"restart {UNIT} (active, NRestarts 0, balena ps rc 124")
+    # NRestarts is whatever earlier tests on this shared device left (crash faults keep it).
+    assert re.match(rf"restart {UNIT} \(active, NRestarts \d+, balena ps rc 124", restart_line)
     assert f"the engine starts again: {ALWAYS};" in restart_line
     assert f"stay stopped (no restart policy): {APP_CONTAINER}" in restart_line
     assert plan[healthy.name]["outcome"] == "healthy"
