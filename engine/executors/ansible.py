@@ -93,8 +93,12 @@ class AnsibleSettings(BaseModel):
 class AnsibleExecutor:
     """Runs probe scripts and playbooks through ansible-runner (see the module docstring)."""
 
-    def __init__(self, settings: AnsibleSettings) -> None:
+    def __init__(
+        self, settings: AnsibleSettings, *, cancel: Callable[[], bool] | None = None
+    ) -> None:
+        """``cancel`` returning true stops running ansible-playbook children (server shutdown)."""
         self._settings = settings
+        self._cancel = cancel
 
     def run_script(
         self, inventory: Path, hosts: Sequence[str], script: str, *, timeout: float
@@ -267,12 +271,12 @@ class AnsibleExecutor:
                     envvars=self._env(extra_env),
                     quiet=True,
                     event_handler=on_event,
-                    cancel_callback=cancelled,
+                    cancel_callback=lambda: cancelled() or bool(self._cancel and self._cancel()),
                 )
         except Exception as exc:  # ansible-runner raises bare exceptions of many kinds
             raise ExecutorError(f"{what}: ansible-runner failed: {exc}") from exc
         if runner.status == "canceled":
-            raise ExecutorError(f"{what}: interrupted by a signal")
+            raise ExecutorError(f"{what}: cancelled (a signal, or the engine shutting down)")
         if watcher.stats is None and not watcher.no_hosts:
             raise ExecutorError(
                 f"{what}: ansible-playbook did not finish "

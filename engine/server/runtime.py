@@ -43,6 +43,10 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
 
 
+#: Seconds cancelled playbooks get to stop after the shutdown timeout.
+ABORT_GRACE = 15.0
+
+
 class WebhookServer:
     """Everything one server process runs, apart from HTTP."""
 
@@ -65,8 +69,9 @@ class WebhookServer:
             [config.runbooks(settings)], playbooks_dir=config.playbooks(settings)
         )
         self.router = Router(runbooks)
+        self._abort = threading.Event()  # set when running runs overstay the shutdown timeout
         self.executor = executor or AnsibleExecutor(
-            AnsibleSettings(work_dir=settings.state_dir / "work")
+            AnsibleSettings(work_dir=settings.state_dir / "work"), cancel=self._abort.is_set
         )
         self.store: AlertStore = self._open_store()
         self.metrics = ServerMetrics(self.store.queue_counts)
@@ -172,6 +177,10 @@ class WebhookServer:
         self._watcher_stop.set()
         interrupted: list[QueueItem] = []
         if not self.pool.join(timeout):
+            # Stop the playbooks still running (ansible-runner terminates its children), so no
+            # Ansible process outlives the server, then record those runs as interrupted.
+            self._abort.set()
+            self.pool.join(ABORT_GRACE)
             interrupted = self.store.interrupt_running(
                 now=self.clock(),
                 reason=f"the server stopped: the run did not finish within {timeout:g}s",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -314,3 +315,21 @@ def test_missing_ansible_binary_is_an_executor_error(inventory: Path, tmp_path: 
     executor = AnsibleExecutor(AnsibleSettings(work_dir=tmp_path / "w", ansible_bin_dir=empty))
     with pytest.raises(ExecutorError, match="ansible-playbook"):
         executor.run_script(inventory, ["dev1"], "true", timeout=5)
+
+
+def test_cancel_stops_a_running_playbook(tmp_path: Path) -> None:
+    """A cancel callback turning true stops ansible-playbook and is an executor error."""
+    deadline = time.monotonic() + 2
+    executor = AnsibleExecutor(
+        AnsibleSettings(work_dir=tmp_path / "work"), cancel=lambda: time.monotonic() > deadline
+    )
+    inventory = write_inventory(
+        tmp_path / "hosts.yml", {"dev1": {"ansible_connection": "local", **NO_PYTHON}}
+    )
+    playbook = write_playbook(tmp_path, [{"name": "slow", "ansible.builtin.raw": "sleep 120"}])
+    with pytest.raises(ExecutorError, match="cancelled"):
+        executor.run_playbook(
+            inventory,
+            PlaybookRequest(playbook=playbook, hosts=("dev1",), label="slow"),
+            artifacts_dir=tmp_path / "artifacts",
+        )
