@@ -150,6 +150,15 @@ class WorkerPool:
         audit_set_aside("expired", claim.expired, self._metrics)
         if claim.item is None:
             return self._apply_next_approval(services, store)
+        # The claim may belong to a storm committed after the refresh above; the firings came
+        # in the same transaction as the item, so a refresh now sees all of them.
+        hold = self._breaker.refresh(store).open and self._breaker.hold_reason
+        if hold:
+            store.finish_queue_item(
+                claim.item.item_id, self.owner, QueueState.HELD, now=self._clock(), reason=hold
+            )
+            audit_set_aside("held", (claim.item,), self._metrics)
+            return True
         with self._busy_lock:
             self._busy[claim.item.item_id] = claim.item
         try:
