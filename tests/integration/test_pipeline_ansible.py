@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import run_remediate
 from tests.support.sshd import SshServer
 
 pytestmark = pytest.mark.integration
@@ -48,19 +49,8 @@ MARKER_PLAYBOOK = """\
 """
 
 
-def _cli(
-    args: list[str], state_dir: Path, *, cwd: Path = ROOT, check: bool = False
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state_dir), "REMEDIATE_USER": "tester"}
-    return subprocess.run(
-        [sys.executable, "-c", "from engine.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        check=check,
-        timeout=300,
-    )
+def _cli(args: list[str], state_dir: Path, *, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return run_remediate(args, state_dir, cwd=cwd, timeout=300)
 
 
 def _project(tmp_path: Path) -> Path:

@@ -22,6 +22,7 @@ from engine.lab import Device
 from engine.lab import faults as lab_faults
 from engine.lab.faults import FillKind
 from engine.lab.images import APP_VOLUME
+from tests.support.cli import run_remediate
 from tests.support.lab import LabDevices, LabInventory
 
 pytestmark = [pytest.mark.lab, pytest.mark.integration]
@@ -41,16 +42,7 @@ STEP_FOR = {
 
 
 def _cli(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state), "REMEDIATE_USER": "tester"}
-    return subprocess.run(
-        [sys.executable, "-c", "from engine.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        check=False,
-        timeout=600,
-    )
+    return run_remediate(args, state)
 
 
 def _report(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import pytest
 from engine.lab import Device
 from engine.lab import faults as lab_faults
 from engine.lab.images import APP_CONTAINER
+from tests.support.cli import run_remediate
 from tests.support.lab import LabDevices, LabInventory
 
 pytestmark = [pytest.mark.lab, pytest.mark.integration]
@@ -32,16 +33,7 @@ NO_SETTLE = ("-e", "settle=0s")
 
 
 def _cli(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state), "REMEDIATE_USER": "tester"}
-    return subprocess.run(
-        [sys.executable, "-c", "from engine.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        check=False,
-        timeout=600,
-    )
+    return run_remediate(args, state)
 
 
 def _apply(inventory: Path, state: Path, *extra: str) -> dict[str, Any]:

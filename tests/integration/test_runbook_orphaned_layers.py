@@ -29,6 +29,7 @@ from engine.executors.base import HostStatus, PlaybookRequest
 from engine.lab import Device
 from engine.lab import faults as lab_faults
 from engine.lab.images import APP_CONTAINER, IMAGES
+from tests.support.cli import run_remediate
 from tests.support.lab import LabDevices, LabInventory
 
 pytestmark = [pytest.mark.lab, pytest.mark.integration]
@@ -87,16 +88,7 @@ def uninspectable_containers(dev: Device) -> list[str]:
 # ------------------------------------------------------------------------------- the CLI
 def remediate(args: Sequence[str], state_dir: Path) -> dict[str, Any]:
     """Run the real CLI from the repository root with ``-o json``; its parsed output."""
-    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state_dir), "REMEDIATE_USER": "tester"}
-    proc = subprocess.run(
-        [sys.executable, "-c", "from engine.cli import main; main()", *args, "-o", "json"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        check=False,
-        timeout=600,
-    )
+    proc = run_remediate([*args, "-o", "json"], state_dir)
     assert proc.returncode in {0, 1}, f"remediate {' '.join(args)}: {proc.stderr[-3000:]}"
     result: dict[str, Any] = json.loads(proc.stdout)
     return result

@@ -1,0 +1,27 @@
+"""Run the real ``remediate`` CLI as a subprocess, the way an operator or a script does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_remediate(
+    args: Sequence[str], state_dir: Path, *, cwd: Path = ROOT, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """``remediate ARGS`` with its own state dir, as user ``tester``; never raises on exit codes."""
+    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state_dir), "REMEDIATE_USER": "tester"}
+    return subprocess.run(
+        [sys.executable, "-c", "from engine.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        check=False,
+        timeout=timeout,
+    )
