@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console, Group
-from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -199,11 +198,6 @@ def runbook_view(runbook: Runbook) -> Group:
         )
     parts.append(_policy_line(spec.policy))
     return Group(*parts)
-
-
-def escape_text(value: str) -> str:
-    """Escape text from outside (device output, labels) before it meets Rich markup."""
-    return escape(value)
 
 
 _OUTCOME_STYLE = {

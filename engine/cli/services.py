@@ -9,7 +9,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+)
 
 from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
@@ -28,18 +35,18 @@ class RichReporter:
 
     def __init__(self, progress: Progress) -> None:
         self._progress = progress
-        self._task: object | None = None
+        self._task: TaskID | None = None
 
     def phase(self, name: str, total: int | None = None) -> None:
         """Finish the previous phase's line and start a new one."""
         if self._task is not None:
-            self._progress.update(self._task, completed=self._total())  # type: ignore[arg-type]
+            self._progress.update(self._task, completed=self._total())
         self._task = self._progress.add_task(name, total=total)
 
     def advance(self, amount: int = 1) -> None:
         """Advance the current phase."""
         if self._task is not None:
-            self._progress.advance(self._task, amount)  # type: ignore[arg-type]
+            self._progress.advance(self._task, amount)
 
     def _total(self) -> float:
         task = next(t for t in self._progress.tasks if t.id == self._task)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.support.cli import run_remediate
+from tests.support.cli import REMEDIATE, remediate_env, run_remediate
 from tests.support.sshd import SshServer
 
 pytestmark = pytest.mark.integration
@@ -60,6 +59,21 @@ def _project(tmp_path: Path) -> Path:
     (project / "runbooks" / "marker.yml").write_text(MARKER_RUNBOOK)
     (project / "playbooks" / "create-marker.yml").write_text(MARKER_PLAYBOOK)
     return project
+
+
+def _apply_marker(inventory: Path, marker: Path) -> list[str]:
+    """``run marker --apply -o json`` arguments for one inventory and marker path."""
+    return [
+        "run",
+        "marker",
+        "-i",
+        str(inventory),
+        "-e",
+        f"marker={marker}",
+        "--apply",
+        "-o",
+        "json",
+    ]
 
 
 def _local_inventory(path: Path, hosts: list[str]) -> Path:
@@ -111,17 +125,7 @@ def test_apply_over_real_sshd_with_raw_only(tmp_path: Path, sshd: SshServer) -> 
         "ansible_ssh_common_args='-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null'\n"
     )
     state = tmp_path / "state"
-    args = [
-        "run",
-        "marker",
-        "-i",
-        str(inventory),
-        "-e",
-        f"marker={marker}",
-        "--apply",
-        "-o",
-        "json",
-    ]
+    args = _apply_marker(inventory, marker)
     run = _cli(args, state, cwd=project)
     assert run.returncode == 0, run.stdout + run.stderr
     (host,) = json.loads(run.stdout)["hosts"]
@@ -136,26 +140,15 @@ def test_two_concurrent_runs_on_one_device_act_once(tmp_path: Path) -> None:
     marker = tmp_path / "concurrent"
     inventory = _local_inventory(tmp_path / "one.ini", ["dev1"])
     state = tmp_path / "state"
-    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state), "REMEDIATE_USER": "tester"}
-    args = [
-        "run",
-        "marker",
-        "-i",
-        str(inventory),
-        "-e",
-        f"marker={marker}",
-        "--apply",
-        "-o",
-        "json",
-    ]
+    args = _apply_marker(inventory, marker)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", "from engine.cli import main; main()", *args],
+            [*REMEDIATE, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             cwd=project,
-            env=env,
+            env=remediate_env(state),
         )
         for _ in range(2)
     ]

@@ -11,17 +11,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+#: The command line that runs the CLI with this interpreter (no installed script needed).
+REMEDIATE = (sys.executable, "-c", "from engine.cli import main; main()")
+
+
+def remediate_env(state_dir: Path) -> dict[str, str]:
+    """The environment of a CLI run: its own state dir, user ``tester``."""
+    return {**os.environ, "REMEDIATE_STATE_DIR": str(state_dir), "REMEDIATE_USER": "tester"}
+
+
 def run_remediate(
     args: Sequence[str], state_dir: Path, *, cwd: Path = ROOT, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
     """``remediate ARGS`` with its own state dir, as user ``tester``; never raises on exit codes."""
-    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state_dir), "REMEDIATE_USER": "tester"}
     return subprocess.run(
-        [sys.executable, "-c", "from engine.cli import main; main()", *args],
+        [*REMEDIATE, *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=env,
+        env=remediate_env(state_dir),
         check=False,
         timeout=timeout,
     )
