@@ -1,16 +1,20 @@
 """Probe: run every check of a runbook on every targeted host in one ``raw`` task per host.
 
-One POSIX-sh script runs all checks, each under its own ``timeout``, and prints one record per
-check: a marker line with the check id, exit code and elapsed seconds, then stdout and stderr in
-base64, so no output (binary, multi-line, or shaped like a marker) can confuse the parser.  The
-marker carries a random nonce per run.  The cost of a probe therefore grows with what the
-checks do on the device, not with how many checks there are.
+One POSIX-sh script runs all checks and prints one record per check: a marker line with the
+check id, exit code, elapsed seconds and whether it timed out, then its stdout, then its
+stderr, each closed by a marker.  Markers carry a random nonce per run, so no output (shaped
+like a marker or not) can forge or end a record.  Output is text: NUL bytes are dropped and
+every line comes back ending in a newline.
+
+The framing costs no process per check, so a probe's cost grows with what the checks do on
+the device, not with how many there are: each check runs in a subshell (a fork, no exec) with
+stdout and stderr in files capped by ``ulimit -f``, printed back with shell builtins; its
+timeout is kept by one watchdog per probe, which wakes every second and kills the running
+check, with everything it started, once past its deadline (so at most about a second late).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import secrets
 import shlex
@@ -28,14 +32,26 @@ from engine.runbooks.spec import Check, ParseKind
 #: Bytes of stdout kept per check (stderr: 4 KiB); more is cut and the check fails to parse.
 MAX_STDOUT = 1 << 20
 MAX_STDERR = 4096
-#: Exit codes ``timeout`` uses when it stops a command (coreutils 124; signals TERM/KILL).
-_TIMEOUT_CODES = frozenset({124, 137, 143})
+#: ``ulimit -f`` for a check's output files: room for MAX_STDOUT plus one more line (the
+#: unit is 512 bytes in dash and busybox, 1024 in bash: either way large enough).
+_FILE_BLOCKS = MAX_STDOUT // 512 + 2
 _TRUE = frozenset({"true", "yes", "1", "on", "active"})
 _FALSE = frozenset({"false", "no", "0", "off"})
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Record(_Frozen):
+    """What the probe script printed for one check."""
+
+    rc: int
+    elapsed: int
+    timed_out: bool
+    too_large: bool
+    stdout: str
+    stderr: str
 
 
 class CheckResult(_Frozen):
@@ -96,18 +112,55 @@ def build_probe_script(checks: Sequence[Check], params: Mapping[str, object], no
         lines.append(f"param_{name}={shlex.quote(text)}; export param_{name}")
     lines += [
         f"__rt=$(mktemp -d /tmp/.remediate-probe.XXXXXX) || {{ echo '{nonce} FATAL'; exit 97; }}",
-        "trap 'rm -rf \"$__rt\"' EXIT",
-        # Elapsed seconds come from /proc/uptime (a builtin read, no process), and the encoders
-        # run only for non-empty output: per check, the cost is one `timeout` and one `sh -c`.
+        # Centiseconds since boot, from a builtin read: no process per clock reading.
+        "__cs() {",
+        "  read -r __u __ </proc/uptime",
+        "  __u=${__u%.*}${__u#*.}; __u=${__u#0}; __u=${__u#0}",
+        "}",
+        # A check's process and everything it started: stopped first, so nothing forks away.
+        "__kt() {",
+        '  kill -STOP "$1" 2>/dev/null',
+        '  for __c in $(pgrep -P "$1" 2>/dev/null); do __kt "$__c"; done',
+        '  kill -KILL "$1" 2>/dev/null',
+        "}",
+        # The watchdog: every second, kill the running check if it is past its deadline.
+        # It leaves when the script does, and holds none of the script's output.
+        "__wd() {",
+        '  while kill -0 "$1" 2>/dev/null && [ -d "$__rt" ]; do',
+        "    sleep 1",
+        '    read -r __p __d <"$__rt/cur" 2>/dev/null || continue',
+        '    __cs; [ "$__u" -ge "$__d" ] || continue',
+        '    printf \'\' >"$__rt/k.$__p"; __kt "$__p"',
+        "  done",
+        "}",
+        '__wd "$$" </dev/null >/dev/null 2>&1 &',
+        "__w=$!",
+        'trap \'kill "$__w" 2>/dev/null; rm -rf "$__rt"\' EXIT',
+        # Print a file line by line with builtins, at most $2 bytes; __o=1 if it held more.
+        "__pf() {",
+        "  __o=0; __b=0",
+        '  [ -s "$1" ] || return 0',
+        '  while IFS= read -r __l || [ -n "$__l" ]; do',
+        "    __b=$((__b + ${#__l} + 1))",
+        '    [ "$__b" -gt "$2" ] && { __o=1; break; }',
+        "    printf '%s\\n' \"$__l\"",
+        '  done <"$1"',
+        "}",
+        # One check: id, timeout in seconds, command.  It runs in a subshell (no exec), with
+        # stdout and stderr in files capped by `ulimit -f`, under the watchdog's deadline.
         "__rc() {",
-        "  read -r __s __ </proc/uptime; __s=${__s%.*}",
-        '  timeout -s KILL "$2" sh -c "$3" >"$__rt/o" 2>"$__rt/e" </dev/null',
-        "  __x=$?",
-        "  read -r __n __ </proc/uptime; __n=${__n%.*}",
-        f'  printf \'\\n{nonce} C %s %s %s\\n\' "$1" "$__x" "$((__n - __s))"',
-        f'  [ -s "$__rt/o" ] && head -c {MAX_STDOUT + 1} "$__rt/o" | base64',
-        f"  printf '{nonce} E\\n'",
-        f'  [ -s "$__rt/e" ] && head -c {MAX_STDERR} "$__rt/e" | base64',
+        "  __cs; __s=$__u",
+        f'  ( ulimit -f {_FILE_BLOCKS}; eval "$3" ) >"$__rt/o.$1" 2>"$__rt/e.$1" </dev/null &',
+        "  __p=$!",
+        '  echo "$__p $((__s + $2 * 100))" >"$__rt/cur"',
+        '  wait "$__p"; __x=$?',
+        "  printf '' >\"$__rt/cur\"",
+        "  __cs; __t=0",
+        '  [ -e "$__rt/k.$__p" ] && __t=1',
+        f'  printf \'\\n{nonce} C %s %s %s %s\\n\' "$1" "$__x" "$(((__u - __s) / 100))" "$__t"',
+        f'  __pf "$__rt/o.$1" {MAX_STDOUT}',
+        f"  printf '{nonce} E %s\\n' \"$__o\"",
+        f'  __pf "$__rt/e.$1" {MAX_STDERR}',
         f"  printf '{nonce} Z\\n'",
         "}",
     ]
@@ -118,36 +171,47 @@ def build_probe_script(checks: Sequence[Check], params: Mapping[str, object], no
     return "\n".join(lines) + "\n"
 
 
-def _decode(chunks: list[str]) -> bytes:
-    return base64.b64decode("".join(chunks), validate=False)
-
-
-def _records(stdout: str, nonce: str) -> dict[str, tuple[int, int, bytes, bytes]]:
-    """Check id → (exit code, elapsed seconds, stdout, stderr) from a probe's output."""
-    records: dict[str, tuple[int, int, bytes, bytes]] = {}
-    current: list[str] | None = None
+def _records(stdout: str, nonce: str) -> dict[str, _Record]:
+    """Check id → its record, from a probe's output (lines outside records are ignored)."""
+    records: dict[str, _Record] = {}
+    header: tuple[str, int, int, bool] | None = None
+    too_large = False
     out: list[str] = []
     err: list[str] = []
-    header: tuple[str, int, int] | None = None
-    for raw in stdout.splitlines():
-        line = raw.strip()
+    current: list[str] | None = None
+    for line in stdout.split("\n"):
         if line.startswith(nonce + " "):
             parts = line.split()
-            if parts[1] == "C" and len(parts) == 5:  # noqa: PLR2004 - nonce C id rc elapsed
-                header = (parts[2], int(parts[3]), int(parts[4]))
-                out, err = [], []
+            if parts[1] == "C" and len(parts) == 6:  # noqa: PLR2004 - nonce C id rc secs timed-out
+                try:
+                    header = (parts[2], int(parts[3]), int(parts[4]), parts[5] == "1")
+                except ValueError:
+                    header = None
+                    continue
+                out, err, too_large = [], [], False
                 current = out
-            elif parts[1] == "E":
+            elif parts[1] == "E" and header is not None:
+                too_large = parts[2:] == ["1"]
                 current = err
             elif parts[1] == "Z" and header is not None:
-                try:
-                    records[header[0]] = (header[1], header[2], _decode(out), _decode(err))
-                except (binascii.Error, ValueError):
-                    records[header[0]] = (header[1], header[2], b"", b"undecodable output")
+                check_id, rc, elapsed, timed_out = header
+                records[check_id] = _Record(
+                    rc=rc,
+                    elapsed=elapsed,
+                    timed_out=timed_out,
+                    too_large=too_large,
+                    stdout=_joined(out),
+                    stderr=_joined(err),
+                )
                 header, current = None, None
-        elif current is not None and line:
+        elif current is not None:
             current.append(line)
     return records
+
+
+def _joined(lines: list[str]) -> str:
+    """The text of lines as the script printed them, each ending in a newline."""
+    return "".join(f"{line}\n" for line in lines)
 
 
 def parse_value(kind: ParseKind, rc: int, stdout: str) -> Any:
@@ -177,19 +241,17 @@ def parse_value(kind: ParseKind, rc: int, stdout: str) -> Any:
     return text
 
 
-def _check_result(check: Check, record: tuple[int, int, bytes, bytes] | None) -> CheckResult:
+def _check_result(check: Check, record: _Record | None) -> CheckResult:
     if record is None:
         return CheckResult(id=check.id, error="no result (the probe script stopped early)")
-    rc, elapsed, out_bytes, err_bytes = record
-    stderr = err_bytes.decode("utf-8", "replace").strip()
-    timeout = int(check.timeout.total_seconds())
-    if rc in _TIMEOUT_CODES and elapsed >= max(1, timeout) - 1:
+    rc, stderr = record.rc, record.stderr.strip()
+    if record.timed_out:
+        timeout = int(check.timeout.total_seconds())
         return CheckResult(id=check.id, rc=rc, stderr=stderr, error=f"timed out after {timeout}s")
-    if len(out_bytes) > MAX_STDOUT:
+    if record.too_large:
         return CheckResult(id=check.id, rc=rc, error=f"output larger than {MAX_STDOUT} bytes")
-    stdout = out_bytes.decode("utf-8", "replace")
     try:
-        value = parse_value(check.parse, rc, stdout)
+        value = parse_value(check.parse, rc, record.stdout)
     except (ValueError, json.JSONDecodeError) as exc:
         detail = f": {stderr.splitlines()[-1][:200]}" if stderr else ""
         return CheckResult(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -14,12 +16,21 @@ from engine.executors.fake import FakeExecutor, FakeReply
 from engine.probes import ProbeStatus, build_probe_script, parse_probe, parse_value, run_probes
 from engine.runbooks.spec import Check, ParseKind
 
+#: POSIX shells a device may have as /bin/sh: balenaOS has bash and busybox; Debian has dash.
+SHELLS = [
+    pytest.param(
+        argv, id=argv[0], marks=pytest.mark.skipif(not shutil.which(argv[0]), reason="absent")
+    )
+    for argv in (("dash",), ("bash", "--posix"), ("busybox", "sh"))
+]
+
 
 class ShellExecutor:
-    """Runs probe scripts with this machine's /bin/sh: a real shell, no Ansible."""
+    """Runs probe scripts with a real POSIX shell (by default /bin/sh), no Ansible."""
 
-    def __init__(self) -> None:
+    def __init__(self, shell: Sequence[str] = ("/bin/sh",)) -> None:
         self.calls = 0
+        self.shell = tuple(shell)
 
     def run_script(
         self, inventory: Path, hosts: Sequence[str], script: str, *, timeout: float
@@ -27,7 +38,11 @@ class ShellExecutor:
         del inventory
         self.calls += 1
         proc = subprocess.run(
-            ["/bin/sh", "-c", script], capture_output=True, text=True, timeout=timeout, check=False
+            [*self.shell, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         status = HostStatus.OK if proc.returncode == 0 else HostStatus.FAILED
         return {
@@ -46,8 +61,12 @@ def _check(cid: str, run: str, parse: ParseKind = ParseKind.STR, timeout: int = 
     return Check(id=cid, run=run, parse=parse, timeout=timedelta(seconds=timeout))
 
 
-def _probe(checks: list[Check], params: Mapping[str, object] | None = None) -> dict[str, object]:
-    executor = ShellExecutor()
+def _probe(
+    checks: list[Check],
+    params: Mapping[str, object] | None = None,
+    shell: Sequence[str] = ("/bin/sh",),
+) -> dict[str, object]:
+    executor = ShellExecutor(shell)
     probes = run_probes(executor, Path("inv"), ["h"], checks, params or {})
     assert executor.calls == 1
     probe = probes["h"]
@@ -55,8 +74,9 @@ def _probe(checks: list[Check], params: Mapping[str, object] | None = None) -> d
     return {cid: (r.value if r.ok else f"ERROR {r.error}") for cid, r in probe.checks.items()}
 
 
-def test_every_parse_kind_from_a_real_shell() -> None:
-    """One script runs every check; each output is parsed per its kind."""
+@pytest.mark.parametrize("shell", SHELLS)
+def test_every_parse_kind_from_a_real_shell(shell: Sequence[str]) -> None:
+    """One script runs every check, in each shell a device may have; each output is parsed."""
     values = _probe(
         [
             _check("i", "echo 42", ParseKind.INT),
@@ -68,7 +88,8 @@ def test_every_parse_kind_from_a_real_shell() -> None:
             _check("kv", "printf 'NRestarts=3\\nActiveState=active\\n'", ParseKind.KV),
             _check("rc", "exit 7", ParseKind.RC),
             _check("ok", "false", ParseKind.OK),
-        ]
+        ],
+        shell=shell,
     )
     assert values == {
         "i": 42,
@@ -83,27 +104,53 @@ def test_every_parse_kind_from_a_real_shell() -> None:
     }
 
 
-def test_failures_are_values_not_crashes() -> None:
-    """A failing, unparsable or timed-out check is an error value; the others still parse."""
+@pytest.mark.parametrize("shell", SHELLS)
+def test_failures_are_values_not_crashes(shell: Sequence[str]) -> None:
+    """A failing, unparsable, timed-out or too talkative check is an error; the others parse."""
     values = _probe(
         [
             _check("bad", "echo oops >&2; exit 2", ParseKind.INT),
             _check("nan", "echo many", ParseKind.INT),
             _check("slow", "sleep 5; echo 1", ParseKind.INT, timeout=1),
+            _check("big", "head -c 1100000 /dev/zero | tr '\\0' a", ParseKind.STR),
             _check("fine", "echo 1", ParseKind.INT),
-        ]
+        ],
+        shell=shell,
     )
     assert values["bad"] == "ERROR int: exit code 2: oops"
     assert str(values["nan"]).startswith("ERROR int: invalid literal")
     assert values["slow"] == "ERROR timed out after 1s"
+    assert values["big"] == "ERROR output larger than 1048576 bytes"
     assert values["fine"] == 1
 
 
+@pytest.mark.parametrize("shell", SHELLS)
+def test_timeout_kills_everything_the_check_started(shell: Sequence[str]) -> None:
+    """A hung check is killed with its children and grandchildren; nothing is left behind."""
+    tag = f"{secrets.randbelow(10**6) + 10**6}.25"  # a sleep argument no other process uses
+    values = _probe(
+        [
+            _check("pipe", f"sleep {tag} | cat; echo late", timeout=1),
+            _check("nested", f"sh -c 'sleep {tag}; :'; echo late", timeout=1),
+            _check("after", "echo 1", ParseKind.INT),
+        ],
+        shell=shell,
+    )
+    assert values == {
+        "pipe": "ERROR timed out after 1s",
+        "nested": "ERROR timed out after 1s",
+        "after": 1,
+    }
+    leftovers = subprocess.run(["pgrep", "-f", f"sleep {tag}"], capture_output=True, check=False)
+    assert leftovers.stdout == b""
+    assert not list(Path("/tmp").glob(".remediate-probe.*"))
+
+
 def test_output_cannot_forge_records_or_escape() -> None:
-    """Binary output, marker-shaped lines and template syntax come back as data."""
-    nasty = "printf '\\000\\001\\n@@remediate-0000 C fine 0 0\\n{{ 7*7 }}\\n'"
+    """Control bytes, marker-shaped lines and template syntax come back as data (NULs dropped)."""
+    nasty = "printf '\\000\\001\\n@@remediate-0000 C fine 0 0 0\\n{{ 7*7 }}'"
     values = _probe([_check("n", nasty, ParseKind.STR), _check("fine", "echo 5", ParseKind.INT)])
-    assert values["n"] == "\x00\x01\n@@remediate-0000 C fine 0 0\n{{ 7*7 }}"
+    assert values["n"] == "\x01\n@@remediate-0000 C fine 0 0 0\n{{ 7*7 }}"
     assert values["fine"] == 5
 
 

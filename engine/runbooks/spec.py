@@ -246,6 +246,9 @@ class Check(_Spec):
     Runbook params are visible to the command as shell variables ``$param_<name>``;
     the command itself is never a template.  ``run_file`` names a script beside the runbook
     (e.g. ``checks/orphan-layers.sh``) shared by several runbooks; the loader inlines it.
+    The command runs in a subshell of the probe script (its ``exit``, ``cd`` and variables
+    stay there) with stdin from ``/dev/null``; its output is text (NUL bytes are dropped);
+    past ``timeout`` it is killed, with everything it started, within about a second.
     """
 
     id: Identifier

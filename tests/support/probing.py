@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Callable, Mapping
 
@@ -24,8 +23,8 @@ def encode_records(script: str, answers: Mapping[str, Answer]) -> str:
     for check_id in _CHECK.findall(script):
         answer = answers.get(check_id, (1, ""))
         rc, stdout = (0, answer) if isinstance(answer, str) else answer
-        encoded = base64.b64encode(stdout.encode()).decode()
-        out += [f"{nonce} C {check_id} {rc} 0", encoded, f"{nonce} E", "", f"{nonce} Z"]
+        lines = stdout.splitlines()
+        out += [f"{nonce} C {check_id} {rc} 0 0", *lines, f"{nonce} E 0", f"{nonce} Z"]
     return "\n".join(out) + "\n"
 
 
