@@ -91,6 +91,20 @@ def test_console_script_runs_without_traceback() -> None:
     assert "Exit codes" in proc.stdout
 
 
+def test_usage_errors_exit_two_with_usage_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing option, an unknown option or no command at all is invalid input (exit 2)."""
+    assert run_cli(["plan", "stale-probe-scratch"]) == 2
+    err = capsys.readouterr().err
+    assert "Usage: remediate plan" in err
+    assert "Missing option '--inventory'" in err
+    assert run_cli(["--bogus"]) == 2
+    assert "No such option: --bogus" in capsys.readouterr().err
+    assert run_cli([]) == 2
+    assert "Commands:" in capsys.readouterr().err
+    assert run_cli(["lab", "inject"]) == 2
+    assert "Usage: remediate lab inject" in capsys.readouterr().err
+
+
 def test_schema_file_is_up_to_date() -> None:
     """The committed JSON Schema matches the models (regenerate: python -m engine.schema)."""
     assert SCHEMA_PATH.read_text(encoding="utf-8") == runbook_schema_text()

@@ -11,11 +11,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-import click
+import typer
 from rich.console import Console
 
 from engine.cli import approvals, audit, runbooks, runs, serve  # noqa: F401 - registers commands
-from engine.cli.app import EXIT_FAULT, EXIT_INPUT, EXIT_NOT_FIXED, EXIT_OK, app
+from engine.cli.app import EXIT_FAULT, EXIT_NOT_FIXED, EXIT_OK, app
 from engine.cli.render import print_problems
 from engine.errors import EngineError, RunbookError
 
@@ -33,12 +33,12 @@ def run_cli(argv: Sequence[str]) -> int:
     except EngineError as exc:
         err.print(f"error: {exc}", markup=False)
         return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("aborted")
         return EXIT_NOT_FIXED
-    except click.ClickException as exc:
-        exc.show()
-        return EXIT_INPUT if exc.exit_code == EXIT_INPUT else exc.exit_code
+    except typer.TyperException as exc:  # usage errors (bad option, missing argument, help)
+        _show(exc, err)
+        return exc.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
@@ -48,6 +48,15 @@ def run_cli(argv: Sequence[str]) -> int:
             raise
         return EXIT_FAULT
     return result if isinstance(result, int) else EXIT_OK
+
+
+def _show(exc: typer.TyperException, err: Console) -> None:
+    """Show a usage error as Typer would: usage line, hint and message (or the help text)."""
+    show = getattr(exc, "show", None)  # Typer's click exceptions format themselves
+    if callable(show):
+        show()
+    else:  # pragma: no cover - every exception Typer raises has show()
+        err.print(f"Error: {exc.format_message()}", markup=False)
 
 
 def main() -> None:

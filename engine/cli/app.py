@@ -8,7 +8,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 
@@ -57,7 +56,7 @@ def cli_state(ctx: typer.Context) -> CliState:
     """The state the root callback built for this invocation."""
     state = ctx.obj
     if not isinstance(state, CliState):  # pragma: no cover - the callback always sets it
-        raise click.UsageError("internal: CLI state missing")
+        raise TypeError("internal: CLI state missing")
     return state
 
 

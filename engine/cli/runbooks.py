@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from engine.cli.app import EXIT_INPUT, CliState, Output, OutputOpt, app, cli_state
@@ -35,7 +34,7 @@ def validate(
     targets = list(paths) if paths else [state.settings.runbooks_dir]
     missing = [p for p in targets if not p.exists()]
     if missing:
-        raise click.BadParameter(f"no such file or folder: {', '.join(map(str, missing))}")
+        raise typer.BadParameter(f"no such file or folder: {', '.join(map(str, missing))}")
     files = runbook_files(targets)
     results: list[tuple[Path, tuple[Problem, ...]]] = []
     for file in files:

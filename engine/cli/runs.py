@@ -8,7 +8,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 
@@ -120,7 +119,7 @@ def plan(
     try:
         expires_in = parse_duration(expires)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--expires") from exc
+        raise typer.BadParameter(str(exc), param_hint="--expires") from exc
     found = find_runbook(runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir)
     request = _request(state, inventory, limit, extra, Mode.DRY_RUN)
     console = _progress_console(output is PlanFormat.TABLE)
