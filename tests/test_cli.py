@@ -105,6 +105,42 @@ def test_usage_errors_exit_two_with_usage_line(capsys: pytest.CaptureFixture[str
     assert "Usage: remediate lab inject" in capsys.readouterr().err
 
 
+def test_lab_help_through_the_remediate_command() -> None:
+    """`remediate lab --help` lists the lab's commands under the remediate program name."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from engine.cli import main; main()", "lab", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0
+    assert "Usage: remediate lab [OPTIONS] COMMAND" in proc.stdout
+    for command in ("up", "down", "status", "inject", "clear"):
+        assert f"  {command} " in proc.stdout
+
+
+def test_importing_the_cli_loads_only_what_every_command_needs() -> None:
+    """Registering the commands imports no stage, no Ansible, no lab and no server module."""
+    code = "import sys, engine.cli; print('\\n'.join(sorted(sys.modules)))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    loaded = set(proc.stdout.split())
+    assert "engine.cli.runs" in loaded
+    heavy = {
+        "engine.pipeline",
+        "engine.state",
+        "engine.runbooks",
+        "engine.lab",
+        "engine.server",
+        "ansible_runner",
+        "structlog",
+        "click",
+    }
+    assert loaded & heavy == set()
+
+
 def test_schema_file_is_up_to_date() -> None:
     """The committed JSON Schema matches the models (regenerate: python -m engine.schema)."""
     assert SCHEMA_PATH.read_text(encoding="utf-8") == runbook_schema_text()

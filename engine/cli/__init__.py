@@ -2,7 +2,8 @@
 
 Exit codes: 0 all fixed/healthy (or valid), 1 something not fixed or failed,
 2 invalid input, 3 engine fault.  Commands live in the modules beside this one;
-importing them registers them on :data:`engine.cli.app.app`.
+importing them registers them on :data:`engine.cli.app.app` (cheaply: each command imports
+what it needs when it runs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from rich.console import Console
 
 from engine.cli import approvals, audit, runbooks, runs, serve  # noqa: F401 - registers commands
 from engine.cli.app import EXIT_FAULT, EXIT_NOT_FIXED, EXIT_OK, app
-from engine.cli.render import print_problems
 from engine.errors import EngineError, RunbookError
 
 __all__ = ["app", "main", "run_cli"]
@@ -28,6 +28,8 @@ def run_cli(argv: Sequence[str]) -> int:
     try:
         result = app(args=list(argv), prog_name="remediate", standalone_mode=False)
     except RunbookError as exc:
+        from engine.cli.render import print_problems
+
         print_problems(err, exc.problems)
         return exc.exit_code
     except EngineError as exc:

@@ -1,12 +1,18 @@
-"""The Typer app, its shared options and the per-invocation state every command reads."""
+"""The Typer app, its shared options and the per-invocation state every command reads.
+
+Every command pays for what the CLI imports up front, so this module and the command modules
+import only Typer, Rich's console and the settings; each command imports the stages it uses
+in its body (``remediate plan`` never loads the lab, the server or the approval code).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -98,6 +104,11 @@ ExtraOpt = Annotated[
     list[str] | None,
     typer.Option("--extra", "-e", help="Override a runbook parameter: name=value (repeatable)"),
 ]
+
+
+def print_json(console: Console, data: Any) -> None:
+    """Print machine-readable output (no Rich markup, no wrapping)."""
+    console.file.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def parse_overrides(pairs: Sequence[str] | None) -> dict[str, str]:

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from engine.approvals import apply_approved, decide, expire_approvals, saved_plan
-from engine.audit import utc_now
-from engine.cli.app import EXIT_NOT_FIXED, Output, OutputOpt, app, cli_state
-from engine.cli.render import plan_table, print_json, report_view
+from engine.cli.app import EXIT_NOT_FIXED, Output, OutputOpt, app, cli_state, print_json
 from engine.cli.runs import PlanFormat, PlanFormatOpt
-from engine.cli.services import open_services, open_store
-from engine.planfiles import render_markdown
-from engine.runbooks import find_runbook
-from engine.state import ApprovalRecord, ApprovalStatus
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from engine.state import ApprovalRecord
 
 approvals_app = typer.Typer(
     help="Saved plans waiting for a person's decision.", no_args_is_help=True
@@ -27,6 +23,9 @@ IdArg = Annotated[str, typer.Argument(help="Approval id (ap-...)")]
 
 
 def _table(records: list[ApprovalRecord]) -> Table:
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="Approvals", title_justify="left")
     for column in ("id", "runbook", "hosts", "requested by", "expires", "status", "decided by"):
         table.add_column(column, overflow="fold")
@@ -51,6 +50,11 @@ def list_approvals(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Pending approvals (expired ones are closed first)."""
+    from engine.approvals import expire_approvals
+    from engine.audit import utc_now
+    from engine.cli.services import open_services
+    from engine.state import ApprovalStatus
+
     state = cli_state(ctx)
     with open_services(state.settings, reporter_console=None) as services:
         expire_approvals(services.store, utc_now())
@@ -66,6 +70,11 @@ def show_approval(
     ctx: typer.Context, approval_id: IdArg, output: PlanFormatOpt = PlanFormat.TABLE
 ) -> None:
     """One approval with its plan."""
+    from engine.approvals import saved_plan
+    from engine.cli.render import plan_table
+    from engine.cli.services import open_store
+    from engine.planfiles import render_markdown
+
     state = cli_state(ctx)
     with open_store(state.settings) as store:
         record = store.get_approval(approval_id)
@@ -86,6 +95,12 @@ def approve_approval(
     ctx: typer.Context, approval_id: IdArg, output: OutputOpt = Output.TABLE
 ) -> None:
     """Approve as the current user, then apply exactly the approved plan (drift-checked)."""
+    from engine.approvals import apply_approved, decide
+    from engine.audit import utc_now
+    from engine.cli.render import report_view
+    from engine.cli.services import open_services
+    from engine.runbooks import find_runbook
+
     state = cli_state(ctx)
     settings = state.settings
     with open_services(settings, reporter_console=None) as services:
@@ -119,6 +134,10 @@ def deny_approval(
     reason: Annotated[str, typer.Option(help="Why (kept in the audit log)")] = "",
 ) -> None:
     """Deny as the current user; the plan will never act."""
+    from engine.approvals import decide
+    from engine.audit import utc_now
+    from engine.cli.services import open_services
+
     state = cli_state(ctx)
     with open_services(state.settings, reporter_console=None) as services:
         record = decide(

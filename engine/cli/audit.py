@@ -6,12 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.text import Text
 
-from engine.audit import AuditHead, verify_audit
-from engine.cli.app import EXIT_NOT_FIXED, Output, OutputOpt, app, cli_state
-from engine.cli.render import print_json
-from engine.cli.services import open_store
+from engine.cli.app import EXIT_NOT_FIXED, Output, OutputOpt, app, cli_state, print_json
 
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
@@ -26,6 +22,11 @@ def audit_verify(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Check the hash chain; name the first edited, removed or reordered record (exit 1)."""
+    from rich.text import Text
+
+    from engine.audit import AuditHead, verify_audit
+    from engine.cli.services import open_store
+
     state = cli_state(ctx)
     target = path or state.settings.audit_path
     expected = None

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -12,24 +11,15 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.durations import format_duration
-from engine.errors import Problem
-from engine.pipeline import RunReport
-from engine.plans import Plan
-from engine.runbooks import Runbook
-from engine.runbooks.spec import (
-    BlastRadiusGuard,
-    CooldownGuard,
-    ExprGuard,
-    LockGuard,
-    Policy,
-    Trigger,
-)
-from engine.state import HostRecord, RunRecord
+from engine.runbooks.spec import BlastRadiusGuard, CooldownGuard, ExprGuard, LockGuard
 
-
-def print_json(console: Console, data: Any) -> None:
-    """Print machine-readable output (no Rich markup, no wrapping)."""
-    console.file.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+if TYPE_CHECKING:  # only annotations: importing the pipeline and the store here would be waste
+    from engine.errors import Problem
+    from engine.pipeline import RunReport
+    from engine.plans import Plan
+    from engine.runbooks import Runbook
+    from engine.runbooks.spec import Policy, Trigger
+    from engine.state import HostRecord, RunRecord
 
 
 def problem_dict(problem: Problem) -> dict[str, Any]:

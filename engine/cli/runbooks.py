@@ -8,17 +8,8 @@ from typing import Annotated
 
 import typer
 
-from engine.cli.app import EXIT_INPUT, CliState, Output, OutputOpt, app, cli_state
-from engine.cli.render import (
-    print_json,
-    print_problems,
-    problem_dict,
-    runbook_summary,
-    runbook_view,
-    runbooks_table,
-)
+from engine.cli.app import EXIT_INPUT, CliState, Output, OutputOpt, app, cli_state, print_json
 from engine.errors import Problem, RunbookError
-from engine.runbooks import find_runbook, load_runbook, load_runbooks, runbook_files
 
 
 @app.command()
@@ -30,6 +21,9 @@ def validate(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Check runbooks; print every problem as file:line: field: message (exit 2 if any)."""
+    from engine.cli.render import print_problems, problem_dict
+    from engine.runbooks import load_runbook, load_runbooks, runbook_files
+
     state = cli_state(ctx)
     targets = list(paths) if paths else [state.settings.runbooks_dir]
     missing = [p for p in targets if not p.exists()]
@@ -83,6 +77,9 @@ def _playbooks_for(state: CliState, paths: Sequence[Path] | None) -> Path | None
 @app.command("list")
 def list_(ctx: typer.Context, output: OutputOpt = Output.TABLE) -> None:
     """List the runbooks: name, title, severity, triggers."""
+    from engine.cli.render import runbook_summary, runbooks_table
+    from engine.runbooks import load_runbooks
+
     state = cli_state(ctx)
     runbooks = load_runbooks(
         [state.settings.runbooks_dir], playbooks_dir=state.settings.playbooks_dir
@@ -100,6 +97,9 @@ def show(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Show a runbook as an operator reads it: what it checks, guards, does and never does."""
+    from engine.cli.render import runbook_view
+    from engine.runbooks import find_runbook
+
     state = cli_state(ctx)
     runbook = find_runbook(
         name, state.settings.runbooks_dir, playbooks_dir=state.settings.playbooks_dir

@@ -6,13 +6,11 @@ import sys
 from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from engine.approvals import request_approval as request_approval_for
-from engine.audit import utc_now
 from engine.cli.app import (
     EXIT_NOT_FIXED,
     CliState,
@@ -24,16 +22,14 @@ from engine.cli.app import (
     app,
     cli_state,
     parse_overrides,
+    print_json,
 )
-from engine.cli.render import history_table, host_records_table, plan_table, print_json, report_view
-from engine.cli.services import open_services, open_store
-from engine.durations import parse_duration
 from engine.errors import InputError
 from engine.outcomes import Mode
-from engine.pipeline import RunReport, RunRequest, apply_saved_plan, run_runbook
-from engine.planfiles import SavedPlan, check_applicable, load_plan, render_markdown, save_plan
-from engine.plans import Plan
-from engine.runbooks import find_runbook
+
+if TYPE_CHECKING:
+    from engine.pipeline import RunReport, RunRequest
+    from engine.plans import Plan
 
 
 class PlanFormat(StrEnum):
@@ -56,6 +52,8 @@ def _approver(yes: bool) -> Callable[[Plan], bool]:
     def approve(plan: Plan) -> bool:
         if yes:
             return True
+        from engine.cli.render import plan_table
+
         err.print(plan_table(plan))
         if not sys.stdin.isatty():
             err.print("approval needed: destructive steps planned; rerun with --yes to approve")
@@ -73,6 +71,8 @@ def _show_report(state: CliState, report: RunReport, output: Output | PlanFormat
     if output.value == "json":
         print_json(state.console, report.model_dump(mode="json"))
     else:
+        from engine.cli.render import report_view
+
         state.console.print(report_view(report))
     if not report.ok:
         raise typer.Exit(EXIT_NOT_FIXED)
@@ -81,6 +81,8 @@ def _show_report(state: CliState, report: RunReport, output: Output | PlanFormat
 def _request(
     state: CliState, inventory: Path, limit: str | None, extra: Sequence[str] | None, mode: Mode
 ) -> RunRequest:
+    from engine.pipeline import RunRequest
+
     user = state.settings.user
     return RunRequest(
         inventory=inventory,
@@ -114,6 +116,11 @@ def plan(
     output: PlanFormatOpt = PlanFormat.TABLE,
 ) -> None:
     """Dry-run: probe, evaluate guards and show the plan. Nothing on a device changes."""
+    from engine.cli.services import open_services
+    from engine.durations import parse_duration
+    from engine.pipeline import run_runbook
+    from engine.runbooks import find_runbook
+
     state = cli_state(ctx)
     settings = state.settings
     try:
@@ -126,6 +133,10 @@ def plan(
     with open_services(settings, reporter_console=console) as services:
         report = run_runbook(found, request, services, approve=lambda _plan: False)
         if request_approval and report.plan.acting and not report.plan.refused:
+            from engine.approvals import request_approval as request_approval_for
+            from engine.audit import utc_now
+            from engine.planfiles import SavedPlan
+
             expiry = report.plan.created_at + expires_in
             pending = SavedPlan(plan=report.plan, expires_at=expiry).sealed()
             record = request_approval_for(
@@ -137,6 +148,8 @@ def plan(
                 markup=False,
             )
     if out is not None:
+        from engine.planfiles import save_plan
+
         saved = save_plan(report.plan, out, expires_in=expires_in)
         Console(stderr=True).print(
             f"plan saved to {out} (digest {saved.digest[:12]}, "
@@ -144,6 +157,8 @@ def plan(
             markup=False,
         )
     if output is PlanFormat.MARKDOWN:
+        from engine.planfiles import SavedPlan, render_markdown
+
         sealed = SavedPlan(
             plan=report.plan, expires_at=report.plan.created_at + expires_in
         ).sealed()
@@ -170,6 +185,10 @@ def run(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Run a runbook: dry-run unless --apply; destructive steps ask first unless --yes."""
+    from engine.cli.services import open_services
+    from engine.pipeline import run_runbook
+    from engine.runbooks import find_runbook
+
     state = cli_state(ctx)
     settings = state.settings
     found = find_runbook(runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir)
@@ -191,6 +210,12 @@ def apply_plan(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Apply a reviewed plan: drifted hosts are refused, the others get exactly the plan."""
+    from engine.audit import utc_now
+    from engine.cli.services import open_services
+    from engine.pipeline import apply_saved_plan
+    from engine.planfiles import check_applicable, load_plan
+    from engine.runbooks import find_runbook
+
     state = cli_state(ctx)
     settings = state.settings
     saved = load_plan(plan_file)
@@ -219,6 +244,9 @@ def show_plan(
     output: PlanFormatOpt = PlanFormat.TABLE,
 ) -> None:
     """Show a saved plan (its digest is checked first)."""
+    from engine.cli.render import plan_table
+    from engine.planfiles import load_plan, render_markdown
+
     state = cli_state(ctx)
     saved = load_plan(plan_file)
     if output is PlanFormat.JSON:
@@ -244,6 +272,9 @@ def history(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Past runs, newest first; or the hosts of one run."""
+    from engine.cli.render import history_table, host_records_table
+    from engine.cli.services import open_store
+
     state = cli_state(ctx)
     with open_store(state.settings) as store:
         if run_id is None:

@@ -8,9 +8,6 @@ from typing import Annotated
 import typer
 
 from engine.cli.app import app, cli_state
-from engine.lab.cli import app as lab_app
-
-app.add_typer(lab_app, name="lab", help="Simulated balenaOS devices with a real engine (root).")
 
 
 @app.command()
@@ -21,8 +18,27 @@ def serve(
     ],
 ) -> None:
     """Receive Alertmanager webhooks and turn firing alerts into runbook runs."""
-    from engine.server.serve import serve as run_server  # noqa: PLC0415 - server deps load here
+    from engine.server.serve import serve as run_server
 
     code = run_server(config, cli_state(ctx).settings)
     if code:
+        raise typer.Exit(code)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def lab(ctx: typer.Context) -> None:
+    """Simulated balenaOS devices with a real engine (root)."""
+    # The lab is its own Typer app (also `python -m engine.lab.cli`), imported only when
+    # invoked: every argument after `lab` (`--help` included) goes to it, mounted as `lab` of a
+    # group made like the root one, so its help and errors look as if it were registered here.
+    from engine.lab.cli import app as lab_app
+
+    group = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    group.add_typer(lab_app, name="lab", help=lab.__doc__)
+    prog = ctx.find_root().info_name
+    code = group(args=["lab", *ctx.args], prog_name=prog, standalone_mode=False)
+    if isinstance(code, int) and code:
         raise typer.Exit(code)

@@ -7,22 +7,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-)
+from typing import TYPE_CHECKING
 
 from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
-from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.pipeline import NullReporter, Reporter, Services
-from engine.settings import Settings
 from engine.state import StateStore, open_state
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
+    from engine.settings import Settings
 
 
 def new_run_id() -> str:
@@ -53,6 +48,25 @@ class RichReporter:
         return task.total if task.total is not None else task.completed
 
 
+def _progress(console: Console) -> Progress:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+    )
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=False,
+    )
+
+
 @contextmanager
 def open_store(settings: Settings) -> Iterator[StateStore]:
     """The state store, closed afterwards."""
@@ -67,19 +81,14 @@ def open_store(settings: Settings) -> Iterator[StateStore]:
 @contextmanager
 def open_services(settings: Settings, *, reporter_console: Console | None) -> Iterator[Services]:
     """Services for one CLI run; the audit log and its head in the store are kept in step."""
+    from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
+
     audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
     configure_audit(audit, clock=utc_now)
     executor = AnsibleExecutor(AnsibleSettings(work_dir=settings.state_dir / "work"))
     with open_store(settings) as store:
         progress = (
-            Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                console=reporter_console,
-                transient=False,
-            )
+            _progress(reporter_console)
             if reporter_console is not None and reporter_console.is_terminal
             else None
         )
