@@ -111,7 +111,9 @@ def build_probe_script(checks: Sequence[Check], params: Mapping[str, object], no
         text = str(value).lower() if isinstance(value, bool) else str(value)
         lines.append(f"param_{name}={shlex.quote(text)}; export param_{name}")
     lines += [
-        f"__rt=$(mktemp -d /tmp/.remediate-probe.XXXXXX) || {{ echo '{nonce} FATAL'; exit 97; }}",
+        # Scratch space for the checks' output (TMPDIR, else /tmp: a tmpfs on balenaOS).
+        '__rt=$(mktemp -d "${TMPDIR:-/tmp}/.remediate-probe.XXXXXX") ||',
+        f"  {{ echo '{nonce} FATAL'; exit 97; }}",
         # Centiseconds since boot, from a builtin read: no process per clock reading.
         "__cs() {",
         "  read -r __u __ </proc/uptime",
@@ -123,12 +125,17 @@ def build_probe_script(checks: Sequence[Check], params: Mapping[str, object], no
         '  for __c in $(pgrep -P "$1" 2>/dev/null); do __kt "$__c"; done',
         '  kill -KILL "$1" 2>/dev/null',
         "}",
-        # The watchdog: every second, kill the running check if it is past its deadline.
-        # It leaves when the script does, and holds none of the script's output.
+        # The watchdog: every second, kill the running check if it is past its deadline.  If
+        # the script itself was killed, it kills the running check, cleans up and leaves.
+        # It holds none of the script's output, so it never delays the end of the task.
         "__wd() {",
-        '  while kill -0 "$1" 2>/dev/null && [ -d "$__rt" ]; do',
-        "    sleep 1",
-        '    read -r __p __d <"$__rt/cur" 2>/dev/null || continue',
+        "  while sleep 1; do",
+        '    __p=; read -r __p __d <"$__rt/cur" 2>/dev/null',
+        '    if ! kill -0 "$1" 2>/dev/null; then',
+        '      [ -n "$__p" ] && __kt "$__p"',
+        '      rm -rf "$__rt"; return',
+        "    fi",
+        '    [ -n "$__p" ] || continue',
         '    __cs; [ "$__u" -ge "$__d" ] || continue',
         '    printf \'\' >"$__rt/k.$__p"; __kt "$__p"',
         "  done",

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,9 +30,10 @@ SHELLS = [
 class ShellExecutor:
     """Runs probe scripts with a real POSIX shell (by default /bin/sh), no Ansible."""
 
-    def __init__(self, shell: Sequence[str] = ("/bin/sh",)) -> None:
+    def __init__(self, shell: Sequence[str] = ("/bin/sh",), tmpdir: Path | None = None) -> None:
         self.calls = 0
         self.shell = tuple(shell)
+        self.env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir else None
 
     def run_script(
         self, inventory: Path, hosts: Sequence[str], script: str, *, timeout: float
@@ -65,8 +68,9 @@ def _probe(
     checks: list[Check],
     params: Mapping[str, object] | None = None,
     shell: Sequence[str] = ("/bin/sh",),
+    tmpdir: Path | None = None,
 ) -> dict[str, object]:
-    executor = ShellExecutor(shell)
+    executor = ShellExecutor(shell, tmpdir)
     probes = run_probes(executor, Path("inv"), ["h"], checks, params or {})
     assert executor.calls == 1
     probe = probes["h"]
@@ -125,7 +129,7 @@ def test_failures_are_values_not_crashes(shell: Sequence[str]) -> None:
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_timeout_kills_everything_the_check_started(shell: Sequence[str]) -> None:
+def test_timeout_kills_everything_the_check_started(shell: Sequence[str], tmp_path: Path) -> None:
     """A hung check is killed with its children and grandchildren; nothing is left behind."""
     tag = f"{secrets.randbelow(10**6) + 10**6}.25"  # a sleep argument no other process uses
     values = _probe(
@@ -135,6 +139,7 @@ def test_timeout_kills_everything_the_check_started(shell: Sequence[str]) -> Non
             _check("after", "echo 1", ParseKind.INT),
         ],
         shell=shell,
+        tmpdir=tmp_path,
     )
     assert values == {
         "pipe": "ERROR timed out after 1s",
@@ -143,7 +148,7 @@ def test_timeout_kills_everything_the_check_started(shell: Sequence[str]) -> Non
     }
     leftovers = subprocess.run(["pgrep", "-f", f"sleep {tag}"], capture_output=True, check=False)
     assert leftovers.stdout == b""
-    assert not list(Path("/tmp").glob(".remediate-probe.*"))
+    assert list(tmp_path.iterdir()) == []  # the probe's scratch folder is gone
 
 
 def test_output_cannot_forge_records_or_escape() -> None:
@@ -190,3 +195,30 @@ def test_missing_record_is_an_error_for_that_check() -> None:
 def test_bool_words(text: str, value: bool) -> None:
     """Bools accept the usual words, including systemd's `active`."""
     assert parse_value(ParseKind.BOOL, 0, text) is value
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_killed_probe_leaves_no_check_running(shell: Sequence[str], tmp_path: Path) -> None:
+    """If the probe script is killed (Ansible gave up), the watchdog stops the check, cleans up."""
+    tag = f"{secrets.randbelow(10**6) + 10**6}.75"
+    script = build_probe_script([_check("hang", f"sleep {tag}", timeout=600)], {}, "@@n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    with subprocess.Popen([*shell, "-c", script], stdout=subprocess.DEVNULL, env=env) as probe:
+        running = _wait_for(lambda: _pids(f"sleep {tag}") != [])
+        probe.kill()
+    assert running
+    assert _wait_for(lambda: _pids(f"sleep {tag}") == [] and not any(tmp_path.iterdir()))
+
+
+def _pids(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
+def _wait_for(condition: Callable[[], bool], attempts: int = 100) -> bool:
+    """Poll ``condition`` every 0.05 s; whether it became true (a bound, not a timing claim)."""
+    for _ in range(attempts):
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
