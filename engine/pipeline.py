@@ -11,6 +11,7 @@ through structlog; outcomes are values in the :class:`RunReport`, never exceptio
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.actions import StepRun, run_steps
 from engine.audit import audit_context
 from engine.drift import drift_reason
-from engine.errors import PlanFileError
-from engine.executors.base import Executor, HostStatus
+from engine.errors import ExecutorError, PlanFileError
+from engine.executors.base import Executor, HostStatus, SelectingExecutor, Selection
 from engine.expressions import EvaluationError
 from engine.guards import blast_radius_refusal, context_for, evaluate_host
 from engine.outcomes import BAD_OUTCOMES, HostOutcome, Mode, RunStatus
@@ -39,11 +40,18 @@ from engine.plans import (
     runbook_ref,
     shown_params,
 )
-from engine.probes import HostProbe, run_probes
+from engine.probes import (
+    HostProbe,
+    ProbeStatus,
+    build_probe_script,
+    parse_probe,
+    probe_timeout,
+    run_probes,
+)
 from engine.runbooks import Runbook
 from engine.runbooks.spec import Approval
 from engine.state import HostRecord, RunRecord, StateStore
-from engine.targets import TargetSet, resolve_targets
+from engine.targets import TargetSet, resolve_targets, target_set
 from engine.verification import verify_hosts
 
 
@@ -163,19 +171,8 @@ def plan_run(
     log = structlog.get_logger()
     params = runbook.param_values(request.overrides)
     run_id = run_id or services.new_run_id()
-    services.reporter.phase("resolving targets")
-    targets = resolve_targets(request.inventory, runbook.spec.targets.hosts, request.limit)
-    if request.hosts is not None:
-        keep = set(request.hosts)
-        targets = targets.model_copy(
-            update={"hosts": tuple(h for h in targets.hosts if h.name in keep)}
-        )
+    targets, probes = _targets_and_probes(runbook, request, services, params)
     log.info("targets.resolved", run_id=run_id, hosts=list(targets.names))
-    services.reporter.phase(f"probing {len(targets.hosts)} hosts", len(targets.hosts))
-    probes = run_probes(
-        services.executor, request.inventory, targets.names, runbook.spec.checks, params
-    )
-    services.reporter.advance(len(targets.hosts))
     now = services.clock()
     services.reporter.phase("evaluating guards", len(targets.hosts))
     host_plans: list[HostPlan] = []
@@ -239,6 +236,53 @@ def plan_run(
         refused=refused,
     )
     return plan, PlanContext(runbook, request, targets, params, probes)
+
+
+def _targets_and_probes(
+    runbook: Runbook, request: RunRequest, services: Services, params: Mapping[str, Any]
+) -> tuple[TargetSet, dict[str, HostProbe]]:
+    """Resolve the targets (narrowed to ``request.hosts``, if set) and probe them.
+
+    A :class:`SelectingExecutor` does both in one call; for others, targets are resolved
+    first, then probed.
+    """
+    executor, pattern, checks = services.executor, runbook.spec.targets.hosts, runbook.spec.checks
+    if not isinstance(executor, SelectingExecutor):
+        services.reporter.phase("resolving targets")
+        targets = _kept(resolve_targets(request.inventory, pattern, request.limit), request)
+        services.reporter.phase(f"probing {len(targets.hosts)} hosts", len(targets.hosts))
+        probes = run_probes(executor, request.inventory, targets.names, checks, params)
+        services.reporter.advance(len(targets.hosts))
+        return targets, probes
+    services.reporter.phase("resolving targets and probing them")
+    nonce = f"@@remediate-{secrets.token_hex(8)}"
+    selection = Selection(
+        inventory=request.inventory, pattern=pattern, limit=request.limit, only=request.hosts
+    )
+    try:
+        selected = executor.select_and_run_script(
+            selection, build_probe_script(checks, params, nonce), timeout=probe_timeout(checks)
+        )
+    except ExecutorError:
+        # Did Ansible stop at the inventory or the limit?  Then that is the input error.
+        resolve_targets(request.inventory, pattern, request.limit)
+        raise
+    targets = _kept(target_set(request.inventory, pattern, request.limit, selected.hosts), request)
+    probes = {
+        name: parse_probe(selected.results[name], checks, nonce)
+        if name in selected.results
+        else HostProbe(host=name, status=ProbeStatus.ERROR, message="the executor ran no probe")
+        for name in targets.names
+    }
+    return targets, probes
+
+
+def _kept(targets: TargetSet, request: RunRequest) -> TargetSet:
+    """The targets narrowed to the request's exact host names, if it names some."""
+    if request.hosts is None:
+        return targets
+    keep = set(request.hosts)
+    return targets.model_copy(update={"hosts": tuple(h for h in targets.hosts if h.name in keep)})
 
 
 def needs_approval(runbook: Runbook, plan: Plan) -> bool:

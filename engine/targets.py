@@ -2,10 +2,18 @@
 
 The runbook's host pattern, narrowed by ``--limit``, is resolved by Ansible itself
 (``InventoryManager`` and ``VariableManager``, exactly what ``ansible-inventory --list``
-uses) in **one** child process of the Python that runs the engine.  So INI, YAML and
-plugin inventories, ``group_vars``/``host_vars`` and every pattern form (``all``, groups,
-``a:b``, ``!x``, ``&y``, globs, ``~regex``, ``@file`` limits) behave as in
-``ansible-playbook``, and Ansible's global configuration never enters this process.
+uses), never in the engine's own process, so Ansible's global configuration never enters
+it.  INI, YAML and plugin inventories, ``group_vars``/``host_vars`` and every pattern form
+(``all``, groups, ``a:b``, ``!x``, ``&y``, globs, ``~regex``, ``@file`` limits) behave as in
+``ansible-playbook``.  The Ansible side is one file,
+``engine/executors/ansible_callbacks/remediate_targets.py``, used in two ways:
+
+* a run's targets come with its first probe: the pipeline asks a
+  :class:`~engine.executors.base.SelectingExecutor` to select the hosts and probe them in one
+  call, and the Ansible executor does both in one ``ansible-playbook`` (the file is its
+  callback plugin), which reads the inventory once, as a hand-written play would;
+* :func:`resolve_targets` (the webhook server, executors that cannot select) runs the file
+  as a script in **one** child process of the Python that runs the engine.
 
 Two deliberate differences from a play's host list:
 
@@ -21,53 +29,26 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.errors import InventoryError
+from engine.executors.base import Host
 
-#: Runs in the child: argv is ``INVENTORY PATTERN [LIMIT]``; prints ``[[name, vars], ...]``.
-#: Kept to Ansible's public-ish API used by ``ansible-inventory`` itself.
-_RESOLVE_SCRIPT = """
-import json, sys
-from ansible import constants as C
-from ansible.errors import AnsibleError
-from ansible.inventory.manager import InventoryManager
-from ansible.parsing.dataloader import DataLoader
-from ansible.vars.manager import VariableManager
+__all__ = ["SELECT_SCRIPT", "Host", "TargetSet", "resolve_targets", "select_hosts", "target_set"]
 
-def _plain(value):
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    return "<%s>" % type(value).__name__
-
-source, pattern = sys.argv[1], sys.argv[2]
-limit = sys.argv[3] if len(sys.argv) > 3 else None
-try:
-    loader = DataLoader()
-    inventory = InventoryManager(loader=loader, sources=[source])
-    inventory.subset(limit)
-    variables = VariableManager(loader=loader, inventory=inventory)
-    selected = []
-    for host in inventory.get_hosts(pattern):
-        if host.implicit:
-            continue
-        host_vars = variables.get_vars(host=host, include_hostvars=False, stage="all")
-        for name in C.INTERNAL_STATIC_VARS:
-            host_vars.pop(name, None)
-        selected.append([host.name, dict(host_vars)])
-except AnsibleError as exc:
-    sys.stderr.write("%s\\n" % (exc.message or exc,))
-    sys.exit(3)
-json.dump(selected, sys.stdout, default=_plain)
-"""
+#: The Ansible side: ``python SELECT_SCRIPT INVENTORY PATTERN [LIMIT]`` prints the selection.
+SELECT_SCRIPT = Path(__file__).parent / "executors" / "ansible_callbacks" / "remediate_targets.py"
 
 #: Make Ansible fail (instead of warning and going on with no hosts) on a bad inventory.
-_CHILD_ENV = {
+INVENTORY_ENV = {
     "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
     "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True",
+}
+_CHILD_ENV = {
+    **INVENTORY_ENV,
     "ANSIBLE_NOCOLOR": "True",
     "NO_COLOR": "1",
     "ANSIBLE_FORCE_COLOR": "False",
@@ -76,13 +57,6 @@ _CHILD_ENV = {
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Host(_Frozen):
-    """One inventory host with its merged (untemplated) inventory variables."""
-
-    name: str
-    vars: dict[str, Any]
 
 
 class TargetSet(_Frozen):
@@ -105,9 +79,29 @@ def resolve_targets(inventory: Path, pattern: str, limit: str | None = None) -> 
     Raises :class:`InventoryError` when the inventory is missing or cannot be parsed, or when
     the selection is empty.
     """
+    return target_set(inventory, pattern, limit, select_hosts(inventory, pattern, limit))
+
+
+def target_set(
+    inventory: Path, pattern: str, limit: str | None, hosts: Sequence[Host]
+) -> TargetSet:
+    """The target set of a selection; an empty one is an :class:`InventoryError`."""
+    if not hosts:
+        narrowed = f" with --limit {limit!r}" if limit is not None else ""
+        raise InventoryError(
+            f"inventory {inventory}: host pattern {pattern!r}{narrowed} selects no host"
+        )
+    return TargetSet(inventory=inventory, pattern=pattern, limit=limit, hosts=tuple(hosts))
+
+
+def select_hosts(inventory: Path, pattern: str, limit: str | None = None) -> tuple[Host, ...]:
+    """The hosts ``pattern`` and ``limit`` select (maybe none), from one child process.
+
+    Raises :class:`InventoryError` when the inventory is missing or cannot be parsed.
+    """
     if not inventory.exists():
         raise InventoryError(f"inventory {inventory}: no such file or directory")
-    argv = [sys.executable, "-c", _RESOLVE_SCRIPT, str(inventory), pattern]
+    argv = [sys.executable, str(SELECT_SCRIPT), str(inventory), pattern]
     if limit is not None:
         argv.append(limit)
     try:
@@ -123,16 +117,9 @@ def resolve_targets(inventory: Path, pattern: str, limit: str | None = None) -> 
     if proc.returncode != 0:
         raise InventoryError(f"inventory {inventory}: {_last_error(proc.stderr)}")
     try:
-        selected = json.loads(proc.stdout)
-    except json.JSONDecodeError as exc:
+        return tuple(Host(name=name, vars=host_vars) for name, host_vars in json.loads(proc.stdout))
+    except (ValueError, ValidationError) as exc:
         raise InventoryError(f"inventory {inventory}: unreadable Ansible output: {exc}") from exc
-    hosts = tuple(Host(name=name, vars=host_vars) for name, host_vars in selected)
-    if not hosts:
-        narrowed = f" with --limit {limit!r}" if limit is not None else ""
-        raise InventoryError(
-            f"inventory {inventory}: host pattern {pattern!r}{narrowed} selects no host"
-        )
-    return TargetSet(inventory=inventory, pattern=pattern, limit=limit, hosts=hosts)
 
 
 def _last_error(stderr: str) -> str:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.executors.base import Executor, HostStatus, PlaybookRequest, PlaybookResult
+from engine.executors.base import (
+    Executor,
+    HostStatus,
+    PlaybookRequest,
+    PlaybookResult,
+    SelectingExecutor,
+    Selection,
+)
 from engine.executors.fake import FakeExecutor, FakeReply
 
 INV = Path("inventory.ini")
@@ -54,3 +61,17 @@ def test_playbook_calls_are_recorded() -> None:
     assert results["c"].message == "s1"
     assert fake.playbooks_run == (Path("playbooks/x.yml"),)
     assert fake.playbook_calls[0].request == request
+
+
+def test_selection_is_ansibles_and_only_kept_hosts_answer(tmp_path: Path) -> None:
+    """The fake selects hosts with Ansible, like the real executor, and answers the kept ones."""
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[fleet]\na x=1\nb\nc\n")
+    fake = FakeExecutor(scripts={"a": FakeReply(stdout="up\n"), "c": FakeReply(stdout="up\n")})
+    executor: SelectingExecutor = fake
+    selection = Selection(inventory=inventory, pattern="fleet", limit="!b", only=("a", "ghost"))
+    result = executor.select_and_run_script(selection, "uptime", timeout=5)
+    assert [(h.name, h.vars) for h in result.hosts] == [("a", {"x": 1}), ("c", {})]
+    assert list(result.results) == ["a"]
+    assert result.results["a"].stdout == "up\n"
+    assert fake.script_calls[0].hosts == ("a",)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import count
 from pathlib import Path
@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from engine.executors.base import HostStatus, PlaybookRequest, PlaybookResult
+from engine.errors import ExecutorError, InventoryError
+from engine.executors.base import (
+    CommandResult,
+    Executor,
+    HostStatus,
+    PlaybookRequest,
+    PlaybookResult,
+    Selection,
+    SelectionResult,
+)
 from engine.executors.fake import FakeExecutor, FakeReply
 from engine.outcomes import HostOutcome, Mode, RunStatus
 from engine.pipeline import RunReport, RunRequest, Services, run_runbook
@@ -60,7 +69,7 @@ def _inventory(tmp_path: Path, hosts: list[str]) -> Path:
     return path
 
 
-def _services(executor: FakeExecutor, store: SqliteStateStore, clock: Clock, tmp: Path) -> Services:
+def _services(executor: Executor, store: SqliteStateStore, clock: Clock, tmp: Path) -> Services:
     ids = count(1)
     return Services(
         executor=executor,
@@ -351,3 +360,79 @@ def test_recheck_skips_a_step_no_longer_needed(
     assert by_host["a"].outcome is HostOutcome.FIXED
     assert by_host["b"].outcome is HostOutcome.NOT_FIXED
     assert by_host["b"].reason.endswith("; 5% free, 2 junk files left")
+
+
+class PlainExecutor:
+    """An executor that runs scripts and playbooks but cannot select hosts itself."""
+
+    def __init__(self, inner: FakeExecutor) -> None:
+        self.inner = inner
+
+    def run_script(
+        self, inventory: Path, hosts: Sequence[str], script: str, *, timeout: float
+    ) -> Mapping[str, CommandResult]:
+        return self.inner.run_script(inventory, hosts, script, timeout=timeout)
+
+    def run_playbook(
+        self, inventory: Path, request: PlaybookRequest, *, artifacts_dir: Path
+    ) -> Mapping[str, PlaybookResult]:
+        return self.inner.run_playbook(inventory, request, artifacts_dir=artifacts_dir)
+
+
+class BrokenSelector(FakeExecutor):
+    """A selecting executor whose host selection fails as a tool would."""
+
+    def select_and_run_script(
+        self, selection: Selection, script: str, *, timeout: float
+    ) -> SelectionResult:
+        del script, timeout
+        raise ExecutorError(f"ansible-playbook failed on {selection.inventory}")
+
+
+def test_targets_and_first_probe_come_from_one_executor_call(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A selecting executor resolves the targets and probes them in one call, audited as before."""
+    executor = FakeExecutor(scripts={"a": device(SICK), "b": device(HEALTHY)})
+    with capture_logs() as events:
+        _run(
+            runbook,
+            _services(executor, store, clock, tmp_path),
+            _inventory(tmp_path, ["a", "b"]),
+            Mode.DRY_RUN,
+        )
+    (call,) = executor.script_calls
+    assert call.hosts == ("a", "b")
+    names = [e["event"] for e in events]
+    assert names.index("targets.resolved") < names.index("probe.finished")
+    resolved = next(e for e in events if e["event"] == "targets.resolved")
+    assert resolved["hosts"] == ["a", "b"]
+
+
+def test_executor_without_host_selection_resolves_then_probes(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """An executor that cannot select hosts gets the resolved targets to probe, in one call."""
+    inner = FakeExecutor(scripts={"a": device(SICK), "b": device(HEALTHY)})
+    report = _run(
+        runbook,
+        _services(PlainExecutor(inner), store, clock, tmp_path),
+        _inventory(tmp_path, ["a", "b"]),
+        Mode.DRY_RUN,
+    )
+    assert _outcomes(report) == {"a": HostOutcome.PLANNED, "b": HostOutcome.HEALTHY}
+    (call,) = inner.script_calls
+    assert call.hosts == ("a", "b")
+
+
+def test_failed_selection_names_the_bad_inventory(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """When selecting fails, a bad inventory is the InventoryError; otherwise the tool's error."""
+    services = _services(BrokenSelector(), store, clock, tmp_path)
+    bad = tmp_path / "bad.yml"
+    bad.write_text("all: [unclosed\n")
+    with pytest.raises(InventoryError, match=r"bad\.yml: .*[Ff]ailed to parse"):
+        _run(runbook, services, bad, Mode.DRY_RUN)
+    with pytest.raises(ExecutorError, match="ansible-playbook failed"):
+        _run(runbook, services, _inventory(tmp_path, ["a"]), Mode.DRY_RUN)

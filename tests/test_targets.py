@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InventoryError
-from engine.targets import resolve_targets
+from engine.targets import resolve_targets, select_hosts
 
 INI = """\
 [fleet:children]
@@ -182,3 +182,10 @@ def test_thousand_hosts_in_one_parse(tmp_path: Path) -> None:
     targets = resolve_targets(path, "fleet", "!dev000*")
     assert len(targets.hosts) == 990
     assert targets.hosts[0].vars == {"ansible_connection": "local", "ansible_host": "10.0.0.10"}
+
+
+def test_select_hosts_may_select_nothing(inventory: Path) -> None:
+    """``select_hosts`` answers an empty selection with no hosts; resolve_targets refuses it."""
+    assert select_hosts(inventory, "nosuch") == ()
+    assert [h.name for h in select_hosts(inventory, "canary", "!dev-a1")] == []
+    assert [h.name for h in select_hosts(inventory, "canary")] == ["dev-a1"]

@@ -6,6 +6,12 @@ Everything Ansible-specific the engine depends on lives here:
   ``ansible.builtin.raw`` task) over exactly the requested hosts, in one ansible-runner
   invocation.  The script goes into the play tagged ``!unsafe``, so Ansible passes it
   verbatim even when it contains ``{{ }}``.
+* ``select_and_run_script`` is ``run_script`` over the hosts a host pattern and a limit
+  select: the play's ``hosts`` is the pattern (``&all`` added, so Ansible's implicit
+  ``localhost`` never runs it) and ``--limit`` the limit, and the ``remediate_targets``
+  callback plugin (``ansible_callbacks/``) writes what Ansible selected, with the hosts'
+  untemplated inventory vars, to a file read after the run: targets and first probe come
+  from one ``ansible-playbook``, which reads the inventory once.
 * ``run_playbook`` runs a project playbook limited to the requested hosts.  Extra vars
   are written by us to ``env/extravars`` as YAML with **every string tagged ``!unsafe``**:
   ansible-core (2.19 included) treats extra vars as trusted and would otherwise render
@@ -44,16 +50,28 @@ import ansible_runner
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.errors import ExecutorError
+from engine.errors import ExecutorError, InventoryError
 from engine.executors.base import (
     CommandResult,
+    Host,
     HostStatus,
     PlaybookRequest,
     PlaybookResult,
+    Selection,
+    SelectionResult,
     TaskResult,
 )
 
 _ERROR_TAIL_LINES = 20
+#: Callback plugins of our own, loaded only by runs that select their hosts.
+_CALLBACKS_DIR = Path(__file__).parent / "ansible_callbacks"
+#: What the remediate_targets callback reads (it knows the name: ``REQUEST_ENV``).
+_TARGETS_REQUEST_ENV = "REMEDIATE_TARGETS"
+#: Make Ansible fail (instead of warning and going on with no hosts) on a bad inventory.
+_INVENTORY_ENV = {
+    "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
+    "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True",
+}
 _LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _HOST_EVENTS = {
     "runner_on_ok": HostStatus.OK,
@@ -107,32 +125,12 @@ class AnsibleExecutor:
         wanted = tuple(dict.fromkeys(hosts))
         if not wanted:
             return {}
-        wanted_set = frozenset(wanted)
-        results: dict[str, CommandResult] = {}
-        watcher = _EventWatcher()
-
-        def on_event(event: Mapping[str, Any]) -> bool:
-            watcher.see(event)
-            status, data = _host_event(event)
-            if data is None or data.get("host") not in wanted_set:
-                return False
-            res = _mapping(data.get("res"))
-            rc = res.get("rc")
-            results[data["host"]] = CommandResult(
-                host=data["host"],
-                status=status or HostStatus.FAILED,
-                rc=rc if isinstance(rc, int) else None,
-                stdout=_text(res.get("stdout")),
-                stderr=_text(res.get("stderr")),
-                message="" if status is HostStatus.OK else _message(res),
-            )
-            return False  # nothing to keep on disk: the probe's output is in the results
-
+        collector = _ScriptResults(frozenset(wanted))
         self._settings.work_dir.mkdir(parents=True, exist_ok=True)
         private = Path(tempfile.mkdtemp(prefix="script-", dir=self._settings.work_dir))
         try:
             playbook = private / "probe.yml"
-            _write_yaml(playbook, [_probe_play(script, timeout)])
+            _write_yaml(playbook, [_probe_play(script, timeout, "all")])
             self._run(
                 private_data_dir=private,
                 artifact_dir=private / "artifacts",
@@ -140,18 +138,68 @@ class AnsibleExecutor:
                 inventory=inventory,
                 playbook=playbook,
                 what=f"probe script on {len(wanted)} host(s) of {inventory}",
-                hosts=wanted,
-                watcher=watcher,
-                on_event=on_event,
+                limit=_limit_file(private, wanted),
+                watcher=collector.watcher,
+                on_event=collector.see,
                 extra_env={},
             )
         finally:
             shutil.rmtree(private, ignore_errors=True)
-        return {
-            host: results.get(host)
-            or CommandResult(host=host, status=HostStatus.FAILED, message=_NOT_RUN.format(host))
-            for host in wanted
+        return {host: collector.result(host) for host in wanted}
+
+    def select_and_run_script(
+        self, selection: Selection, script: str, *, timeout: float
+    ) -> SelectionResult:
+        """Run ``script`` on the hosts Ansible selects; those hosts with their vars (see above).
+
+        An inventory or a limit Ansible cannot read makes ansible-playbook fail before any
+        host is selected: :class:`ExecutorError`, with Ansible's message.
+        """
+        inventory = selection.inventory
+        if not inventory.exists():
+            raise InventoryError(f"inventory {inventory}: no such file or directory")
+        limit = _absolute_limit(selection.limit, Path.cwd())
+        hosts: list[Any] = [_Unsafe(selection.pattern), "&all"]  # &all: no implicit localhost
+        if selection.only is not None:
+            hosts.append(_Unsafe("&" + _exact_names(selection.only)))
+        collector = _ScriptResults(None if selection.only is None else frozenset(selection.only))
+        self._settings.work_dir.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix="select-", dir=self._settings.work_dir))
+        answer = private / "targets.json"
+        request = {
+            "inventory": str(inventory.resolve()),
+            "pattern": selection.pattern,
+            "limit": limit,
+            "out": str(answer),
         }
+        plugins = os.pathsep.join(
+            p for p in (str(_CALLBACKS_DIR), os.environ.get("ANSIBLE_CALLBACK_PLUGINS")) if p
+        )
+        try:
+            playbook = private / "probe.yml"
+            _write_yaml(playbook, [_probe_play(script, timeout, hosts)])
+            self._run(
+                private_data_dir=private,
+                artifact_dir=private / "artifacts",
+                ident="probe",
+                inventory=inventory,
+                playbook=playbook,
+                what=f"probe script on host pattern {selection.pattern!r} of {inventory}",
+                limit=limit,
+                watcher=collector.watcher,
+                on_event=collector.see,
+                extra_env={
+                    **_INVENTORY_ENV,
+                    "ANSIBLE_CALLBACK_PLUGINS": plugins,
+                    _TARGETS_REQUEST_ENV: json.dumps(request),
+                },
+            )
+            selected = _read_selection(answer, inventory, collector.watcher)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+        names = [h.name for h in selected]
+        ran = names if selection.only is None else [n for n in names if n in selection.only]
+        return SelectionResult(hosts=selected, results={n: collector.result(n) for n in ran})
 
     def run_playbook(
         self, inventory: Path, request: PlaybookRequest, *, artifacts_dir: Path
@@ -202,7 +250,7 @@ class AnsibleExecutor:
                 inventory=inventory,
                 playbook=playbook,
                 what=f"playbook {request.playbook}",
-                hosts=wanted,
+                limit=_limit_file(private, wanted),
                 watcher=watcher,
                 on_event=on_event,
                 extra_env=(
@@ -249,15 +297,13 @@ class AnsibleExecutor:
         inventory: Path,
         playbook: Path,
         what: str,
-        hosts: tuple[str, ...],
+        limit: str | None,
         watcher: _EventWatcher,
         on_event: Callable[[Mapping[str, Any]], bool],
         extra_env: Mapping[str, str],
     ) -> None:
         if not inventory.exists():
             raise ExecutorError(f"{what}: inventory {inventory}: no such file or directory")
-        limit_file = private_data_dir / "limit"
-        limit_file.write_text(_limit_line(hosts) + "\n", encoding="utf-8")
         try:
             with _cancel_on_signals() as cancelled:
                 runner = ansible_runner.run(
@@ -266,7 +312,7 @@ class AnsibleExecutor:
                     ident=ident,
                     playbook=str(playbook),
                     inventory=str(inventory.resolve()),
-                    limit=f"@{limit_file}",
+                    limit=limit,
                     forks=self._settings.forks,
                     envvars=self._env(extra_env),
                     quiet=True,
@@ -289,6 +335,56 @@ _NOT_RUN = "host {} did not run: not in the inventory, or not matched by the pla
 
 #: ansible-playbook's error when ``--limit`` matches no host of the inventory.
 _NO_HOSTS = "leaves us with no hosts to target"
+
+
+class _ScriptResults:
+    """Collects one ``raw`` task's result per host from the event stream, as it streams."""
+
+    def __init__(self, wanted: frozenset[str] | None) -> None:
+        self.watcher = _EventWatcher()
+        self._wanted = wanted  # None: every host
+        self._results: dict[str, CommandResult] = {}
+
+    def see(self, event: Mapping[str, Any]) -> bool:
+        """ansible-runner's event handler: keep the result, write nothing to disk."""
+        self.watcher.see(event)
+        status, data = _host_event(event)
+        if data is None or (self._wanted is not None and data.get("host") not in self._wanted):
+            return False
+        res = _mapping(data.get("res"))
+        rc = res.get("rc")
+        self._results[data["host"]] = CommandResult(
+            host=data["host"],
+            status=status or HostStatus.FAILED,
+            rc=rc if isinstance(rc, int) else None,
+            stdout=_text(res.get("stdout")),
+            stderr=_text(res.get("stderr")),
+            message="" if status is HostStatus.OK else _message(res),
+        )
+        return False  # nothing to keep on disk: the probe's output is in the results
+
+    def result(self, host: str) -> CommandResult:
+        """The host's result; ``failed`` if it never showed up in the events."""
+        return self._results.get(host) or CommandResult(
+            host=host, status=HostStatus.FAILED, message=_NOT_RUN.format(host)
+        )
+
+
+def _read_selection(answer: Path, inventory: Path, watcher: _EventWatcher) -> tuple[Host, ...]:
+    """The hosts the remediate_targets callback reported (none if the limit matched none)."""
+    try:
+        data = json.loads(answer.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if watcher.no_hosts:  # --limit matched no host at all: Ansible stopped before the play
+            return ()
+        raise ExecutorError(
+            f"inventory {inventory}: ansible-playbook did not report which hosts it selected"
+        ) from None
+    except ValueError as exc:
+        raise ExecutorError(f"inventory {inventory}: unreadable host selection: {exc}") from exc
+    if "error" in data:
+        raise InventoryError(f"inventory {inventory}: {data['error']}")
+    return tuple(Host(name=name, vars=host_vars) for name, host_vars in data["hosts"])
 
 
 class _EventWatcher:
@@ -345,10 +441,10 @@ def _playbook_result(
     return PlaybookResult(host=host, status=status, tasks=tasks, message=message)
 
 
-def _probe_play(script: str, timeout: float) -> dict[str, Any]:
+def _probe_play(script: str, timeout: float, hosts: str | list[Any]) -> dict[str, Any]:
     return {
         "name": "remediate probe",
-        "hosts": "all",
+        "hosts": hosts,
         "gather_facts": False,
         "tasks": [
             {
@@ -365,6 +461,51 @@ def _probe_play(script: str, timeout: float) -> dict[str, Any]:
 def _limit_line(hosts: Sequence[str]) -> str:
     """One ``--limit`` pattern matching exactly these host names and nothing else."""
     return "~^(?:" + "|".join(re.escape(h) for h in hosts) + ")$"
+
+
+def _limit_file(private: Path, hosts: Sequence[str]) -> str:
+    """``--limit @file`` for exactly ``hosts``, the file written in ``private``."""
+    path = private / "limit"
+    path.write_text(_limit_line(hosts) + "\n", encoding="utf-8")
+    return f"@{path}"
+
+
+def _exact_names(hosts: Sequence[str]) -> str:
+    """A regex pattern matching exactly these host names, safe as one item of a play's hosts.
+
+    Ansible splits every item of a play's ``hosts`` at ``,`` (or ``:``, whitespace, brackets),
+    so every character but letters, digits, ``_`` and ``-`` is written as a regex escape.
+    """
+
+    def escaped(name: str) -> str:
+        return "".join(
+            c if c.isascii() and (c.isalnum() or c in "_-") else f"\\U{ord(c):08x}" for c in name
+        )
+
+    return "~^(" + "|".join(escaped(h) for h in hosts) + ")$"
+
+
+#: How Ansible splits a host pattern at ``:`` when it has no ``,`` (split_host_pattern).
+_COLON_TERMS = re.compile(r"(?:[^\s:\[\]]|\[[^\]]*\])+")
+
+
+def _absolute_limit(limit: str | None, cwd: Path) -> str | None:
+    """``limit`` with each relative ``@file`` made absolute against ``cwd``.
+
+    ansible-playbook runs in ansible-runner's private directory, and Ansible reads an
+    ``@file`` relative to its working directory; the operator meant theirs.  The limit is
+    split as Ansible splits it; one without a relative ``@file`` is returned unchanged.
+    """
+    if limit is None:
+        return None
+    terms = [t.strip() for t in (limit.split(",") if "," in limit else _COLON_TERMS.findall(limit))]
+    terms = [t for t in terms if t]
+    if not any(t.startswith("@") and not Path(t[1:]).is_absolute() for t in terms):
+        return limit
+    return ",".join(
+        f"@{cwd / t[1:]}" if t.startswith("@") and not Path(t[1:]).is_absolute() else t
+        for t in terms
+    )
 
 
 def _unique_label(artifacts_dir: Path, label: str) -> str:

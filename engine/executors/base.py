@@ -2,6 +2,9 @@
 
 The pipeline never imports ansible-runner: it talks to an :class:`Executor`.
 ``AnsibleExecutor`` drives real ansible-runner; ``FakeExecutor`` (tests) answers from a table.
+An executor that can also select the hosts of an inventory itself is a
+:class:`SelectingExecutor`: the pipeline then resolves a run's targets and probes them in one
+call (with Ansible, one ``ansible-playbook`` reads the inventory once instead of twice).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -70,6 +73,34 @@ class PlaybookRequest(_Frozen):
     label: str = ""  # a name for the artifacts folder, e.g. the step id
 
 
+class Host(_Frozen):
+    """One inventory host with its merged (untemplated) inventory variables."""
+
+    name: str
+    vars: dict[str, Any]
+
+
+class Selection(_Frozen):
+    """Which inventory hosts a call is about, chosen the way ansible-playbook chooses them."""
+
+    inventory: Path
+    pattern: str
+    """An Ansible host pattern (a runbook's ``targets.hosts``)."""
+    limit: str | None = None
+    """Narrows the pattern as ``--limit`` does (``@file`` included)."""
+    only: tuple[str, ...] | None = None
+    """If set, exact host names: the script runs on the selected hosts among them only."""
+
+
+class SelectionResult(_Frozen):
+    """The hosts a selection picked and a script's result on each host it ran on."""
+
+    hosts: tuple[Host, ...]
+    """Every host the pattern and limit select, in inventory order (``only`` not applied)."""
+    results: dict[str, CommandResult]
+    """Host name → result, for every selected host that ``only`` keeps."""
+
+
 class Executor(Protocol):
     """Runs read-only probe scripts and playbooks on inventory hosts."""
 
@@ -83,4 +114,21 @@ class Executor(Protocol):
         self, inventory: Path, request: PlaybookRequest, *, artifacts_dir: Path
     ) -> Mapping[str, PlaybookResult]:
         """Run ``request.playbook`` limited to ``request.hosts``; a result for every host."""
+        ...
+
+
+@runtime_checkable
+class SelectingExecutor(Executor, Protocol):
+    """An executor that can also select hosts: targets and first probe in one call."""
+
+    def select_and_run_script(
+        self, selection: Selection, script: str, *, timeout: float
+    ) -> SelectionResult:
+        """Select hosts as Ansible would and run ``script`` (one ``raw`` task) on each of them.
+
+        Ansible's implicit ``localhost`` is never selected, and an empty selection is a
+        result (no hosts).  An inventory or a limit that cannot be read may raise
+        ``InventoryError``, or ``ExecutorError`` like any failure of the tool: then
+        :func:`engine.targets.resolve_targets` tells which it was.
+        """
         ...

@@ -8,6 +8,10 @@ the stdout (or a whole :class:`FakeReply`), for probes whose output depends on t
 reads, to simulate a fix).  Hosts missing from a table come back ``failed``, as a host
 missing from the inventory does with the real executor.
 
+Hosts are selected as the real executor selects them: ``select_and_run_script`` asks Ansible
+(:func:`engine.targets.select_hosts`, a child process), so tests keep real inventories and
+patterns, then answers the script from ``scripts``.
+
 Every call is recorded in ``script_calls`` / ``playbook_calls``, so a test can assert
 that a dry run started no playbook.
 """
@@ -24,7 +28,10 @@ from engine.executors.base import (
     HostStatus,
     PlaybookRequest,
     PlaybookResult,
+    Selection,
+    SelectionResult,
 )
+from engine.targets import select_hosts
 
 
 class _Frozen(BaseModel):
@@ -82,6 +89,17 @@ class FakeExecutor:
             ScriptCall(inventory=inventory, hosts=tuple(hosts), script=script, timeout=timeout)
         )
         return {host: self._script_result(host, script) for host in hosts}
+
+    def select_and_run_script(
+        self, selection: Selection, script: str, *, timeout: float
+    ) -> SelectionResult:
+        """Select hosts with Ansible, answer the kept ones from ``scripts``; record the call."""
+        hosts = select_hosts(selection.inventory, selection.pattern, selection.limit)
+        ran = [h.name for h in hosts if selection.only is None or h.name in selection.only]
+        return SelectionResult(
+            hosts=hosts,
+            results=dict(self.run_script(selection.inventory, ran, script, timeout=timeout)),
+        )
 
     def run_playbook(
         self, inventory: Path, request: PlaybookRequest, *, artifacts_dir: Path

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from engine.errors import ExecutorError
+from engine.errors import ExecutorError, InventoryError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
-from engine.executors.base import HostStatus, PlaybookRequest
+from engine.executors.base import HostStatus, PlaybookRequest, Selection
+from engine.targets import select_hosts
 from tests.support.sshd import SshServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -183,6 +184,131 @@ def test_only_the_named_hosts_run(executor: AnsibleExecutor, tmp_path: Path) -> 
     results = executor.run_playbook(inventory, request, artifacts_dir=tmp_path / "artifacts")
     assert sorted(p.name for p in marks.iterdir()) == ["dev1"]
     assert [results[h].status for h in requested] == [HostStatus.OK] + [HostStatus.FAILED] * 3
+
+
+# -- select_and_run_script -------------------------------------------------------------
+
+FLEET = """\
+[canary]
+dev-a1 note='{{ 7*6 }}'
+
+[main]
+dev-b1
+dev-b2
+
+[fleet:children]
+canary
+main
+
+[all:vars]
+ansible_connection=local
+ansible_python_interpreter=/nonexistent/python3
+"""
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Path:
+    """Three local hosts in groups, with a templated-looking var and group_vars files."""
+    (tmp_path / "group_vars").mkdir()
+    (tmp_path / "group_vars" / "main.yml").write_text("engine_cli: balena-engine\n")
+    path = tmp_path / "fleet.ini"
+    path.write_text(FLEET)
+    return path
+
+
+def _marking(marks: Path) -> str:
+    """A script that leaves a mark named after the host it ran on (from the raw task's env)."""
+    marks.mkdir(exist_ok=True)
+    return f'touch "{marks}/$(hostname)-$$"; echo ran'
+
+
+def test_selection_probes_exactly_what_ansible_selects(
+    executor: AnsibleExecutor, fleet: Path
+) -> None:
+    """The pattern and limit pick the hosts, in inventory order, with untemplated vars."""
+    selection = Selection(inventory=fleet, pattern="fleet", limit="!dev-b1")
+    result = executor.select_and_run_script(selection, "echo up", timeout=30)
+    assert [h.name for h in result.hosts] == ["dev-a1", "dev-b2"]
+    by_name = {h.name: h.vars for h in result.hosts}
+    assert by_name["dev-a1"]["note"] == "{{ 7*6 }}"
+    assert by_name["dev-b2"]["engine_cli"] == "balena-engine"
+    assert set(result.results) == {"dev-a1", "dev-b2"}
+    assert {r.stdout for r in result.results.values()} == {"up\n"}
+
+
+@pytest.mark.parametrize(
+    ("pattern", "limit"),
+    [("all", None), ("canary:main", None), ("fleet:!canary", "dev-b*"), ("~dev-[ab]1", None)],
+)
+def test_selection_agrees_with_the_resolver(
+    executor: AnsibleExecutor, fleet: Path, pattern: str, limit: str | None
+) -> None:
+    """The probe run selects the same hosts and vars as resolve_targets' child process."""
+    selection = Selection(inventory=fleet, pattern=pattern, limit=limit)
+    result = executor.select_and_run_script(selection, "true", timeout=30)
+    assert result.hosts == select_hosts(fleet, pattern, limit)
+    assert set(result.results) == {h.name for h in result.hosts}
+
+
+def test_selection_never_runs_on_implicit_localhost(
+    executor: AnsibleExecutor, fleet: Path, tmp_path: Path
+) -> None:
+    """``localhost`` absent from the inventory selects nothing and runs nothing."""
+    marks = tmp_path / "marks"
+    selection = Selection(inventory=fleet, pattern="localhost")
+    result = executor.select_and_run_script(selection, _marking(marks), timeout=30)
+    assert (result.hosts, result.results) == ((), {})
+    assert list(marks.iterdir()) == []
+
+
+def test_selection_limit_file_relative_to_the_working_directory(
+    executor: AnsibleExecutor, fleet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative ``@file`` limit is read from the engine's working directory."""
+    (tmp_path / "retry.txt").write_text("dev-b2\ndev-a1\n")
+    monkeypatch.chdir(tmp_path)
+    selection = Selection(inventory=fleet, pattern="all", limit="@retry.txt")
+    result = executor.select_and_run_script(selection, "true", timeout=30)
+    assert [h.name for h in result.hosts] == ["dev-a1", "dev-b2"]
+
+
+def test_selection_runs_only_on_the_named_hosts(executor: AnsibleExecutor, tmp_path: Path) -> None:
+    """``only`` keeps exact names (no glob, regex or comma splits); every selected host is told."""
+    local = {"ansible_connection": "local", **NO_PYTHON}
+    names = ["dev1", "dev10", "dev1x", "a,b", "c:d", "d"]
+    inventory = write_inventory(tmp_path / "hosts.yml", dict.fromkeys(names, local))
+    only = ("dev1", "a,b", "c:d", "dev.*", "ghost")
+    selection = Selection(inventory=inventory, pattern="all", only=only)
+    result = executor.select_and_run_script(selection, "echo up", timeout=30)
+    assert sorted(h.name for h in result.hosts) == sorted(names)
+    assert sorted(result.results) == ["a,b", "c:d", "dev1"]
+    assert {r.status for r in result.results.values()} == {HostStatus.OK}
+
+
+def test_selection_of_nothing_is_an_empty_result(executor: AnsibleExecutor, fleet: Path) -> None:
+    """A pattern or a limit that matches no host is no hosts, not an error."""
+    for pattern, limit in (("nosuch", None), ("canary", "main"), ("all", "nosuch")):
+        selection = Selection(inventory=fleet, pattern=pattern, limit=limit)
+        result = executor.select_and_run_script(selection, "true", timeout=30)
+        assert (result.hosts, result.results) == ((), {})
+
+
+def test_selection_from_an_unreadable_inventory_fails(
+    executor: AnsibleExecutor, tmp_path: Path
+) -> None:
+    """An inventory Ansible cannot parse, or a missing limit file, is never an empty fleet."""
+    bad = tmp_path / "bad.yml"
+    bad.write_text("all: [unclosed\n")
+    with pytest.raises(ExecutorError, match="ansible-playbook did not finish"):
+        executor.select_and_run_script(Selection(inventory=bad, pattern="all"), "true", timeout=30)
+    good = write_inventory(tmp_path / "hosts.yml", {"dev1": {"ansible_connection": "local"}})
+    missing = Selection(inventory=good, pattern="all", limit=f"@{tmp_path / 'none.txt'}")
+    with pytest.raises(ExecutorError, match="Unable to find limit file"):
+        executor.select_and_run_script(missing, "true", timeout=30)
+    with pytest.raises(InventoryError, match=r"nope\.yml: no such file"):
+        executor.select_and_run_script(
+            Selection(inventory=tmp_path / "nope.yml", pattern="all"), "true", timeout=30
+        )
 
 
 # -- run_playbook ----------------------------------------------------------------------
