@@ -17,9 +17,10 @@ Ansible start-up, on the same generated inventory of local-connection hosts with
 
 ``ansible-playbook`` gets ``--forks`` equal to the engine's (50), not Ansible's default 5.
 The rounds rotate the four, after a warm-up round; medians are compared.  A breakdown
-then runs ``remediate plan`` in-process in a fresh interpreter with the pipeline's
-``resolve_targets`` and ``run_probes`` wrapped to record wall-clock marks, to show where the
-difference goes (start-up, target resolution, probe, the rest).
+then runs ``remediate plan`` through its entry point in a fresh interpreter with the
+executor's calls and pexpect's spawn/close wrapped to record wall-clock marks, to show where
+the difference goes (start-up, imports, runbook load, ansible-runner before and after
+ansible-playbook, ansible-playbook itself, the rest, interpreter exit).
 
 Target: engine at most 1.15x the one-task hand-written play.
 """
@@ -84,18 +85,34 @@ def write_hand_play(path: Path, runbook: Runbook, kind: str) -> None:
     """A hand-written probe play (``kind``: one-task, per-check, or engine-script)."""
     params = param_lines(runbook.param_values())
     checks = runbook.spec.checks
+    tasks: list[dict[str, object]]
     if kind == "per-check":
         tasks = [
             {"name": c.id, "ansible.builtin.raw": "\n".join([*params, c.command])} for c in checks
         ]
-    elif kind == "engine-script":
+    elif kind == "engine-script":  # as the engine writes it: never templated, no arg splitting
         script = build_probe_script(checks, runbook.param_values(), "@@remediate-bench")
-        tasks = [{"name": "probe", "ansible.builtin.raw": script}]
+        tasks = [{"name": "probe", "ansible.builtin.raw": {"_raw_params": _Unsafe(script)}}]
     else:
         script = "\n".join(["set +e", *params, *(c.command for c in checks)])
         tasks = [{"name": "probe", "ansible.builtin.raw": script}]
     play = [{"name": "hand-written probe", "hosts": "all", "gather_facts": False, "tasks": tasks}]
-    path.write_text(yaml.safe_dump(play, sort_keys=False, width=1000), encoding="utf-8")
+    path.write_text(yaml.dump(play, Dumper=_Dumper, sort_keys=False, width=1000), encoding="utf-8")
+
+
+class _Unsafe(str):
+    """Text Ansible must pass verbatim (the engine's script holds ``{#`` in ``${#var}``)."""
+
+    __slots__ = ()
+
+
+class _Dumper(yaml.SafeDumper):
+    """Dumps :class:`_Unsafe` as ``!unsafe``."""
+
+
+_Dumper.add_representer(
+    _Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value), style='"')
+)
 
 
 def children_cpu() -> float:
@@ -114,40 +131,63 @@ def timed(
     return time.perf_counter() - started, children_cpu() - cpu, proc
 
 
-#: Runs ``remediate`` in-process with the pipeline's stage calls wrapped to record wall-clock
-#: marks; prints them as JSON on stderr's last line.  Nothing in the engine is changed.
+#: Runs ``remediate`` in a fresh interpreter through its console entry point (``main``, as the
+#: installed script does) with wall-clock marks, printed as JSON on stderr's last line.  The
+#: CLI imports the stages lazily; here they are imported first, on their own mark, so the
+#: wrappers can be installed.  Wrapped: the executor's probe calls and,
+#: for the breakdown of ansible-runner's share, pexpect's spawn and close (ansible-runner
+#: closes the pty once ansible-playbook's output has ended).  Nothing else is changed.
 _PHASES_CHILD = """
 import contextlib, io, json, sys, time
 marks = {}
 import engine.cli
 marks["imported"] = time.time()
-import engine.pipeline as pipeline
-def wrap(name):
-    fn = getattr(pipeline, name, None)
-    if fn is None:
-        return
-    def timed(*args, **kwargs):
-        marks[name + ".start"] = time.time()
+import pexpect
+import engine.pipeline
+from engine.executors.ansible import AnsibleExecutor
+marks["stages imported"] = time.time()
+
+def timed(fn, name):
+    def wrapper(*args, **kwargs):
+        marks.setdefault(name + ".start", time.time())
         try:
             return fn(*args, **kwargs)
         finally:
-            marks[name + ".end"] = time.time()
-    setattr(pipeline, name, timed)
-wrap("resolve_targets")
-wrap("run_probes")
+            marks.setdefault(name + ".end", time.time())
+    return wrapper
+
+for name in ("select_and_run_script", "run_script"):
+    if hasattr(AnsibleExecutor, name):
+        setattr(AnsibleExecutor, name, timed(getattr(AnsibleExecutor, name), "probe"))
+spawn_init, spawn_close = pexpect.spawn.__init__, pexpect.spawn.close
+def init(self, *args, **kwargs):
+    spawn_init(self, *args, **kwargs)
+    marks.setdefault("spawned", time.time())
+def close(self, *args, **kwargs):
+    marks.setdefault("output ended", time.time())
+    return spawn_close(self, *args, **kwargs)
+pexpect.spawn.__init__, pexpect.spawn.close = init, close
+
+sys.argv = ["remediate", *sys.argv[1:]]
+code = 0
 with contextlib.redirect_stdout(io.StringIO()):
-    engine.cli.run_cli(sys.argv[1:])
+    try:
+        engine.cli.main()
+    except SystemExit as exc:
+        code = exc.code
 marks["done"] = time.time()
 sys.stderr.write("\\n" + json.dumps(marks) + "\\n")
+sys.exit(code)
 """
 
 PHASES = (
-    ("interpreter start-up + import engine.cli", "spawned", "imported"),
-    ("settings, runbook load, services", "imported", "resolve_targets.start"),
-    ("target resolution (resolve_targets child)", "resolve_targets.start", "resolve_targets.end"),
-    ("(between)", "resolve_targets.end", "run_probes.start"),
-    ("probe (run_probes: ansible-runner)", "run_probes.start", "run_probes.end"),
-    ("guards, plan, state, audit, JSON", "run_probes.end", "done"),
+    ("interpreter start-up + import engine.cli", "started", "imported"),
+    ("import stages, executor, ansible-runner", "imported", "stages imported"),
+    ("settings, runbook load, state, services", "stages imported", "probe.start"),
+    ("ansible-runner: until ansible-playbook runs", "probe.start", "spawned"),
+    ("ansible-playbook: targets + probe", "spawned", "output ended"),
+    ("ansible-runner: after the output ended", "output ended", "probe.end"),
+    ("guards, plan, state, audit, JSON", "probe.end", "done"),
     ("interpreter exit", "done", "exited"),
 )
 
@@ -156,7 +196,7 @@ def breakdown(cli_args: Sequence[str], repeat: int, env: Mapping[str, str]) -> d
     """Median seconds of each phase of ``remediate plan``, marked inside one real run."""
     samples: dict[str, list[float]] = {name: [] for name, _, _ in PHASES}
     for _ in range(repeat):
-        marks = {"spawned": time.time()}
+        marks = {"started": time.time()}
         proc = subprocess.run(
             [sys.executable, "-c", _PHASES_CHILD, *cli_args],
             capture_output=True,
@@ -172,6 +212,7 @@ def breakdown(cli_args: Sequence[str], repeat: int, env: Mapping[str, str]) -> d
         for name, begin, end in PHASES:
             if begin in marks and end in marks:
                 samples[name].append(marks[end] - marks[begin])
+
     return {name: statistics.median(s) for name, s in samples.items() if s}
 
 
