@@ -25,6 +25,10 @@ Everything Ansible-specific the engine depends on lives here:
 
 A device that fails is a result.  ansible-runner or ansible-playbook failing as a tool
 (bad playbook, missing binary, no final stats) raises :class:`ExecutorError`.
+
+One adjustment to ansible-runner, kept here (:func:`_close_promptly`): the pty it reads
+ansible-playbook through is closed without ptyprocess' fixed 0.1 s sleep, which every run
+paid after ansible-playbook had already exited.
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
+from types import FrameType, ModuleType
 from typing import Any
 
 import ansible_runner
+import ansible_runner.runner
+import pexpect
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -614,3 +620,45 @@ def _message(res: Mapping[str, Any]) -> str:
     if stderr and stderr not in msg:
         msg = f"{msg}; stderr: {stderr[-500:]}"
     return msg
+
+
+# -- ansible-runner adjustment -------------------------------------------------------------
+
+
+class _PromptCloseSpawn(pexpect.spawn):  # type: ignore[misc] # pexpect ships no type information
+    """``pexpect.spawn`` whose ``close()`` does not sleep 0.1 s before checking the child.
+
+    ptyprocess' ``close()`` sleeps ``delayafterclose`` (0.1 s, "to give the kernel time to
+    update process status") and then terminates the child if it is still alive.
+    ansible-runner calls it only after its read loop ended on ``isalive()`` being false,
+    i.e. after ansible-playbook exited and was reaped, so the sleep only delayed every run.
+    A child still alive is terminated as before (SIGHUP, SIGINT, then SIGKILL).
+    """
+
+    def _spawnpty(self, args: list[str], **kwargs: Any) -> Any:
+        pty = super()._spawnpty(args, **kwargs)
+        pty.delayafterclose = 0
+        return pty
+
+
+class _PexpectForRunner(ModuleType):
+    """The ``pexpect`` ansible-runner's runner module sees: pexpect, with our ``spawn``."""
+
+    spawn = _PromptCloseSpawn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(pexpect, name)
+
+
+def _close_promptly() -> None:
+    """Have ansible-runner spawn ansible-playbook with :class:`_PromptCloseSpawn`.
+
+    ansible-runner (2.4) calls ``pexpect.spawn`` through its runner module's ``pexpect``
+    global; only that reference is replaced, so pexpect itself is unchanged for anyone else.
+    If a later ansible-runner does it differently, nothing is replaced (runs are as before).
+    """
+    if getattr(ansible_runner.runner, "pexpect", None) is pexpect:
+        ansible_runner.runner.pexpect = _PexpectForRunner("pexpect")
+
+
+_close_promptly()

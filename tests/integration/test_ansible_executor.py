@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ansible_runner.runner
+import pexpect
 import pytest
 import yaml
 
@@ -459,3 +461,22 @@ def test_cancel_stops_a_running_playbook(tmp_path: Path) -> None:
             PlaybookRequest(playbook=playbook, hosts=("dev1",), label="slow"),
             artifacts_dir=tmp_path / "artifacts",
         )
+
+
+# -- the ansible-runner adjustment -------------------------------------------------------
+
+
+def test_runner_closes_its_pty_without_sleeping_and_still_stops_live_children() -> None:
+    """ansible-runner's spawn skips ptyprocess' 0.1 s close delay but keeps exit codes and kills."""
+    spawn = ansible_runner.runner.pexpect.spawn  # what ansible-runner spawns ansible-playbook with
+    finished = spawn("sh", ["-c", "echo done; exit 3"], encoding="utf-8")
+    finished.expect(pexpect.EOF)
+    while finished.isalive():  # as ansible-runner's loop: close only after the child exited
+        time.sleep(0.01)
+    assert finished.ptyproc.delayafterclose == 0
+    finished.close()
+    assert finished.exitstatus == 3
+    alive = spawn("sleep", ["30"])
+    alive.close()
+    assert not alive.isalive()
+    assert alive.signalstatus is not None
