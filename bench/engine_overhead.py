@@ -349,6 +349,11 @@ def main() -> int:
         f"(+{args.warmup} warm-up); load average {load_before:.1f} → {load_after:.1f} "
         f"on {os.cpu_count()} CPUs"
     )
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") and not os.environ.get("PYTHONPYCACHEPREFIX"):
+        print(
+            "  PYTHONDONTWRITEBYTECODE is set: an editable engine compiles its own modules at "
+            "every start (installed packages, Ansible's included, have theirs precompiled)"
+        )
     report(measured, parts)
     return 0
 

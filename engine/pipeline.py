@@ -255,7 +255,7 @@ def _targets_and_probes(
         services.reporter.advance(len(targets.hosts))
         return targets, probes
     services.reporter.phase("resolving targets and probing them")
-    nonce = f"@@remediate-{secrets.token_hex(8)}"
+    nonce = f"@@remediate-{secrets.token_hex(8)}"  # the marker run_probes makes, one per probe
     selection = Selection(
         inventory=request.inventory, pattern=pattern, limit=request.limit, only=request.hosts
     )
