@@ -1047,6 +1047,9 @@ class AlertStore(StateStore, Protocol):
     def count_alerting_devices(self, since: datetime, *, stop_at: int) -> int:
         """Count distinct hosts with a still-firing alert queued since ``since`` (≤ ``stop_at``)."""
 
+    def latest_queued_per_host(self, after_item: int) -> tuple[int, dict[str, datetime]]:
+        """The last queue item id, and per host when items after ``after_item`` were queued last."""
+
     def breaker_state(self) -> BreakerRecord | None:
         """Return the saved circuit breaker, or None when never saved."""
 
@@ -1471,6 +1474,24 @@ class SqliteAlertStore(SqliteStateStore):
                 (_text(since), stop_at),
             ).fetchone()
         return int(count)
+
+    def latest_queued_per_host(self, after_item: int) -> tuple[int, dict[str, datetime]]:
+        """The last queue item id, and per host when items after ``after_item`` were queued last.
+
+        Both come from one snapshot.  Items keep their host and time, and ids only grow, so a
+        caller keeps the latest time per host up to date by reading only the items added since
+        its last call.
+        """
+        with self._transaction("read recently queued hosts", immediate=False) as db:
+            (last,) = db.execute(
+                "SELECT coalesce(max(item_id), ?) FROM alert_queue", (after_item,)
+            ).fetchone()
+            rows = db.execute(
+                "SELECT host, max(enqueued_at) FROM alert_queue"
+                " WHERE item_id > ? AND item_id <= ? GROUP BY host",
+                (after_item, last),
+            ).fetchall()
+        return int(last), {str(host): _moment(str(at)) for host, at in rows}
 
     # -- the circuit breaker
 

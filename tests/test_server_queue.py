@@ -17,7 +17,9 @@ from engine.executors.base import HostStatus, PlaybookRequest, PlaybookResult
 from engine.executors.fake import FakeExecutor
 from engine.outcomes import Mode, RunStatus
 from engine.server.app import create_app
+from engine.server.breaker import CircuitBreaker
 from engine.server.config import ServerConfig
+from engine.server.metrics import ServerMetrics
 from engine.server.runtime import WebhookServer
 from engine.state import (
     ApprovalStatus,
@@ -25,6 +27,7 @@ from engine.state import (
     FiringOutcome,
     QueueRoute,
     QueueState,
+    ResolvedInput,
     RunRecord,
     SqliteAlertStore,
 )
@@ -154,6 +157,75 @@ def test_interrupting_marks_item_and_run_and_frees_the_lock(store: SqliteAlertSt
         ).item
         is None
     )
+
+
+def test_latest_queued_per_host_reads_the_items_added_since(store: SqliteAlertStore) -> None:
+    """Per host the last time a run was queued, from the items after a given id only."""
+    store.record_alerts(
+        [_firing("a1", "dev-a"), _firing("b1", "dev-b")], [], now=T0, hold_reason=None
+    )
+    last, latest = store.latest_queued_per_host(0)
+    assert (last, latest) == (2, {"dev-a": T0, "dev-b": T0})
+    later = T0 + timedelta(minutes=1)
+    store.record_alerts([_firing("a2", "dev-a")], [], now=later, hold_reason=None)
+    assert store.latest_queued_per_host(last) == (3, {"dev-a": later})
+    assert store.latest_queued_per_host(3) == (3, {})
+
+
+def _breaker(store: SqliteAlertStore, clock: Clock) -> CircuitBreaker:
+    config = ServerConfig.model_validate(
+        {
+            "inventory": "hosts.ini",
+            "auth": {"token": TOKEN},
+            "breaker": {"max_alerting_pct": 50, "min_alerting_devices": 2},
+        }
+    )
+    return CircuitBreaker(
+        config.breaker,
+        clock=clock,
+        fleet_size=lambda: 3,
+        metrics=ServerMetrics(store.queue_counts),
+    )
+
+
+def _resolved(fingerprint: str) -> ResolvedInput:
+    return ResolvedInput(
+        fingerprint=fingerprint, starts_at=T0, alertname="BalenaEngineDown", labels={}
+    )
+
+
+def test_devices_whose_alerts_resolved_do_not_count_towards_a_storm(
+    store: SqliteAlertStore,
+) -> None:
+    """Two devices had runs queued but both alerts resolved: the exact count says no storm."""
+    clock = Clock()
+    breaker = _breaker(store, clock)
+    store.record_alerts(
+        [_firing("a1", "dev-a"), _firing("b1", "dev-b")], [], now=T0, hold_reason=None
+    )
+    store.record_alerts([], [_resolved("a1"), _resolved("b1")], now=T0, hold_reason=None)
+    assert not breaker.refresh(store).open
+    store.record_alerts(
+        [_firing("c1", "dev-c"), _firing("a2", "dev-a")], [], now=T0, hold_reason=None
+    )
+    status = breaker.refresh(store)
+    assert status.open
+    assert "at least 2 of 3 devices" in status.reason
+
+
+def test_runs_queued_before_the_window_do_not_count_towards_a_storm(
+    store: SqliteAlertStore,
+) -> None:
+    """Hosts whose last run was queued before the window are not alerting now."""
+    clock = Clock()
+    breaker = _breaker(store, clock)
+    store.record_alerts([_firing("a1", "dev-a")], [], now=T0, hold_reason=None)
+    assert not breaker.refresh(store).open
+    clock.now = T0 + timedelta(minutes=11)
+    store.record_alerts([_firing("b1", "dev-b")], [], now=clock.now, hold_reason=None)
+    assert not breaker.refresh(store).open
+    store.record_alerts([_firing("c1", "dev-c")], [], now=clock.now, hold_reason=None)
+    assert breaker.refresh(store).open
 
 
 # --------------------------------------------------------------------------- with workers
@@ -339,7 +411,7 @@ def test_the_breaker_closes_after_the_cool_off_and_survives_a_restart(
         json=body(_down("a1b2c3d.balena", "s1"), _down("b1b2c3d.balena", "s2")),
         headers=AUTH,
     )
-    assert server.breaker.status.open
+    wait_for("the breaker to open", lambda: server.breaker.status.open)
     again, again_client = make_server(FakeExecutor(), clock, workers=0, breaker=breaker)
     assert again.breaker.status.open
     clock.now += timedelta(minutes=11)

@@ -39,6 +39,30 @@ class BreakerStatus(BaseModel):
     closes_at: AwareDatetime | None = None
 
 
+class _RecentlyQueued:
+    """When a run was last queued for each host: an upper bound of the alerting devices.
+
+    Counting the devices alerting in the window takes a query over every run queued in it,
+    which grows with the window and ran on every refresh.  This bound (hosts with any run
+    queued in the window, resolved or not) is kept up to date from the runs queued since the
+    last refresh only; when it is below the threshold the breaker cannot trip and the exact
+    count is not needed.
+    """
+
+    def __init__(self) -> None:
+        self._last_item = 0
+        self._latest: dict[str, datetime] = {}
+
+    def count(self, store: AlertStore, since: datetime) -> int:
+        """Hosts with a run queued at or after ``since`` (a superset of the alerting ones)."""
+        self._last_item, latest = store.latest_queued_per_host(self._last_item)
+        for host, at in latest.items():
+            known = self._latest.get(host)
+            if known is None or at > known:
+                self._latest[host] = at
+        return sum(1 for at in self._latest.values() if at >= since)
+
+
 class CircuitBreaker:
     """Decides from the store whether the server may act; thread-safe."""
 
@@ -57,6 +81,7 @@ class CircuitBreaker:
         self._lock = threading.Lock()
         self._record = BreakerRecord(open=False, reason="")
         self._refreshed = -float("inf")
+        self._recently_queued = _RecentlyQueued()
 
     @property
     def status(self) -> BreakerStatus:
@@ -144,6 +169,8 @@ class CircuitBreaker:
         # The smallest count above both limits; counting stops there.
         over_pct = fleet * config.max_alerting_pct // 100 + 1
         threshold = max(over_pct, config.min_alerting_devices)
+        if self._recently_queued.count(store, since) < threshold:
+            return None, ""  # fewer hosts than that had any run queued: no storm
         alerting = store.count_alerting_devices(since, stop_at=threshold)
         if alerting >= threshold:
             return "storm", (

@@ -17,6 +17,7 @@ from datetime import datetime
 import structlog
 
 from engine.audit import audit_context
+from engine.errors import StateError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import Executor
 from engine.pipeline import Services
@@ -36,6 +37,10 @@ from engine.targets import resolve_targets
 INVENTORY_CHECK = 2.0
 #: Least time between breaker checks triggered by intake (workers check before every claim).
 INTAKE_BREAKER_INTERVAL = 0.5
+#: The intake's breaker checks, which run in the background, take at most this share of the time.
+INTAKE_BREAKER_SHARE = 0.2
+#: How long stopping waits for a breaker check in progress to finish.
+WATCHER_JOIN = 10.0
 
 
 def new_run_id() -> str:
@@ -111,12 +116,19 @@ class WebhookServer:
             on_queued=self._after_queued,
         )
         self._watcher_stop = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._breaker_due = threading.Event()
+        self._breaker_watcher: threading.Thread | None = None
 
     def _after_queued(self) -> None:
-        """New runs are queued: let the breaker see them first, then wake the workers."""
-        self.breaker.refresh(self.store, min_interval=INTAKE_BREAKER_INTERVAL)
+        """New runs are queued: wake the workers and have the breaker look at them.
+
+        Workers check the breaker themselves before and after every claim, so waking them
+        first is safe; the intake's check (which opens the breaker, and so records the next
+        runs ``held``, even with no worker) runs in the background: its counting query grows
+        with the window's queue and must never hold up the 202 of a notification.
+        """
         self.pool.wake()
+        self._breaker_due.set()
 
     def _open_store(self) -> SqliteAlertStore:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -149,14 +161,17 @@ class WebhookServer:
         return items
 
     def start(self) -> None:
-        """Load the inventory and the breaker, start the workers and the inventory watcher."""
+        """Load the inventory and the breaker; start the workers, inventory and breaker watchers."""
         self.fleet.load()
         self.breaker.load(self.store)
         self.pool.start()
-        self._watcher = threading.Thread(
+        threading.Thread(
             target=self._watch_inventory, name="remediate-inventory", daemon=True
+        ).start()
+        self._breaker_watcher = threading.Thread(
+            target=self._watch_breaker, name="remediate-breaker", daemon=True
         )
-        self._watcher.start()
+        self._breaker_watcher.start()
         structlog.get_logger().info(
             "server.started",
             owner=self.owner,
@@ -175,6 +190,8 @@ class WebhookServer:
         structlog.get_logger().info("server.stopping", running=running, timeout=timeout)
         self.pool.stop()
         self._watcher_stop.set()
+        if self._breaker_watcher is not None:
+            self._breaker_watcher.join(WATCHER_JOIN)
         interrupted: list[QueueItem] = []
         if not self.pool.join(timeout):
             # Stop the playbooks still running (ansible-runner terminates its children), so no
@@ -197,6 +214,28 @@ class WebhookServer:
     def _watch_inventory(self) -> None:
         while not self._watcher_stop.wait(INVENTORY_CHECK):
             self.fleet.reload_if_due()
+
+    def _watch_breaker(self) -> None:
+        """Refresh the breaker after runs were queued, on its own store connection.
+
+        At most every ``INTAKE_BREAKER_INTERVAL``, and when its queries are slow (a window
+        holding many runs) at most ``INTAKE_BREAKER_SHARE`` of the time.
+        """
+        store = self._open_store()
+        try:
+            while not self._watcher_stop.is_set():
+                if not self._breaker_due.wait(INTAKE_BREAKER_INTERVAL):
+                    continue
+                self._breaker_due.clear()
+                started = time.monotonic()
+                try:
+                    self.breaker.refresh(store, min_interval=INTAKE_BREAKER_INTERVAL)
+                except StateError as exc:  # workers still check before every claim
+                    structlog.get_logger().warning("breaker.check_failed", error=str(exc))
+                took = time.monotonic() - started
+                self._watcher_stop.wait(max(INTAKE_BREAKER_INTERVAL, took / INTAKE_BREAKER_SHARE))
+        finally:
+            store.close()
 
 
 def _audit_interrupted(items: list[QueueItem]) -> None:
