@@ -172,3 +172,46 @@ def test_fleet_treats_a_pattern_selecting_nothing_as_empty() -> None:
     fleet = load_fleet(Path("x"), [("nobody", None)], fake_resolver(FLEET), NOW)
     assert fleet.hosts["nobody"] == ()
     assert fleet.devices("nobody", None, "dev-a") == ()
+
+
+def test_decisions_are_remembered_per_fleet_snapshot_only(router: Router) -> None:
+    """The same routing labels get the same decision; a new inventory snapshot decides afresh."""
+    labels = {
+        "alertname": "NodeFilesystemAlmostOutOfSpace",
+        "mountpoint": "/mnt/data",
+        "balena_uuid": "b" * 32,
+    }
+    fleet = _fleet(router)
+    first = router.route(_alert(**labels, severity="warning"), fleet)
+    again = router.route(_alert(**labels, severity="critical"), fleet)  # not a routing label
+    assert again is first
+    moved = _fleet(router, {**FLEET, "dev-b": {"balena_uuid": "e" * 32}})
+    assert router.route(_alert(**labels), moved).outcome is FiringOutcome.UNRESOLVED
+    assert router.route(_alert(**labels), fleet).routes[0].host == "dev-b"
+
+
+def test_decisions_differ_when_any_routing_label_differs(router: Router) -> None:
+    """A remembered decision is never reused for another device or another match label."""
+    base = {"alertname": "NodeFilesystemAlmostOutOfSpace", "balena_uuid": "b" * 32}
+    fleet = _fleet(router)
+    queued = router.route(_alert(**base, mountpoint="/mnt/data"), fleet)
+    assert queued.outcome is FiringOutcome.QUEUED
+    assert router.route(_alert(**base, mountpoint="/"), fleet).outcome is FiringOutcome.UNMATCHED
+    other = router.route(
+        _alert(**{**base, "balena_uuid": "c" * 32, "mountpoint": "/mnt/data"}), fleet
+    )
+    assert other.routes[0].host == "dev-c"
+    missing = router.route(_alert(alertname=base["alertname"], mountpoint="/mnt/data"), fleet)
+    assert missing.outcome is FiringOutcome.UNRESOLVED
+
+
+def test_huge_routing_labels_are_routed_but_not_remembered(router: Router) -> None:
+    """A 10 KB device label is decided every time, so hostile text cannot fill the memo."""
+    hostile = "x" * 10240
+    alert = _alert(
+        alertname="NodeFilesystemAlmostOutOfSpace", mountpoint="/mnt/data", balena_uuid=hostile
+    )
+    fleet = _fleet(router)
+    first = router.route(alert, fleet)
+    assert first.outcome is FiringOutcome.UNRESOLVED
+    assert router.route(alert, fleet) is not first

@@ -11,6 +11,7 @@ template and never part of a command.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -71,8 +72,19 @@ class _CompiledTrigger:
         return all(rx.fullmatch(labels.get(k, "")) for k, rx in self.regexes)
 
 
+#: Routing decisions remembered for one fleet snapshot (the same devices alert again and again).
+MEMO_SIZE = 4096
+#: Alerts whose routing labels are longer than this (in all) are routed afresh, never remembered.
+MEMO_KEY_CHARS = 1024
+
+
 class Router:
-    """Routes alerts to runbook runs through the runbooks' triggers."""
+    """Routes alerts to runbook runs through the runbooks' triggers.
+
+    A decision depends only on the labels the triggers read (``alertname``, ``match``,
+    ``match_re`` and device labels) and on the fleet snapshot, so decisions are remembered per
+    snapshot by those label values (a bounded memo, dropped when the snapshot changes).
+    """
 
     def __init__(self, runbooks: Iterable[Runbook]) -> None:
         self.runbooks = {rb.name: rb for rb in runbooks if rb.spec.triggers}
@@ -86,6 +98,14 @@ class Router:
             for rb in self.runbooks.values()
             for trigger in rb.spec.triggers
         )
+        read = {"alertname"}
+        for compiled in self._triggers:
+            trigger = compiled.trigger
+            read |= {*trigger.match, *trigger.match_re, trigger.device_label}
+        self._read_labels = tuple(sorted(read))
+        self._memo: dict[tuple[str | None, ...], Routing] = {}
+        self._memo_fleet: Fleet | None = None
+        self._memo_lock = threading.Lock()
 
     @property
     def index_keys(self) -> tuple[IndexKey, ...]:
@@ -95,6 +115,24 @@ class Router:
 
     def route(self, alert: Alert, fleet: Fleet) -> Routing:
         """Decide the runs one firing alert starts (the first matching trigger per runbook)."""
+        key = tuple(map(alert.labels.get, self._read_labels))
+        if sum(len(v) for v in key if v is not None) > MEMO_KEY_CHARS:
+            return self._decide(alert, fleet)
+        with self._memo_lock:
+            if fleet is not self._memo_fleet:
+                self._memo, self._memo_fleet = {}, fleet
+            known = self._memo.get(key)
+        if known is not None:
+            return known
+        decided = self._decide(alert, fleet)
+        with self._memo_lock:
+            if fleet is self._memo_fleet:
+                if len(self._memo) >= MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[key] = decided
+        return decided
+
+    def _decide(self, alert: Alert, fleet: Fleet) -> Routing:
         matched: dict[str, _CompiledTrigger] = {}
         for compiled in self._triggers:
             if compiled.runbook.name not in matched and compiled.matches(alert):
