@@ -879,39 +879,48 @@ class QueueRoute(_Record):
     mode: Mode
 
 
-class FiringInput(_Record):
+# The intake's inputs and answers are plain frozen dataclasses, not validated models: they
+# are built per alert on the webhook hot path from values the webhook body's models have
+# validated already (mypy checks the types), so validating them again would only cost.
+
+
+@dataclass(frozen=True, slots=True)
+class FiringInput:
     """A firing alert as the intake routed it."""
 
     fingerprint: str
-    starts_at: AwareDatetime
+    starts_at: datetime  # timezone-aware
     alertname: str
-    labels: dict[str, str]
+    labels: Mapping[str, str]
     outcome: FiringOutcome
     reason: str
     routes: tuple[QueueRoute, ...] = ()
 
 
-class ResolvedInput(_Record):
+@dataclass(frozen=True, slots=True)
+class ResolvedInput:
     """A resolved alert from a notification."""
 
     fingerprint: str
-    starts_at: AwareDatetime
+    starts_at: datetime  # timezone-aware
     alertname: str
-    labels: dict[str, str]
+    labels: Mapping[str, str]
 
 
-class AlertBatch(_Record):
+@dataclass(frozen=True, slots=True)
+class AlertBatch:
     """The alerts of one notification, routed."""
 
     firing: tuple[FiringInput, ...] = ()
     resolved: tuple[ResolvedInput, ...] = ()
 
 
-class FiringKey(_Record):
+@dataclass(frozen=True, slots=True)
+class FiringKey:
     """Identifies one firing."""
 
     fingerprint: str
-    starts_at: AwareDatetime
+    starts_at: datetime  # timezone-aware
 
 
 class FiringRecord(_Record):
@@ -950,7 +959,8 @@ class QueueItem(_Record):
     run_status: RunStatus | None = None
 
 
-class RecordedAlerts(_Record):
+@dataclass(frozen=True, slots=True)
+class RecordedAlerts:
     """What one notification changed in the store."""
 
     new: tuple[FiringKey, ...] = ()
@@ -1050,6 +1060,9 @@ class AlertStore(StateStore, Protocol):
     def latest_queued_per_host(self, after_item: int) -> tuple[int, dict[str, datetime]]:
         """The last queue item id, and per host when items after ``after_item`` were queued last."""
 
+    def checkpoint(self) -> None:
+        """Copy what it can of the write-ahead log back into the database, waiting for nobody."""
+
     def breaker_state(self) -> BreakerRecord | None:
         """Return the saved circuit breaker, or None when never saved."""
 
@@ -1065,6 +1078,11 @@ _FIRING_COLUMNS = (
     "fingerprint, starts_at, alertname, labels, status, outcome, reason, received_at,"
     " last_seen_at, times_seen, resolved_at"
 )
+
+
+#: Labels as stored: JSON with sorted keys (``json.dumps(labels, sort_keys=True)``, with its
+#: encoder made once instead of per call).
+_labels_json = json.JSONEncoder(sort_keys=True).encode
 
 
 def _maybe_moment(text: str | None) -> datetime | None:
@@ -1119,10 +1137,12 @@ def _record_batch(
     dups: list[FiringKey] = []
     done: list[FiringKey] = []
     queued: list[QueueItem] = []
-    held: list[QueueItem] = []
     cancelled: list[QueueItem] = []
+    state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
+    enqueued_at = _moment(stamp)
     for alert in firing:
         key = FiringKey(fingerprint=alert.fingerprint, starts_at=alert.starts_at)
+        starts_at = _text(alert.starts_at)
         outcome, reason = alert.outcome, alert.reason
         if hold_reason is not None and alert.routes:
             outcome, reason = FiringOutcome.HELD, hold_reason
@@ -1135,9 +1155,9 @@ def _record_batch(
             " RETURNING times_seen",
             (
                 alert.fingerprint,
-                _text(alert.starts_at),
+                starts_at,
                 alert.alertname,
-                json.dumps(alert.labels, sort_keys=True),
+                _labels_json(alert.labels),
                 outcome.value,
                 reason,
                 stamp,
@@ -1148,16 +1168,14 @@ def _record_batch(
             dups.append(key)
             continue
         new.append(key)
-        state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
         for route in alert.routes:
-            row = db.execute(
-                "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host,"  # noqa: S608 - constant columns, bound values
+            (item_id,) = db.execute(
+                "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host,"
                 " trigger_mode, mode, state, reason, enqueued_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                f" RETURNING {_QUEUE_COLUMNS}",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING item_id",
                 (
                     alert.fingerprint,
-                    _text(alert.starts_at),
+                    starts_at,
                     route.runbook,
                     route.host,
                     route.trigger_mode,
@@ -1167,7 +1185,21 @@ def _record_batch(
                     stamp,
                 ),
             ).fetchone()
-            (held if hold_reason is not None else queued).append(_queue_item(row))
+            # The row as inserted (the other columns are NULL), without reading it back.
+            queued.append(
+                QueueItem(
+                    item_id=item_id,
+                    fingerprint=alert.fingerprint,
+                    starts_at=_moment(starts_at),
+                    runbook=route.runbook,
+                    host=route.host,
+                    trigger_mode=route.trigger_mode,
+                    mode=route.mode,
+                    state=state,
+                    reason=hold_reason or "",
+                    enqueued_at=enqueued_at,
+                )
+            )
     for gone in resolved:
         key = FiringKey(fingerprint=gone.fingerprint, starts_at=gone.starts_at)
         params = (gone.fingerprint, _text(gone.starts_at))
@@ -1192,7 +1224,7 @@ def _record_batch(
                 (
                     *params,
                     gone.alertname,
-                    json.dumps(gone.labels, sort_keys=True),
+                    _labels_json(gone.labels),
                     FiringOutcome.RESOLVED.value,
                     "resolved before any firing notification was received",
                     stamp,
@@ -1220,21 +1252,59 @@ def _record_batch(
             ),
         ).fetchall()
         cancelled += (_queue_item(r) for r in rows)
+    held = hold_reason is not None
     return RecordedAlerts(
         new=tuple(new),
         deduplicated=tuple(dups),
         resolved=tuple(done),
-        queued=tuple(queued),
-        held=tuple(held),
+        queued=() if held else tuple(queued),
+        held=tuple(queued) if held else (),
         cancelled=tuple(cancelled),
     )
 
 
 class SqliteAlertStore(SqliteStateStore):
-    """The SQLite store with the webhook server's tables: firings, run queue, breaker."""
+    """The SQLite store with the webhook server's tables: firings, run queue, breaker.
+
+    A commit is durable when it returns: ``synchronous = FULL`` (SQLite's usual default,
+    set here explicitly) syncs the write-ahead log at every commit.  SQLite copies the log
+    back into the database inside whichever commit passes ``checkpoint_pages`` log pages
+    (1,000 by default): a stall of that commit.  A writer that has :meth:`checkpoint` called
+    on another connection after its commits sets it high, as a bound only.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Callable[[], datetime],
+        busy_timeout: timedelta = timedelta(seconds=10),
+        migrations: tuple[Migration, ...] = MIGRATIONS,
+        checkpoint_pages: int | None = None,
+    ) -> None:
+        super().__init__(path, clock=clock, busy_timeout=busy_timeout, migrations=migrations)
+        try:
+            with self._sqlite_errors("configure the database"):
+                self._db.execute("PRAGMA synchronous = FULL")
+                if checkpoint_pages is not None:
+                    self._db.execute(f"PRAGMA wal_autocheckpoint = {int(checkpoint_pages):d}")
+        except BaseException:
+            self._db.close()
+            raise
 
     def __repr__(self) -> str:
         return f"SqliteAlertStore({str(self.path)!r})"
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log back into the database, waiting for nobody (PASSIVE).
+
+        Pages a reader still needs are left for a later checkpoint; once all are copied, the
+        next commit starts the log over from its beginning.
+        """
+        with self._guard, self._sqlite_errors("checkpoint the write-ahead log"):
+            # fetchall: a statement left unfinished would keep a read snapshot open, and the
+            # log could then never start over.
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     # -- intake
 

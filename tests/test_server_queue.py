@@ -159,6 +159,34 @@ def test_interrupting_marks_item_and_run_and_frees_the_lock(store: SqliteAlertSt
     )
 
 
+def test_recorded_runs_are_the_rows_the_queue_holds(store: SqliteAlertStore) -> None:
+    """The queue items a record returns (built, not read back) equal the rows stored."""
+    recorded = store.record_alerts(
+        [_firing("a1", "dev-a"), _firing("a2", "dev-a", "other"), _firing("b1", "dev-b")],
+        [],
+        now=T0,
+        hold_reason=None,
+    )
+    assert list(recorded.queued) == sorted(store.list_queue(), key=lambda i: i.item_id)
+    held = store.record_alerts([_firing("c1", "dev-c")], [], now=T0, hold_reason="breaker open")
+    assert list(held.held) == store.list_queue(QueueState.HELD)
+
+
+def test_a_firing_twice_in_one_notification_queues_once(store: SqliteAlertStore) -> None:
+    """The second copy of a firing in the same notification is a duplicate, seen twice."""
+    recorded = store.record_alerts(
+        [_firing("a1", "dev-a"), _firing("a1", "dev-a")], [], now=T0, hold_reason=None
+    )
+    assert (len(recorded.new), len(recorded.deduplicated), len(recorded.queued)) == (1, 1, 1)
+    (firing,) = store.list_firings()
+    assert firing.times_seen == 2
+
+
+def test_alert_store_commits_with_synchronous_full(store: SqliteAlertStore) -> None:
+    """Every commit syncs the write-ahead log (PRAGMA synchronous = FULL)."""
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
+
+
 def test_latest_queued_per_host_reads_the_items_added_since(store: SqliteAlertStore) -> None:
     """Per host the last time a run was queued, from the items after a given id only."""
     store.record_alerts(
