@@ -370,6 +370,28 @@ def test_draining_server_answers_503(make_server: ServerFactory) -> None:
     assert client.get("/healthz").json()["status"] == "draining"
 
 
+def test_notifications_not_recorded_are_503_and_intake_goes_on(
+    make_server: ServerFactory,
+) -> None:
+    """A store that cannot record answers 503 (Alertmanager retries), notification after one."""
+    server, client = make_server()
+    server.store.close()
+    for _ in range(2):
+        response = _post(client, fixture_body("firing-single.json"))
+        assert response.status_code == 503
+        assert response.json()["error"].startswith("not recorded:")
+
+
+def test_a_closed_intake_records_nothing_more(make_server: ServerFactory) -> None:
+    """After the intake is closed (the server is stopping) a notification is 503, not lost."""
+    server, client = make_server()
+    server.intake.close()
+    response = _post(client, fixture_body("firing-single.json"))
+    assert response.status_code == 503
+    assert "stopping" in response.json()["error"]
+    assert server.store.list_firings() == []
+
+
 def test_unmatched_and_unresolved_alerts_are_recorded_and_listed(
     make_server: ServerFactory,
 ) -> None:

@@ -13,13 +13,15 @@ The store commit comes first (the HTTP answer depends on it); audit events follo
 from __future__ import annotations
 
 import threading
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
 
-from engine.errors import AuditError
+from engine.errors import AuditError, StateError
 from engine.server.alerts import WebhookMessage
 from engine.server.breaker import CircuitBreaker
 from engine.server.fleet import Fleet, FleetWatcher
@@ -50,14 +52,12 @@ def _item(item: QueueItem) -> dict[str, object]:
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Pending:
-    """One notification waiting for a group commit."""
+    """One notification waiting for a group commit, and where its answer goes."""
 
     message: WebhookMessage
-    result: RecordedAlerts | None = None
-    error: Exception | None = None
-    done: bool = False
+    answer: Future[RecordedAlerts]
 
 
 #: Most notifications one group commit takes.
@@ -65,11 +65,13 @@ MAX_GROUP = 64
 
 
 class Intake:
-    """Records notifications; safe to call from many threads at once.
+    """Records notifications; safe to use from many threads and event loops at once.
 
-    Concurrent calls are group-committed: the first caller to find no commit in progress
-    records every notification waiting (one SQLite transaction, one set of audit events) and
-    wakes the others.  A caller returns only once its notification is committed.
+    One committer thread records whatever is waiting when it is free (group commit: one
+    SQLite transaction and one set of audit events for all of them), so that concurrent
+    notifications share a commit and its fsyncs, and each answer is set once its
+    notification is committed and audited.  The thread starts with the first notification
+    and ends on :meth:`close`.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Intake:
         *,
         clock: Callable[[], datetime],
         on_queued: Callable[[], None] = lambda: None,
+        on_answered: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._router = router
@@ -90,54 +93,84 @@ class Intake:
         self._metrics = metrics
         self._clock = clock
         self._on_queued = on_queued
-        self._turn = threading.Condition(threading.Lock())
-        self._waiting: list[_Pending] = []
-        self._writing = False
+        self._on_answered = on_answered
+        self._ready = threading.Condition(threading.Lock())
+        self._waiting: deque[_Pending] = deque()
+        self._committer: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, message: WebhookMessage) -> Future[RecordedAlerts]:
+        """Queue ``message`` for the next group commit; the future says what was recorded.
+
+        The future's exception, when it has one, means the notification was not recorded
+        (:class:`~engine.errors.StateError` from the store, or the intake is closed).
+        """
+        answer: Future[RecordedAlerts] = Future()
+        with self._ready:
+            if self._closed:
+                answer.set_exception(StateError("the intake is closed: the server is stopping"))
+                return answer
+            self._waiting.append(_Pending(message, answer))
+            if self._committer is None:
+                self._committer = threading.Thread(
+                    target=self._commit_waiting, name="remediate-intake", daemon=True
+                )
+                self._committer.start()
+            self._ready.notify()
+        return answer
 
     def record(self, message: WebhookMessage) -> RecordedAlerts:
         """Route and durably record ``message``; raises when it was not recorded."""
-        pending = _Pending(message)
-        with self._turn:
-            self._waiting.append(pending)
-            while not pending.done:
-                if self._writing:
-                    self._turn.wait()
-                    continue
-                self._writing = True
-                group, self._waiting = self._waiting[:MAX_GROUP], self._waiting[MAX_GROUP:]
-                self._turn.release()
-                try:
-                    self._commit(group)
-                finally:
-                    self._turn.acquire()
-                    self._writing = False
-                    self._turn.notify_all()
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None  # noqa: S101 - set with done when no error
-        return pending.result
+        return self.submit(message).result()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Record what is waiting, then stop the committer thread; later submissions fail."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+            committer = self._committer
+        if committer is not None:
+            committer.join(timeout)
+
+    def _commit_waiting(self) -> None:
+        while True:
+            with self._ready:
+                while not self._waiting and not self._closed:
+                    self._ready.wait()
+                if not self._waiting:
+                    return
+                count = min(MAX_GROUP, len(self._waiting))
+                group = [self._waiting.popleft() for _ in range(count)]
+            try:
+                self._commit(group)
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one group
+                for pending in group:
+                    if not pending.answer.done():
+                        pending.answer.set_exception(exc)
 
     def _commit(self, group: list[_Pending]) -> None:
+        messages = [p.message for p in group]
         try:
             fleet = self._fleet.current
-            batches = [self._route(p.message, fleet) for p in group]
+            batches = [self._route(m, fleet) for m in messages]
             results = self._store.record_notifications(
                 batches, now=self._clock(), hold_reason=self._breaker.hold_reason
             )
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller, who raises it
             for pending in group:
-                pending.error, pending.done = exc, True
+                pending.answer.set_exception(exc)
             return
-        for pending, result in zip(group, results, strict=True):
-            pending.result, pending.done = result, True
         for batch, result in zip(batches, results, strict=True):
             self._count(batch, result)
         if any(r.queued for r in results):
             self._on_queued()
         try:
-            self._audit([p.message for p in group], batches, results)
+            self._audit(messages, batches, results)
         except AuditError:
             self._metrics.audit_errors.inc()
+        for pending, result in zip(group, results, strict=True):
+            pending.answer.set_result(result)
+        self._on_answered()
 
     def _route(self, message: WebhookMessage, fleet: Fleet) -> AlertBatch:
         firing: list[FiringInput] = []
@@ -176,9 +209,13 @@ class Intake:
         if recorded.deduplicated:
             metrics.alerts_deduplicated.inc(len(recorded.deduplicated))
         new = {(k.fingerprint, k.starts_at) for k in recorded.new}
-        for firing in batch.firing:
-            if firing.outcome in _UNROUTED and (firing.fingerprint, firing.starts_at) in new:
-                metrics.alerts_unmatched.labels(firing.outcome.value).inc()
+        unrouted = Counter(
+            firing.outcome.value
+            for firing in batch.firing
+            if firing.outcome in _UNROUTED and (firing.fingerprint, firing.starts_at) in new
+        )
+        for outcome, count in unrouted.items():
+            metrics.alerts_unmatched.labels(outcome).inc(count)
         for outcome, items in (
             ("queued", recorded.queued),
             ("held", recorded.held),

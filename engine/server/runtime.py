@@ -39,8 +39,11 @@ INVENTORY_CHECK = 2.0
 INTAKE_BREAKER_INTERVAL = 0.5
 #: The intake's breaker checks, which run in the background, take at most this share of the time.
 INTAKE_BREAKER_SHARE = 0.2
-#: How long stopping waits for a breaker check in progress to finish.
+#: How long stopping waits for a breaker check or a checkpoint in progress to finish.
 WATCHER_JOIN = 10.0
+#: Log pages past which an intake commit copies the write-ahead log back itself (a stall of
+#: that commit); normally the checkpoint watcher copies it after every commit, long before.
+INTAKE_CHECKPOINT_PAGES = 10_000
 
 
 def new_run_id() -> str:
@@ -78,7 +81,10 @@ class WebhookServer:
         self.executor = executor or AnsibleExecutor(
             AnsibleSettings(work_dir=settings.state_dir / "work"), cancel=self._abort.is_set
         )
-        self.store: AlertStore = self._open_store()
+        # The checkpoint watcher copies the log back after every commit, on another core; the
+        # intake's own commits do so only if the log grew large all the same.
+        self.store: AlertStore = self._open_store(checkpoint_pages=INTAKE_CHECKPOINT_PAGES)
+        self._checkpoint_due = threading.Event()
         self.metrics = ServerMetrics(self.store.queue_counts)
         self.fleet = FleetWatcher(
             config.inventory,
@@ -114,10 +120,12 @@ class WebhookServer:
             self.metrics,
             clock=clock,
             on_queued=self._after_queued,
+            on_answered=self._checkpoint_due.set,
         )
         self._watcher_stop = threading.Event()
         self._breaker_due = threading.Event()
         self._breaker_watcher: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
 
     def _after_queued(self) -> None:
         """New runs are queued: wake the workers and have the breaker look at them.
@@ -130,9 +138,11 @@ class WebhookServer:
         self.pool.wake()
         self._breaker_due.set()
 
-    def _open_store(self) -> SqliteAlertStore:
+    def _open_store(self, *, checkpoint_pages: int | None = None) -> SqliteAlertStore:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteAlertStore(self.settings.db_path, clock=self.clock)
+        return SqliteAlertStore(
+            self.settings.db_path, clock=self.clock, checkpoint_pages=checkpoint_pages
+        )
 
     def _open_services(self) -> tuple[Services, AlertStore]:
         store = self._open_store()
@@ -172,6 +182,10 @@ class WebhookServer:
             target=self._watch_breaker, name="remediate-breaker", daemon=True
         )
         self._breaker_watcher.start()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_wal, name="remediate-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
         structlog.get_logger().info(
             "server.started",
             owner=self.owner,
@@ -190,8 +204,10 @@ class WebhookServer:
         structlog.get_logger().info("server.stopping", running=running, timeout=timeout)
         self.pool.stop()
         self._watcher_stop.set()
-        if self._breaker_watcher is not None:
-            self._breaker_watcher.join(WATCHER_JOIN)
+        self._checkpoint_due.set()
+        for watcher in (self._breaker_watcher, self._checkpointer):
+            if watcher is not None:
+                watcher.join(WATCHER_JOIN)
         interrupted: list[QueueItem] = []
         if not self.pool.join(timeout):
             # Stop the playbooks still running (ansible-runner terminates its children), so no
@@ -208,7 +224,8 @@ class WebhookServer:
         return interrupted
 
     def close(self) -> None:
-        """Close the store."""
+        """Stop the intake (recording what is waiting), then close the store."""
+        self.intake.close()
         self.store.close()
 
     def _watch_inventory(self) -> None:
@@ -234,6 +251,26 @@ class WebhookServer:
                     structlog.get_logger().warning("breaker.check_failed", error=str(exc))
                 took = time.monotonic() - started
                 self._watcher_stop.wait(max(INTAKE_BREAKER_INTERVAL, took / INTAKE_BREAKER_SHARE))
+        finally:
+            store.close()
+
+    def _checkpoint_wal(self) -> None:
+        """After each intake commit, copy the write-ahead log back, on its own connection.
+
+        The copy (PASSIVE: it waits for nobody) runs while the intake goes on, on the other
+        core (SQLite lets go of the GIL); it usually ends before the next commit, which then
+        starts the log over.  So no commit pays for a copy, and the log stays small.
+        """
+        store = self._open_store()
+        try:
+            while not self._watcher_stop.is_set():
+                self._checkpoint_due.wait()
+                self._checkpoint_due.clear()
+                try:
+                    store.checkpoint()
+                except StateError as exc:  # the log keeps the data; a later copy catches up
+                    structlog.get_logger().warning("wal.checkpoint_failed", error=str(exc))
+                    self._watcher_stop.wait(INVENTORY_CHECK)
         finally:
             store.close()
 
