@@ -184,8 +184,21 @@ def test_resolved_after_firing_cancels_the_queued_run(
     assert firing.status == "resolved"
     assert firing.resolved_at is not None
     records = [json.loads(line) for line in audit_path.read_text().splitlines()]
-    (cancelled,) = [r for r in records if r["event"] == "alert.cancelled"]
-    assert cancelled["runs"][0]["item"] == item.item_id
+    first, then = [r for r in records if r["event"] == "alert.received"]
+    (queued,) = first["notifications"][0]["alerts"]
+    assert queued["outcome"] == "queued"
+    assert queued["runs"] == [
+        {
+            "item": item.item_id,
+            "runbook": item.runbook,
+            "host": item.host,
+            "trigger_mode": item.trigger_mode,
+            "mode": item.mode.value,
+        }
+    ]
+    (resolved,) = then["notifications"][0]["alerts"]
+    assert resolved["outcome"] == "resolved"
+    assert resolved["cancelled"] == queued["runs"]
     assert 'remediate_runs_total{outcome="cancelled"} 1.0' in client.get("/metrics").text
 
 

@@ -370,7 +370,7 @@ def test_a_worker_runs_the_queued_item_once_on_exactly_that_host(
     assert not devices["dev-a"].up
     events = [json.loads(line)["event"] for line in audit_path.read_text().splitlines()]
     assert {
-        "alert.queued",
+        "alert.received",
         "queue.started",
         "run.started",
         "run.finished",
@@ -381,7 +381,9 @@ def test_a_worker_runs_the_queued_item_once_on_exactly_that_host(
     assert 'remediate_run_duration_seconds_count{runbook="engine-down"} 1.0' in metrics
 
 
-def test_failures_open_the_breaker_and_later_runs_are_held(make_server: ServerFactory) -> None:
+def test_failures_open_the_breaker_and_later_runs_are_held(
+    make_server: ServerFactory, audit_path: Path
+) -> None:
     """More failed runs than max_failures open the breaker; new firings are recorded held."""
     devices = {name: Device(fixable=False) for name in FLEET}
     executor = _executor(devices)
@@ -404,6 +406,11 @@ def test_failures_open_the_breaker_and_later_runs_are_held(make_server: ServerFa
     assert "remediate_circuit_breaker_open 1.0" in client.get("/metrics").text
     (held,) = server.store.list_queue(QueueState.HELD)
     assert held.reason.startswith("circuit breaker open")
+    records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    *_, last = [r for r in records if r["event"] == "alert.received"]
+    (entry,) = last["notifications"][0]["alerts"]
+    assert (entry["outcome"], entry["reason"]) == ("held", held.reason)
+    assert [run["item"] for run in entry["runs"]] == [held.item_id]
     reset = client.post("/breaker/reset", headers=AUTH)
     assert reset.json()["breaker"]["open"] is False
     assert "remediate_circuit_breaker_open 0.0" in client.get("/metrics").text

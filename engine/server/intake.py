@@ -1,13 +1,12 @@
 """Intake: one webhook notification → routed, durably recorded, counted and audited.
 
-The store commit comes first (the HTTP answer depends on it); audit events follow:
+The store commit comes first (the HTTP answer depends on it); then one audit event,
+``alert.received``, lists each notification committed together and every alert in it with
+its ``outcome`` (``queued``, ``held``, ``unmatched``, ``unresolved``, ``resolved`` or
+``deduplicated``), the labels of new ones, the runs each queued, held or cancelled (item,
+runbook, host, modes) and the reason when a route found no host or the breaker held them.
 
-* ``alert.received``, listing each notification committed together and every alert in it
-  with its ``outcome`` (``queued``, ``held``, ``unmatched``, ``unresolved``, ``resolved`` or
-  ``deduplicated``), the labels of new ones and the reason when nothing was queued;
-* ``alert.queued``, ``alert.held``, ``alert.cancelled`` naming the runs concerned.
-
-(An event per alert would cost an fsync each and cap ingest at the audit log's append rate.)
+(An event per alert, or per kind of outcome, would cost an append and an fsync each.)
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import structlog
 
@@ -40,16 +39,9 @@ from engine.state import (
 _UNROUTED = (FiringOutcome.UNMATCHED, FiringOutcome.UNRESOLVED)
 
 
-def _item(item: QueueItem) -> dict[str, object]:
-    return {
-        "item": item.item_id,
-        "fingerprint": item.fingerprint,
-        "starts_at": item.starts_at,
-        "runbook": item.runbook,
-        "host": item.host,
-        "trigger_mode": item.trigger_mode,
-        "mode": item.mode.value,
-    }
+def _iso(moment: datetime) -> str:
+    """``moment`` as the audit log writes datetimes (UTC ISO-8601), done once per alert."""
+    return moment.astimezone(UTC).isoformat()
 
 
 @dataclass(frozen=True)
@@ -230,8 +222,7 @@ class Intake:
         batches: list[AlertBatch],
         results: list[RecordedAlerts],
     ) -> None:
-        log = structlog.get_logger()
-        log.info(
+        structlog.get_logger().info(
             "alert.received",
             notifications=[
                 {
@@ -243,19 +234,6 @@ class Intake:
                 for message, batch, result in zip(messages, batches, results, strict=True)
             ],
         )
-        queued = [i for r in results for i in r.queued]
-        held = [i for r in results for i in r.held]
-        cancelled = [i for r in results for i in r.cancelled]
-        if queued:
-            log.info("alert.queued", runs=[_item(i) for i in queued])
-        if held:
-            log.warning("alert.held", reason=held[0].reason, runs=[_item(i) for i in held])
-        if cancelled:
-            log.info(
-                "alert.cancelled",
-                reason="the alert resolved before the run started",
-                runs=[_item(i) for i in cancelled],
-            )
 
 
 def _outcomes(
@@ -263,31 +241,58 @@ def _outcomes(
 ) -> list[dict[str, object]]:
     """Every alert of the notification with what became of it.
 
-    New firings carry their labels verbatim (untrusted data, recorded as data) and, when
-    nothing was queued, the reason; an alert already recorded is only named (its labels were
-    audited when it was new).
+    New firings carry their labels verbatim (untrusted data, recorded as data), the runs
+    they queued (or held) and, when a route found no host or the breaker held them, the
+    reason; resolved alerts carry the runs they cancelled; an alert already recorded is only
+    named (its labels were audited when it was new).
     """
     routed = {(f.fingerprint, f.starts_at): f for f in batch.firing}
     fresh = {(k.fingerprint, k.starts_at) for k in (*recorded.new, *recorded.resolved)}
-    held = {(i.fingerprint, i.starts_at) for i in recorded.held}
+    runs = _runs_by_firing(recorded.queued)
+    held = _runs_by_firing(recorded.held)
+    cancelled = _runs_by_firing(recorded.cancelled)
     entries: list[dict[str, object]] = []
     for alert in message.alerts:
         key = (alert.fingerprint, alert.starts_at)
         entry: dict[str, object] = {
             "fingerprint": alert.fingerprint,
-            "starts_at": alert.starts_at,
+            "starts_at": _iso(alert.starts_at),
             "status": alert.status,
         }
         if key not in fresh:
             entry["outcome"] = "deduplicated"
         elif alert.status == "resolved":
             entry.update(outcome="resolved", labels=alert.labels)
+            if key in cancelled:
+                entry["cancelled"] = cancelled[key]
+        elif key in held:
+            entry.update(outcome=FiringOutcome.HELD.value, labels=alert.labels)
+            entry.update(reason=recorded.held[0].reason, runs=held[key])
         else:
             decided = routed[key]
-            outcome = FiringOutcome.HELD if key in held else decided.outcome
-            entry.update(outcome=outcome.value, labels=alert.labels)
+            entry.update(outcome=decided.outcome.value, labels=alert.labels)
             if decided.reason:
                 entry["reason"] = decided.reason
+            if key in runs:
+                entry["runs"] = runs[key]
         fresh.discard(key)  # a second copy in the same notification is a duplicate
         entries.append(entry)
     return entries
+
+
+def _runs_by_firing(
+    items: tuple[QueueItem, ...],
+) -> dict[tuple[str, datetime], list[dict[str, object]]]:
+    """Queue items by the firing they belong to, as the audit log names them."""
+    runs: dict[tuple[str, datetime], list[dict[str, object]]] = {}
+    for item in items:
+        runs.setdefault((item.fingerprint, item.starts_at), []).append(
+            {
+                "item": item.item_id,
+                "runbook": item.runbook,
+                "host": item.host,
+                "trigger_mode": item.trigger_mode,
+                "mode": item.mode.value,
+            }
+        )
+    return runs
