@@ -76,7 +76,7 @@ class Intake:
         *,
         clock: Callable[[], datetime],
         on_queued: Callable[[], None] = lambda: None,
-        on_answered: Callable[[], None] = lambda: None,
+        on_answered: Callable[[int], None] = lambda _notifications: None,
     ) -> None:
         self._store = store
         self._router = router
@@ -162,7 +162,7 @@ class Intake:
             self._metrics.audit_errors.inc()
         for pending, result in zip(group, results, strict=True):
             pending.answer.set_result(result)
-        self._on_answered()
+        self._on_answered(len(group))
 
     def _route(self, message: WebhookMessage, fleet: Fleet) -> AlertBatch:
         firing: list[FiringInput] = []

@@ -41,8 +41,11 @@ INTAKE_BREAKER_INTERVAL = 0.5
 INTAKE_BREAKER_SHARE = 0.2
 #: How long stopping waits for a breaker check or a checkpoint in progress to finish.
 WATCHER_JOIN = 10.0
+#: Notifications recorded between two copies of the write-ahead log back into the database
+#: (each copy syncs the log and the database: fewer, larger copies cost less).
+CHECKPOINT_AFTER = 4
 #: Log pages past which an intake commit copies the write-ahead log back itself (a stall of
-#: that commit); normally the checkpoint watcher copies it after every commit, long before.
+#: that commit); normally the checkpoint watcher has copied it long before.
 INTAKE_CHECKPOINT_PAGES = 10_000
 
 
@@ -81,10 +84,11 @@ class WebhookServer:
         self.executor = executor or AnsibleExecutor(
             AnsibleSettings(work_dir=settings.state_dir / "work"), cancel=self._abort.is_set
         )
-        # The checkpoint watcher copies the log back after every commit, on another core; the
+        # The checkpoint watcher copies the log back after commits, on another core; the
         # intake's own commits do so only if the log grew large all the same.
         self.store: AlertStore = self._open_store(checkpoint_pages=INTAKE_CHECKPOINT_PAGES)
         self._checkpoint_due = threading.Event()
+        self._uncopied = 0  # notifications recorded since the log was last copied back
         self.metrics = ServerMetrics(self.store.queue_counts)
         self.fleet = FleetWatcher(
             config.inventory,
@@ -120,12 +124,19 @@ class WebhookServer:
             self.metrics,
             clock=clock,
             on_queued=self._after_queued,
-            on_answered=self._checkpoint_due.set,
+            on_answered=self._after_answered,
         )
         self._watcher_stop = threading.Event()
         self._breaker_due = threading.Event()
         self._breaker_watcher: threading.Thread | None = None
         self._checkpointer: threading.Thread | None = None
+
+    def _after_answered(self, notifications: int) -> None:
+        """Notifications were answered: have the log copied back every few of them."""
+        self._uncopied += notifications
+        if self._uncopied >= CHECKPOINT_AFTER:
+            self._uncopied = 0
+            self._checkpoint_due.set()
 
     def _after_queued(self) -> None:
         """New runs are queued: wake the workers and have the breaker look at them.
@@ -255,7 +266,7 @@ class WebhookServer:
             store.close()
 
     def _checkpoint_wal(self) -> None:
-        """After each intake commit, copy the write-ahead log back, on its own connection.
+        """After intake commits, copy the write-ahead log back, on its own connection.
 
         The copy (PASSIVE: it waits for nobody) runs while the intake goes on, on the other
         core (SQLite lets go of the GIL); it usually ends before the next commit, which then
