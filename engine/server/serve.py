@@ -34,6 +34,8 @@ from engine.settings import Settings
 
 #: Exit code when HTTP serving stopped on its own (not on a signal).
 EXIT_HTTP_FAILED = 3
+#: Seconds a thread may run Python before another waiting for the GIL gets it.
+GIL_SWITCH_INTERVAL = 0.0005
 
 
 @contextmanager
@@ -117,6 +119,10 @@ def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> i
         # collection walks them all and holds up intake for tens of milliseconds.
         gc.collect()
         gc.freeze()
+        # The HTTP thread and the intake's committer share the GIL; with the default 5 ms
+        # switch interval one thread's Python work holds up the other's (an answer waiting to
+        # be sent, a notification to be parsed) for up to 5 ms.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         thread = threading.Thread(
             target=http.run, kwargs={"sockets": [sock]}, name="remediate-http", daemon=True
         )
