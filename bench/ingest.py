@@ -20,8 +20,9 @@ only ever shows latency at saturation, where it is queueing by construction):
     delays, and counts against, every notification scheduled during it (no coordinated
     omission).  Bodies are generated before the phase starts; ``--open-connections``
     connections (64) mean a notification waits for a free one only when the server stalls,
-    and the client's own lateness (actual send minus intended, with a connection free) is
-    printed so that a slow client can be told from a slow server.  The p99 verdict uses this
+    and the client's own lateness (when it starts writing a notification minus the intended
+    time, for notifications whose turn found the schedule kept) is printed so that a slow
+    client can be told from a slow server.  The p99 verdict uses this
     phase, provided the offered rate was sustained (no errors, accepted alerts/s within 2 %
     of offered).
 
@@ -341,7 +342,7 @@ class _Phase:
 
     answers: list[_Answer] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
-    lateness: list[float] = field(default_factory=list)  # fixed rate: send minus intended
+    lateness: list[float] = field(default_factory=list)  # fixed rate: write minus intended
     waited_for_connection: int = 0
     span: float = 0.0  # fixed rate: first intended send to last answer
     usage: _Usage = field(default_factory=_Usage)
@@ -382,8 +383,10 @@ async def _fixed_rate(port: int, bodies: list[bytes], interval: float, connectio
     tasks: set[asyncio.Task[None]] = set()
     last_answer = 0.0
 
-    async def send(conn: _Connection, body: bytes, due: float) -> None:
+    async def send(conn: _Connection, body: bytes, due: float, on_time: bool) -> None:
         nonlocal last_answer
+        if on_time:  # the schedule was kept up to here: any delay now is the client's
+            phase.lateness.append(time.perf_counter() - due)
         answer = await asyncio.wait_for(conn.post(body), REQUEST_TIMEOUT)
         done = time.perf_counter()
         idle.put_nowait(conn)
@@ -402,8 +405,7 @@ async def _fixed_rate(port: int, bodies: list[bytes], interval: float, connectio
             conn = await idle.get()
         else:
             conn = idle.get_nowait()
-            phase.lateness.append(time.perf_counter() - due)
-        task = asyncio.get_running_loop().create_task(send(conn, body, due))
+        task = asyncio.get_running_loop().create_task(send(conn, body, due, delay > 0))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     while tasks:
@@ -561,7 +563,7 @@ def _report(args: argparse.Namespace, run: _Run) -> None:
             _latency_line(
                 "client lateness",
                 fix.lateness,
-                f"   (send minus intended; {fix.waited_for_connection} waited for a connection)",
+                f"   (write minus intended; {fix.waited_for_connection} waited for a connection)",
             )
         )
     print(_usage_line(fix.usage, fix.alerts))
