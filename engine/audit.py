@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -352,9 +353,23 @@ _SECRET_NAME = re.compile(
 )
 
 
+#: Key names up to this long have their answer remembered (alert labels repeat a lot; a
+#: hostile flood of long, unique names must not fill memory).
+_REMEMBERED_NAME_LENGTH = 64
+
+
 def is_secret_name(key: str) -> bool:
     """Return whether a field named ``key`` conventionally holds a secret."""
+    if len(key) > _REMEMBERED_NAME_LENGTH:
+        return _looks_secret(key)
+    return _looks_secret_remembered(key)
+
+
+def _looks_secret(key: str) -> bool:
     return _SECRET_NAME.search(_CAMEL.sub("_", key).lower()) is not None
+
+
+_looks_secret_remembered = functools.lru_cache(maxsize=4096)(_looks_secret)
 
 
 def _redact(value: object, names: frozenset[str]) -> object:

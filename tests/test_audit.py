@@ -277,6 +277,13 @@ def test_ordinary_names_not_secret(key: str) -> None:
     assert not is_secret_name(key)
 
 
+def test_long_names_are_judged_like_short_ones() -> None:
+    """A name too long to be remembered gets the same answer, asked twice."""
+    long_secret, long_plain = "x" * 80 + "_token", "x" * 80 + "_host"
+    assert [is_secret_name(long_secret), is_secret_name(long_secret)] == [True, True]
+    assert [is_secret_name(long_plain), is_secret_name(long_plain)] == [False, False]
+
+
 def test_redaction_of_nested_secrets_and_secret_keys() -> None:
     """Secrets are redacted at any depth, by name and by secret_keys, which is dropped."""
     event = {
