@@ -135,18 +135,13 @@ class AnsibleExecutor:
         self._settings.work_dir.mkdir(parents=True, exist_ok=True)
         private = Path(tempfile.mkdtemp(prefix="script-", dir=self._settings.work_dir))
         try:
-            playbook = private / "probe.yml"
-            _write_yaml(playbook, [_probe_play(script, timeout, "all")])
-            self._run(
-                private_data_dir=private,
-                artifact_dir=private / "artifacts",
-                ident="probe",
-                inventory=inventory,
-                playbook=playbook,
+            self._run_probe_play(
+                private,
+                inventory,
+                _probe_play(script, timeout, "all"),
                 what=f"probe script on {len(wanted)} host(s) of {inventory}",
                 limit=_limit_file(private, wanted),
-                watcher=collector.watcher,
-                on_event=collector.see,
+                collector=collector,
                 extra_env={},
             )
         finally:
@@ -182,18 +177,13 @@ class AnsibleExecutor:
             p for p in (str(_CALLBACKS_DIR), os.environ.get("ANSIBLE_CALLBACK_PLUGINS")) if p
         )
         try:
-            playbook = private / "probe.yml"
-            _write_yaml(playbook, [_probe_play(script, timeout, hosts)])
-            self._run(
-                private_data_dir=private,
-                artifact_dir=private / "artifacts",
-                ident="probe",
-                inventory=inventory,
-                playbook=playbook,
+            self._run_probe_play(
+                private,
+                inventory,
+                _probe_play(script, timeout, hosts),
                 what=f"probe script on host pattern {selection.pattern!r} of {inventory}",
                 limit=limit,
-                watcher=collector.watcher,
-                on_event=collector.see,
+                collector=collector,
                 extra_env={
                     **_INVENTORY_ENV,
                     "ANSIBLE_CALLBACK_PLUGINS": plugins,
@@ -206,6 +196,33 @@ class AnsibleExecutor:
         names = [h.name for h in selected]
         ran = names if selection.only is None else [n for n in names if n in selection.only]
         return SelectionResult(hosts=selected, results={n: collector.result(n) for n in ran})
+
+    def _run_probe_play(
+        self,
+        private: Path,
+        inventory: Path,
+        play: dict[str, Any],
+        *,
+        what: str,
+        limit: str | None,
+        collector: _ScriptResults,
+        extra_env: Mapping[str, str],
+    ) -> None:
+        """Write ``play`` as the probe playbook in ``private`` and run it there."""
+        playbook = private / "probe.yml"
+        _write_yaml(playbook, [play])
+        self._run(
+            private_data_dir=private,
+            artifact_dir=private / "artifacts",
+            ident="probe",
+            inventory=inventory,
+            playbook=playbook,
+            what=what,
+            limit=limit,
+            watcher=collector.watcher,
+            on_event=collector.see,
+            extra_env=extra_env,
+        )
 
     def run_playbook(
         self, inventory: Path, request: PlaybookRequest, *, artifacts_dir: Path
