@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -86,6 +86,17 @@ class AuditVerification(BaseModel):
 
 def _jsonable(value: object) -> Any:
     """Return ``value`` as JSON-native data (dict with str keys, list, str, int, float, bool)."""
+    # Most of an event is already JSON-native (alert labels, names, counts): exact types
+    # first, so only the rest pays for the isinstance chain (Enum before str/int: a StrEnum
+    # is a str, but is written as its value).
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or kind is float or value is None:
+        return value
+    if kind is dict:
+        items = cast("dict[object, object]", value).items()
+        return {k if type(k) is str else str(k): _jsonable(v) for k, v in items}
+    if kind is list:
+        return [_jsonable(v) for v in cast("list[object]", value)]
     if isinstance(value, Enum):
         return _jsonable(value.value)
     if value is None or isinstance(value, bool | int | float | str):
@@ -133,14 +144,32 @@ def _digest(record_without_hash: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(record_without_hash).encode("ascii")).hexdigest()
 
 
+def _canonical_object(members: Mapping[str, str]) -> str:
+    """Return the canonical JSON text of an object from its members' canonical texts.
+
+    The same text :func:`_canonical` gives for the object itself (keys sorted, compact,
+    ASCII), so a record's members are encoded once for its hash and its line.
+    """
+    return "{" + ",".join(f"{_canonical(k)}:{members[k]}" for k in sorted(members)) + "}"
+
+
 # --------------------------------------------------------------------------- the log
+
+
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    """The file as one append left it, and the head it wrote."""
+
+    stat: os.stat_result
+    head: AuditHead
 
 
 class AuditLog:
     """An append-only, hash-chained JSON-lines file, safe to append to from many processes.
 
     Each :meth:`append` opens the file with ``O_APPEND``, takes an exclusive
-    ``flock``, reads the last record, writes one line, fsyncs and closes — so
+    ``flock``, reads the last record (or, when nobody else has written since,
+    remembers the one it wrote), writes one line, fsyncs and closes — so
     appends from threads and processes interleave as whole, correctly chained
     records.  Earlier lines are never rewritten.
 
@@ -152,6 +181,7 @@ class AuditLog:
     def __init__(self, path: Path, *, unsynced_events: frozenset[str] = frozenset()) -> None:
         self.path = path
         self.unsynced_events = unsynced_events
+        self._last: _Written | None = None
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
@@ -172,28 +202,56 @@ class AuditLog:
         if "ts" not in event:
             raise AuditError(f"{self.path}: event {event.get('event')!r} has no 'ts'")
         body = _jsonable(event)
+        # Each member is encoded once, before the lock: the line and its hash are then put
+        # together from the same texts (see _canonical_object).
+        members = {key: _canonical(value) for key, value in body.items()}
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = self._open()
         except OSError as exc:
             raise AuditError(f"{self.path}: cannot open audit log: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            head = self._read_head(fd)
-            record = {
-                **body,
-                "seq": (head.seq if head else 0) + 1,
-                "prev": head.hash if head else GENESIS,
-            }
-            record["hash"] = _digest(record)
-            _write_all(fd, (_canonical(record) + "\n").encode("ascii"))
+            head = self._head_under_lock(fd)
+            seq, prev = (head.seq if head else 0) + 1, head.hash if head else GENESIS
+            members["seq"], members["prev"] = str(seq), _canonical(prev)
+            digest = hashlib.sha256(_canonical_object(members).encode("ascii")).hexdigest()
+            members["hash"] = _canonical(digest)
+            _write_all(fd, (_canonical_object(members) + "\n").encode("ascii"))
             if event.get("event") not in self.unsynced_events:
                 os.fsync(fd)
+            self._last = _Written(os.fstat(fd), AuditHead(seq=seq, hash=digest))
         except OSError as exc:
             raise AuditError(f"{self.path}: cannot append to audit log: {exc.strerror}") from exc
         finally:
             os.close(fd)  # also releases the flock
-        return record
+        return {**body, "seq": seq, "prev": prev, "hash": digest}
+
+    def _open(self) -> int:
+        """Open the log for appending, creating it (and its folder) when missing."""
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags, 0o640)
+        except FileNotFoundError:  # the folder is missing: made once, not checked per append
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, flags, 0o640)
+
+    def _head_under_lock(self, fd: int) -> AuditHead | None:
+        """The last record's seq and hash; the caller holds the lock.
+
+        When the file is still the one this object last appended to, at the size that append
+        left it (no other writer since), that append's head is used instead of reading and
+        parsing the last line again (an ``alert.received`` record runs to kilobytes).
+        """
+        last = self._last
+        if last is not None:
+            now = os.fstat(fd)
+            if (now.st_dev, now.st_ino, now.st_size) == (
+                last.stat.st_dev,
+                last.stat.st_ino,
+                last.stat.st_size,
+            ):
+                return last.head
+        return self._read_head(fd)
 
     def head(self) -> AuditHead | None:
         """Return the last record's seq and hash, or None for an empty or missing log."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import multiprocessing
 from collections.abc import Iterator
@@ -218,6 +220,29 @@ def test_non_json_values_serialize(audit_path: Path) -> None:
     assert written["pair"] == [1, 2]
     assert written["ts"] == "2025-03-01T13:00:00+00:00"
     assert verify_audit(audit_path).ok
+
+
+def test_each_log_notices_the_other_writer(audit_path: Path) -> None:
+    """Two logs on one file, appending in turn, chain onto each other's records."""
+    first, second = AuditLog(audit_path), AuditLog(audit_path)
+    for n in range(6):
+        (first if n % 3 else second).append({"event": "test.append", "ts": T0, "n": n})
+    records = [json.loads(line) for line in audit_path.read_text().splitlines()]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["prev"] == p["hash"] for p, r in itertools.pairwise(records))
+    assert verify_audit(audit_path).ok
+
+
+def test_line_is_the_canonical_json_of_the_record(audit_path: Path) -> None:
+    """A record's line is its canonical JSON, and its hash covers everything but the hash."""
+    record = AuditLog(audit_path).append(
+        {"event": "x", "ts": T0, "zeta": [1, {"b": "é", "a": None}], "alpha": 1.5}
+    )
+    line = audit_path.read_text()
+    assert line == json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n"
+    unhashed = {k: v for k, v in record.items() if k != "hash"}
+    canonical = json.dumps(unhashed, sort_keys=True, separators=(",", ":"))
+    assert record["hash"] == hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _append_many(path: str, writer: int, count: int) -> None:
