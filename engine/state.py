@@ -329,6 +329,69 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX approvals_by_status ON approvals (status, requested_at)",
         ),
     ),
+    Migration(
+        4,
+        "alert firings and queue keyed by start time first (new firings land together)",
+        # A firing is looked up by (fingerprint, starts_at), and either order finds it; keyed
+        # fingerprint first (a hash), every new firing lands on a random page of a large
+        # index, so each notification wrote tens of pages to the log (and the checkpoint
+        # copied them back).  Keyed start time first, new firings, which started recently,
+        # all land at the end.  SQLite cannot reorder a key in place: the tables are rebuilt
+        # (with foreign keys off, as its documentation prescribes; checked before commit).
+        (
+            """
+            CREATE TABLE alert_firings_new (
+                fingerprint  TEXT NOT NULL,
+                starts_at    TEXT NOT NULL,
+                alertname    TEXT NOT NULL,
+                labels       TEXT NOT NULL,  -- JSON object, as received (untrusted data)
+                status       TEXT NOT NULL,  -- firing | resolved
+                outcome      TEXT NOT NULL,  -- queued | held | unmatched | unresolved | resolved
+                reason       TEXT NOT NULL,
+                received_at  TEXT NOT NULL,
+                last_seen_at TEXT NOT NULL,
+                times_seen   INTEGER NOT NULL,
+                resolved_at  TEXT,
+                PRIMARY KEY (starts_at, fingerprint)
+            )
+            """,
+            "INSERT INTO alert_firings_new SELECT * FROM alert_firings",
+            """
+            CREATE TABLE alert_queue_new (
+                item_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+                fingerprint  TEXT NOT NULL,
+                starts_at    TEXT NOT NULL,
+                runbook      TEXT NOT NULL,
+                host         TEXT NOT NULL,  -- an inventory host name, never label text
+                trigger_mode TEXT NOT NULL,  -- apply | plan | approve (the runbook trigger's)
+                mode         TEXT NOT NULL,  -- apply | dry-run (what the run does)
+                state        TEXT NOT NULL,
+                reason       TEXT NOT NULL,
+                enqueued_at  TEXT NOT NULL,
+                claimed_at   TEXT,
+                finished_at  TEXT,
+                owner        TEXT,           -- the server process that claimed it
+                run_id       TEXT,
+                run_status   TEXT,
+                UNIQUE (starts_at, fingerprint, runbook),
+                FOREIGN KEY (fingerprint, starts_at)
+                    REFERENCES alert_firings (fingerprint, starts_at) ON DELETE CASCADE
+            )
+            """,
+            # Item ids are never reused: the new table takes over the old one's counter.
+            "UPDATE sqlite_sequence SET name = 'alert_queue_new' WHERE name = 'alert_queue'",
+            "INSERT INTO alert_queue_new SELECT * FROM alert_queue",
+            "DROP TABLE alert_queue",
+            "DROP TABLE alert_firings",
+            "ALTER TABLE alert_firings_new RENAME TO alert_firings",
+            "ALTER TABLE alert_queue_new RENAME TO alert_queue",
+            "CREATE INDEX alert_firings_by_outcome ON alert_firings (outcome, received_at)",
+            "CREATE INDEX alert_firings_by_received ON alert_firings (received_at)",
+            "CREATE INDEX alert_queue_by_state ON alert_queue (state, item_id)",
+            "CREATE INDEX alert_queue_by_enqueued ON alert_queue (enqueued_at)",
+            "CREATE INDEX alert_queue_by_finished ON alert_queue (finished_at)",
+        ),
+    ),
 )
 
 
@@ -469,6 +532,17 @@ class SqliteStateStore:
                 raise StateError(f"{self.path}: state store cannot use WAL (journal mode {mode})")
 
     def _migrate(self, migrations: tuple[Migration, ...]) -> None:
+        # Rebuilding a table that others refer to needs foreign keys off (dropping it would
+        # otherwise cascade); they are checked before the migration commits, and back on after.
+        with self._sqlite_errors("migrate the schema"):
+            self._db.execute("PRAGMA foreign_keys = OFF")
+        try:
+            self._migrate_in_one_transaction(migrations)
+        finally:
+            with self._sqlite_errors("migrate the schema"):
+                self._db.execute("PRAGMA foreign_keys = ON")
+
+    def _migrate_in_one_transaction(self, migrations: tuple[Migration, ...]) -> None:
         with self._transaction("migrate the schema") as db:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version ("
@@ -490,6 +564,12 @@ class SqliteStateStore:
                     "INSERT INTO schema_version (version, description, applied_at)"
                     " VALUES (?, ?, ?)",
                     (migration.version, migration.description, now),
+                )
+            broken = db.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise StateError(
+                    f"{self.path}: migrating the schema would break {len(broken)} references "
+                    f"(first: {tuple(broken[0])}); nothing was changed"
                 )
 
     def schema_version(self) -> int:

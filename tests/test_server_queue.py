@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +24,7 @@ from engine.server.config import ServerConfig
 from engine.server.metrics import ServerMetrics
 from engine.server.runtime import WebhookServer
 from engine.state import (
+    MIGRATIONS,
     ApprovalStatus,
     FiringInput,
     FiringOutcome,
@@ -76,6 +79,38 @@ def store(tmp_path: Path) -> Iterator[SqliteAlertStore]:
     """A real SQLite alert store."""
     with SqliteAlertStore(tmp_path / "state.db", clock=lambda: T0) as db:
         yield db
+
+
+def test_rebuilding_the_alert_tables_keeps_rows_ids_and_references(tmp_path: Path) -> None:
+    """Migration 4 (start time first) keeps firings, queue rows, the id counter, dedup, cascade."""
+    path = tmp_path / "state.db"
+    with SqliteAlertStore(path, clock=lambda: T0, migrations=MIGRATIONS[:3]) as old:
+        old.record_alerts(
+            [_firing("a1", "dev-a"), _firing("a2", "dev-b"), _firing("a3", "dev-c")],
+            [],
+            now=T0,
+            hold_reason=None,
+        )
+        firings, items = old.list_firings(), old.list_queue()
+    with contextlib.closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute("DELETE FROM alert_queue WHERE item_id = ?", (items[0].item_id,))
+    with SqliteAlertStore(path, clock=lambda: T0) as new:
+        assert new.schema_version() == len(MIGRATIONS)
+        assert new.list_firings() == firings
+        assert new.list_queue() == items[1:]
+        again = new.record_alerts([_firing("a1", "dev-a")], [], now=T0, hold_reason=None)
+        assert again.deduplicated
+        assert not again.queued
+        fresh = new.record_alerts([_firing("a4", "dev-d")], [], now=T0, hold_reason=None)
+        assert fresh.queued[0].item_id == items[0].item_id + 1  # the deleted id is not reused
+    with contextlib.closing(sqlite3.connect(path)) as raw, raw:
+        key = raw.execute("PRAGMA index_info(sqlite_autoindex_alert_firings_1)").fetchall()
+        assert [column for _, _, column in key] == ["starts_at", "fingerprint"]
+        raw.execute("PRAGMA foreign_keys = ON")
+        assert raw.execute("PRAGMA foreign_key_check").fetchall() == []
+        raw.execute("DELETE FROM alert_firings WHERE fingerprint = 'a2'")
+        hosts = {h for (h,) in raw.execute("SELECT host FROM alert_queue").fetchall()}
+    assert hosts == {"dev-a", "dev-d"}  # dev-b's item went with its firing; dev-c's was deleted
 
 
 def test_claims_oldest_first_one_run_per_device_at_a_time(store: SqliteAlertStore) -> None:
