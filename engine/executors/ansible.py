@@ -12,6 +12,8 @@ Everything Ansible-specific the engine depends on lives here:
   callback plugin (``ansible_callbacks/``) writes what Ansible selected, with the hosts'
   untemplated inventory vars, to a file read after the run: targets and first probe come
   from one ``ansible-playbook``, which reads the inventory once.
+  ``start_select_and_run_script`` starts the same call in a thread and returns once
+  ``ansible-playbook`` has been spawned, so the caller can work while Ansible starts up.
 * ``run_playbook`` runs a project playbook limited to the requested hosts.  Extra vars
   are written by us to ``env/extravars`` as YAML with **every string tagged ``!unsafe``**:
   ansible-core (2.19 included) treats extra vars as trusted and would otherwise render
@@ -25,6 +27,10 @@ Everything Ansible-specific the engine depends on lives here:
 
 A device that fails is a result.  ansible-runner or ansible-playbook failing as a tool
 (bad playbook, missing binary, no final stats) raises :class:`ExecutorError`.
+
+SIGINT and SIGTERM stop a running ``ansible-playbook`` (killed with its process group)
+and are delivered again once the call has cleaned up; ansible-runner checks for that every
+``_CANCEL_CHECK`` seconds (its own default is 5 s).
 
 One adjustment to ansible-runner, kept here (:func:`_close_promptly`): the pty it reads
 ansible-playbook through is closed without ptyprocess' fixed 0.1 s sleep, which every run
@@ -61,6 +67,7 @@ from engine.executors.base import (
     CommandResult,
     Host,
     HostStatus,
+    PendingSelection,
     PlaybookRequest,
     PlaybookResult,
     Selection,
@@ -78,6 +85,8 @@ _INVENTORY_ENV = {
     "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
     "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True",
 }
+#: Seconds between ansible-runner's checks for a cancel (``pexpect_timeout``; 5 by default).
+_CANCEL_CHECK = 0.2
 _LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _HOST_EVENTS = {
     "runner_on_ok": HostStatus.OK,
@@ -156,6 +165,27 @@ class AnsibleExecutor:
         An inventory or a limit Ansible cannot read makes ansible-playbook fail before any
         host is selected: :class:`ExecutorError`, with Ansible's message.
         """
+        return self._select_and_run(selection, script, timeout, cancelled=None)
+
+    def start_select_and_run_script(
+        self, selection: Selection, script: str, *, timeout: float
+    ) -> PendingSelection:
+        """:meth:`select_and_run_script` in a thread; returns once ansible-playbook runs.
+
+        Until the call is collected or cancelled, SIGINT and SIGTERM (when started from the
+        main thread) stop it instead of the caller, and are delivered again afterwards.
+        """
+        return _PendingSelection(
+            lambda cancelled: self._select_and_run(selection, script, timeout, cancelled)
+        )
+
+    def _select_and_run(
+        self,
+        selection: Selection,
+        script: str,
+        timeout: float,
+        cancelled: Callable[[], bool] | None,
+    ) -> SelectionResult:
         inventory = selection.inventory
         if not inventory.exists():
             raise InventoryError(f"inventory {inventory}: no such file or directory")
@@ -189,6 +219,7 @@ class AnsibleExecutor:
                     "ANSIBLE_CALLBACK_PLUGINS": plugins,
                     _TARGETS_REQUEST_ENV: json.dumps(request),
                 },
+                cancelled=cancelled,
             )
             selected = _read_selection(answer, inventory, collector.watcher)
         finally:
@@ -207,6 +238,7 @@ class AnsibleExecutor:
         limit: str | None,
         collector: _ScriptResults,
         extra_env: Mapping[str, str],
+        cancelled: Callable[[], bool] | None = None,
     ) -> None:
         """Write ``play`` as the probe playbook in ``private`` and run it there."""
         playbook = private / "probe.yml"
@@ -222,6 +254,7 @@ class AnsibleExecutor:
             watcher=collector.watcher,
             on_event=collector.see,
             extra_env=extra_env,
+            cancelled=cancelled,
         )
 
     def run_playbook(
@@ -324,11 +357,15 @@ class AnsibleExecutor:
         watcher: _EventWatcher,
         on_event: Callable[[Mapping[str, Any]], bool],
         extra_env: Mapping[str, str],
+        cancelled: Callable[[], bool] | None = None,
     ) -> None:
         if not inventory.exists():
             raise ExecutorError(f"{what}: inventory {inventory}: no such file or directory")
+        # ansible-runner reads env/settings only from the private data dir, not from run().
+        (private_data_dir / "env").mkdir(mode=0o700, exist_ok=True)
+        _write_yaml(private_data_dir / "env" / "settings", {"pexpect_timeout": _CANCEL_CHECK})
         try:
-            with _cancel_on_signals() as cancelled:
+            with _cancel_on_signals() as signalled:
                 runner = ansible_runner.run(
                     private_data_dir=str(private_data_dir),
                     artifact_dir=str(artifact_dir),
@@ -340,7 +377,11 @@ class AnsibleExecutor:
                     envvars=self._env(extra_env),
                     quiet=True,
                     event_handler=on_event,
-                    cancel_callback=lambda: cancelled() or bool(self._cancel and self._cancel()),
+                    cancel_callback=lambda: (
+                        signalled()
+                        or bool(cancelled and cancelled())
+                        or bool(self._cancel and self._cancel())
+                    ),
                 )
         except Exception as exc:  # ansible-runner raises bare exceptions of many kinds
             raise ExecutorError(f"{what}: ansible-runner failed: {exc}") from exc
@@ -576,30 +617,97 @@ def _write_yaml(path: Path, data: Any) -> None:
     path.chmod(0o600)
 
 
-@contextmanager
-def _cancel_on_signals() -> Iterator[Callable[[], bool]]:
-    """Let SIGINT/SIGTERM stop the child cleanly, then deliver them to the old handlers.
+class _Signals:
+    """SIGINT/SIGTERM recorded instead of handled while installed (from the main thread only).
 
     ansible-runner would otherwise install handlers of its own and leave them in place.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    received: list[int] = []
 
-    def handler(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001
-        received.append(signum)
+    def __init__(self) -> None:
+        self._received: list[int] = []
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            for s in self._previous:
+                signal.signal(s, self._handler)
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield lambda: bool(received)
-    finally:
+    def _handler(self, signum: int, frame: FrameType | None) -> None:  # noqa: ARG002
+        self._received.append(signum)
+
+    def __call__(self) -> bool:
+        """Whether a signal arrived."""
+        return bool(self._received)
+
+    def restore(self, *, deliver: bool) -> None:
+        """Put the previous handlers back; then deliver the first signal received, if asked."""
+        previous, self._previous = self._previous, {}
         for s, old in previous.items():
             signal.signal(s, old)
-    if received:
-        signal.raise_signal(received[0])
+        if deliver and self._received:
+            signal.raise_signal(self._received[0])
+
+
+@contextmanager
+def _cancel_on_signals() -> Iterator[Callable[[], bool]]:
+    """Let SIGINT/SIGTERM stop the child cleanly, then deliver them to the old handlers."""
+    signals = _Signals()
+    try:
+        yield signals
+    except BaseException:
+        signals.restore(deliver=False)
+        raise
+    signals.restore(deliver=True)
+
+
+#: Per thread: what to call once ansible-runner has spawned ansible-playbook.
+_spawn_hooks = threading.local()
+
+
+class _PendingSelection:
+    """A ``select_and_run_script`` call running in a thread (see ``PendingSelection``).
+
+    Built once ``ansible-playbook`` has been spawned (or the call has already ended).
+    Signals are recorded from then on and stop the call; :meth:`result` and :meth:`cancel`
+    put the handlers back and deliver a signal that arrived.
+    """
+
+    def __init__(self, call: Callable[[Callable[[], bool]], SelectionResult]) -> None:
+        self._stop = threading.Event()
+        self._spawned = threading.Event()
+        self._signals = _Signals()
+        self._result: SelectionResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._work, args=(call,), name="remediate-probe", daemon=True
+        )
+        self._thread.start()
+        self._spawned.wait()
+
+    def _work(self, call: Callable[[Callable[[], bool]], SelectionResult]) -> None:
+        _spawn_hooks.spawned = self._spawned.set
+        try:
+            self._result = call(lambda: self._stop.is_set() or self._signals())
+        except BaseException as exc:  # noqa: BLE001 - handed to the thread that collects it
+            self._error = exc
+        finally:
+            _spawn_hooks.spawned = None
+            self._spawned.set()
+
+    def result(self) -> SelectionResult:
+        """Wait for the call; its result or its error (after delivering a signal received)."""
+        self._thread.join()
+        self._signals.restore(deliver=True)
+        if self._error is not None:
+            raise self._error
+        if self._result is None:  # pragma: no cover - the thread sets one of the two
+            raise ExecutorError("internal: the probe thread ended without a result")
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop ansible-playbook if it still runs, wait for the cleanup, drop the outcome."""
+        self._stop.set()
+        self._thread.join()
+        self._signals.restore(deliver=True)
 
 
 def _drop_environment(command_file: Path) -> None:
@@ -645,6 +753,8 @@ def _message(res: Mapping[str, Any]) -> str:
 class _PromptCloseSpawn(pexpect.spawn):  # type: ignore[misc] # pexpect ships no type information
     """``pexpect.spawn`` whose ``close()`` does not sleep 0.1 s before checking the child.
 
+    It also tells a background call (:class:`_PendingSelection`) that ansible-playbook runs.
+
     ptyprocess' ``close()`` sleeps ``delayafterclose`` (0.1 s, "to give the kernel time to
     update process status") and then terminates the child if it is still alive.
     ansible-runner calls it only after its read loop ended on ``isalive()`` being false,
@@ -655,6 +765,9 @@ class _PromptCloseSpawn(pexpect.spawn):  # type: ignore[misc] # pexpect ships no
     def _spawnpty(self, args: list[str], **kwargs: Any) -> Any:
         pty = super()._spawnpty(args, **kwargs)
         pty.delayafterclose = 0
+        spawned = getattr(_spawn_hooks, "spawned", None)
+        if spawned is not None:  # a background call waits for this moment (_PendingSelection)
+            spawned()
         return pty
 
 

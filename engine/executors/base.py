@@ -4,7 +4,10 @@ The pipeline never imports ansible-runner: it talks to an :class:`Executor`.
 ``AnsibleExecutor`` drives real ansible-runner; ``FakeExecutor`` (tests) answers from a table.
 An executor that can also select the hosts of an inventory itself is a
 :class:`SelectingExecutor`: the pipeline then resolves a run's targets and probes them in one
-call (with Ansible, one ``ansible-playbook`` reads the inventory once instead of twice).
+call (with Ansible, one ``ansible-playbook`` reads the inventory once instead of twice).  One
+that can also start that call in the background is a :class:`BackgroundSelectingExecutor`:
+an entry point starts a run's first probe as soon as it knows the runbook, and prepares the
+rest of the run (state store, audit log) while the probe runs.
 """
 
 from __future__ import annotations
@@ -131,4 +134,31 @@ class SelectingExecutor(Executor, Protocol):
         ``InventoryError``, or ``ExecutorError`` like any failure of the tool: then
         :func:`engine.targets.resolve_targets` tells which it was.
         """
+        ...
+
+
+class PendingSelection(Protocol):
+    """A ``select_and_run_script`` call going on in the background.
+
+    Collect it with :meth:`result` or stop it with :meth:`cancel`, from the thread that
+    started it, exactly once; either way nothing of it is left running afterwards.
+    """
+
+    def result(self) -> SelectionResult:
+        """Wait for the call to end: its result, or the error it raised."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the call if it still runs and wait until it has stopped and cleaned up."""
+        ...
+
+
+@runtime_checkable
+class BackgroundSelectingExecutor(SelectingExecutor, Protocol):
+    """A selecting executor that can start the call and let the caller work meanwhile."""
+
+    def start_select_and_run_script(
+        self, selection: Selection, script: str, *, timeout: float
+    ) -> PendingSelection:
+        """:meth:`SelectingExecutor.select_and_run_script`, started now, collected later."""
         ...

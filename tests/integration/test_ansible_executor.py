@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +314,101 @@ def test_selection_from_an_unreadable_inventory_fails(
         executor.select_and_run_script(
             Selection(inventory=tmp_path / "nope.yml", pattern="all"), "true", timeout=30
         )
+
+
+def test_selection_started_in_the_background_is_the_same_call(
+    executor: AnsibleExecutor, fleet: Path
+) -> None:
+    """A started selection returns once ansible-playbook runs; its result is the same call's."""
+    selection = Selection(inventory=fleet, pattern="fleet", limit="!dev-b1")
+    pending = executor.start_select_and_run_script(selection, "echo up", timeout=30)
+    result = pending.result()
+    assert result == executor.select_and_run_script(selection, "echo up", timeout=30)
+    assert {r.stdout for r in result.results.values()} == {"up\n"}
+    with pytest.raises(InventoryError, match=r"nope\.yml: no such file"):
+        executor.start_select_and_run_script(
+            Selection(inventory=fleet.parent / "nope.yml", pattern="all"), "true", timeout=30
+        ).result()
+
+
+def _children_mentioning(text: str) -> list[int]:
+    """Child processes of this one whose command line mentions ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, IndexError, NotADirectoryError):
+            continue
+        if int(stat[1]) == os.getpid() and stat[0] not in {"Z", "X"} and text in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@contextmanager
+def _slow_task(tmp_path: Path) -> Iterator[tuple[str, Callable[[], int]]]:
+    """A script that records its pid and sleeps; the task is killed afterwards.
+
+    A cancel kills ansible-playbook's process group; Ansible's workers have sessions of
+    their own, so a task goes on until it ends (a probe's checks: at their timeouts).
+    """
+    pid_file = tmp_path / "pid"
+    script = f'echo $$ >"{pid_file}.new"; mv "{pid_file}.new" "{pid_file}"; sleep 120'
+
+    def task_pid() -> int:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError("the task never started")
+            time.sleep(0.05)
+        return int(pid_file.read_text())
+
+    try:
+        yield script, task_pid
+    finally:
+        with suppress(ValueError, OSError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_cancelled_background_selection_leaves_nothing_running(tmp_path: Path) -> None:
+    """Cancelling a started selection stops ansible-playbook; its files are gone."""
+    work = tmp_path / "work"
+    executor = AnsibleExecutor(AnsibleSettings(work_dir=work))
+    inventory = write_inventory(
+        tmp_path / "hosts.yml", {"dev1": {"ansible_connection": "local", **NO_PYTHON}}
+    )
+    with _slow_task(tmp_path) as (script, task_pid):
+        pending = executor.start_select_and_run_script(
+            Selection(inventory=inventory, pattern="all"), script, timeout=300
+        )
+        assert _children_mentioning(str(work)) != []  # ansible-playbook runs
+        task_pid()
+        pending.cancel()
+        assert _children_mentioning(str(work)) == []
+        assert list(work.iterdir()) == []
+
+
+def test_signal_stops_a_background_selection_then_reaches_the_caller(tmp_path: Path) -> None:
+    """SIGINT while a started selection runs stops it; the caller gets KeyboardInterrupt after."""
+    work = tmp_path / "work"
+    executor = AnsibleExecutor(AnsibleSettings(work_dir=work))
+    inventory = write_inventory(
+        tmp_path / "hosts.yml", {"dev1": {"ansible_connection": "local", **NO_PYTHON}}
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    with _slow_task(tmp_path) as (script, task_pid):
+        pending = executor.start_select_and_run_script(
+            Selection(inventory=inventory, pattern="all"), script, timeout=300
+        )
+        task_pid()
+        signal.raise_signal(signal.SIGINT)  # recorded, not raised here: the call is stopped
+        with pytest.raises(KeyboardInterrupt):
+            pending.result()
+        assert signal.getsignal(signal.SIGINT) is handler
+        assert _children_mentioning(str(work)) == []
+        assert list(work.iterdir()) == []
 
 
 # -- run_playbook ----------------------------------------------------------------------
