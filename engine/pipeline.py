@@ -7,11 +7,15 @@
 Entry points (CLI, webhook server) build :class:`Services` once and call :func:`plan_run`
 and :func:`execute_plan`, or :func:`run_runbook` for both.  Every stage emits audit events
 through structlog; outcomes are values in the :class:`RunReport`, never exceptions.
+
+Targets and the first probe come from one executor call.  An entry point may start that
+call itself (:func:`engine.probes.start_probe`, before it opens the state store and the
+audit log) and pass it as ``first_probe``: the probe is read-only, and it is collected, and
+audited, here, in the order above, after ``run.started``.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +30,7 @@ from engine.actions import StepRun, run_steps
 from engine.audit import audit_context
 from engine.drift import drift_reason
 from engine.errors import ExecutorError, PlanFileError
-from engine.executors.base import Executor, HostStatus, SelectingExecutor, Selection
+from engine.executors.base import Executor, HostStatus, SelectingExecutor
 from engine.expressions import EvaluationError
 from engine.guards import blast_radius_refusal, context_for, evaluate_host
 from engine.outcomes import BAD_OUTCOMES, HostOutcome, Mode, RunStatus
@@ -40,18 +44,11 @@ from engine.plans import (
     runbook_ref,
     shown_params,
 )
-from engine.probes import (
-    HostProbe,
-    ProbeStatus,
-    build_probe_script,
-    parse_probe,
-    probe_timeout,
-    run_probes,
-)
+from engine.probes import HostProbe, PendingProbe, ProbeStatus, run_probes, start_probe
 from engine.runbooks import Runbook
 from engine.runbooks.spec import Approval
 from engine.state import HostRecord, RunRecord, StateStore
-from engine.targets import TargetSet, resolve_targets, target_set
+from engine.targets import TargetSet, resolve_targets, runbook_selection, target_set
 from engine.verification import verify_hosts
 
 
@@ -162,16 +159,19 @@ def plan_run(
     *,
     run_id: str | None = None,
     targeted: int | None = None,
+    first_probe: PendingProbe | None = None,
 ) -> tuple[Plan, PlanContext]:
     """Resolve targets, probe, evaluate guards and plan; nothing on a device changes.
 
     ``targeted`` is the fleet size the blast radius is judged against, when the request's
     hosts are a part of it (applying a saved plan: the hosts the review targeted).
+    ``first_probe``, if given, is the targets and first probe already started for this
+    request (see the module docstring).
     """
     log = structlog.get_logger()
     params = runbook.param_values(request.overrides)
     run_id = run_id or services.new_run_id()
-    targets, probes = _targets_and_probes(runbook, request, services, params)
+    targets, probes = _targets_and_probes(runbook, request, services, params, first_probe)
     log.info("targets.resolved", run_id=run_id, hosts=list(targets.names))
     now = services.clock()
     services.reporter.phase("evaluating guards", len(targets.hosts))
@@ -239,39 +239,46 @@ def plan_run(
 
 
 def _targets_and_probes(
-    runbook: Runbook, request: RunRequest, services: Services, params: Mapping[str, Any]
+    runbook: Runbook,
+    request: RunRequest,
+    services: Services,
+    params: Mapping[str, Any],
+    first_probe: PendingProbe | None,
 ) -> tuple[TargetSet, dict[str, HostProbe]]:
     """Resolve the targets (narrowed to ``request.hosts``, if set) and probe them.
 
-    A :class:`SelectingExecutor` does both in one call; for others, targets are resolved
-    first, then probed.
+    A :class:`SelectingExecutor` does both in one call (``first_probe``, when an entry point
+    started it); for other executors, targets are resolved first, then probed.
     """
     executor, pattern, checks = services.executor, runbook.spec.targets.hosts, runbook.spec.checks
-    if not isinstance(executor, SelectingExecutor):
-        services.reporter.phase("resolving targets")
-        targets = _kept(resolve_targets(request.inventory, pattern, request.limit), request)
-        services.reporter.phase(f"probing {len(targets.hosts)} hosts", len(targets.hosts))
-        probes = run_probes(executor, request.inventory, targets.names, checks, params)
-        services.reporter.advance(len(targets.hosts))
-        return targets, probes
+    selection = runbook_selection(runbook, request.inventory, request.limit, request.hosts)
+    if first_probe is None:
+        if not isinstance(executor, SelectingExecutor):
+            services.reporter.phase("resolving targets")
+            targets = _kept(resolve_targets(request.inventory, pattern, request.limit), request)
+            services.reporter.phase(f"probing {len(targets.hosts)} hosts", len(targets.hosts))
+            probes = run_probes(executor, request.inventory, targets.names, checks, params)
+            services.reporter.advance(len(targets.hosts))
+            return targets, probes
+        first_probe = start_probe(executor, selection, checks, params)
+    elif (first_probe.selection, first_probe.checks, first_probe.params) != (
+        selection,
+        tuple(checks),
+        dict(params),
+    ):
+        raise ValueError("internal: the first probe was started for another run")
     services.reporter.phase("resolving targets and probing them")
-    nonce = f"@@remediate-{secrets.token_hex(8)}"  # the marker run_probes makes, one per probe
-    selection = Selection(
-        inventory=request.inventory, pattern=pattern, limit=request.limit, only=request.hosts
-    )
-    try:
-        selected = executor.select_and_run_script(
-            selection, build_probe_script(checks, params, nonce), timeout=probe_timeout(checks)
-        )
-    except ExecutorError:
-        # Did Ansible stop at the inventory or the limit?  Then that is the input error.
-        resolve_targets(request.inventory, pattern, request.limit)
-        raise
+    with first_probe:
+        try:
+            selected = first_probe.result()
+        except ExecutorError:
+            # Did Ansible stop at the inventory or the limit?  Then that is the input error.
+            resolve_targets(request.inventory, pattern, request.limit)
+            raise
     targets = _kept(target_set(request.inventory, pattern, request.limit, selected.hosts), request)
     probes = {
-        name: parse_probe(selected.results[name], checks, nonce)
-        if name in selected.results
-        else HostProbe(host=name, status=ProbeStatus.ERROR, message="the executor ran no probe")
+        name: selected.probes.get(name)
+        or HostProbe(host=name, status=ProbeStatus.ERROR, message="the executor ran no probe")
         for name in targets.names
     }
     return targets, probes
@@ -566,11 +573,15 @@ def run_runbook(
     services: Services,
     *,
     approve: Callable[[Plan], bool],
+    first_probe: PendingProbe | None = None,
 ) -> RunReport:
-    """Plan, then act (or stop, in dry-run), with every stage in the audit log."""
+    """Plan, then act (or stop, in dry-run), with every stage in the audit log.
+
+    ``first_probe``: the targets and first probe, if the entry point started them.
+    """
 
     def body(run_id: str) -> RunReport:
-        plan, ctx = plan_run(runbook, request, services, run_id=run_id)
+        plan, ctx = plan_run(runbook, request, services, run_id=run_id, first_probe=first_probe)
         return execute_plan(plan, ctx, services, approve=approve)
 
     return _recorded_run(runbook, request, services, body)

@@ -11,6 +11,10 @@ the device, not with how many there are: each check runs in a subshell (a fork, 
 stdout and stderr in files capped by ``ulimit -f``, printed back with shell builtins; its
 timeout is kept by one watchdog per probe, which wakes every second and kills the running
 check, with everything it started, once past its deadline (so at most about a second late).
+
+A run's first probe also selects its hosts (:func:`start_probe`, with a selecting executor).
+It can be started before the rest of the run is prepared: an entry point starts it as soon
+as it knows the runbook and hands the :class:`PendingProbe` to the pipeline, which collects it.
 """
 
 from __future__ import annotations
@@ -21,11 +25,22 @@ import shlex
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict
 
-from engine.executors.base import CommandResult, Executor, HostStatus
+from engine.executors.base import (
+    BackgroundSelectingExecutor,
+    CommandResult,
+    Executor,
+    Host,
+    HostStatus,
+    PendingSelection,
+    SelectingExecutor,
+    Selection,
+    SelectionResult,
+)
 from engine.expressions import failed_value
 from engine.runbooks.spec import Check, ParseKind
 
@@ -314,3 +329,93 @@ def run_probes(
         else:
             probes[host] = parse_probe(result, checks, marker)
     return probes
+
+
+class SelectedProbes(_Frozen):
+    """The hosts a selection picked, and the probe of each one the script ran on."""
+
+    hosts: tuple[Host, ...]
+    """Every host the pattern and limit select, in inventory order."""
+    probes: dict[str, HostProbe]
+    """Host name → probe, for the selected hosts the selection's ``only`` keeps."""
+
+
+class PendingProbe:
+    """A first probe that selects its hosts, started by :func:`start_probe`.
+
+    Collect it once with :meth:`result`; leaving its ``with`` block without doing so stops
+    it, and nothing of it keeps running.
+    """
+
+    def __init__(
+        self,
+        executor: SelectingExecutor,
+        selection: Selection,
+        checks: Sequence[Check],
+        params: Mapping[str, object],
+    ) -> None:
+        self.selection = selection
+        self.checks = tuple(checks)
+        self.params = dict(params)
+        self._executor = executor
+        self._nonce = f"@@remediate-{secrets.token_hex(8)}"
+        self._script = build_probe_script(checks, params, self._nonce)
+        self._timeout = probe_timeout(checks)
+        self._pending: PendingSelection | None = None
+        self._done = False
+        if isinstance(executor, BackgroundSelectingExecutor):
+            self._pending = executor.start_select_and_run_script(
+                selection, self._script, timeout=self._timeout
+            )
+
+    def result(self) -> SelectedProbes:
+        """Wait for the probe (or run it now, if the executor cannot start it ahead)."""
+        if self._done:
+            raise RuntimeError("internal: a pending probe is collected once")
+        self._done = True
+        selected: SelectionResult = (
+            self._pending.result()
+            if self._pending is not None
+            else self._executor.select_and_run_script(
+                self.selection, self._script, timeout=self._timeout
+            )
+        )
+        return SelectedProbes(
+            hosts=selected.hosts,
+            probes={
+                name: parse_probe(result, self.checks, self._nonce)
+                for name, result in selected.results.items()
+            },
+        )
+
+    def cancel(self) -> None:
+        """Stop the probe if it was started and not collected; wait until it has stopped."""
+        if not self._done:
+            self._done = True
+            if self._pending is not None:
+                self._pending.cancel()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.cancel()
+
+
+def start_probe(
+    executor: SelectingExecutor,
+    selection: Selection,
+    checks: Sequence[Check],
+    params: Mapping[str, object],
+) -> PendingProbe:
+    """Start probing the hosts ``selection`` picks; collect with :meth:`PendingProbe.result`.
+
+    An executor that can work in the background starts now and runs while the caller does
+    other work; another one runs when the result is asked for.
+    """
+    return PendingProbe(executor, selection, checks, params)

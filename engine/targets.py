@@ -35,9 +35,18 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.errors import InventoryError
-from engine.executors.base import Host
+from engine.executors.base import Host, Selection
+from engine.runbooks import Runbook
 
-__all__ = ["SELECT_SCRIPT", "Host", "TargetSet", "resolve_targets", "select_hosts", "target_set"]
+__all__ = [
+    "SELECT_SCRIPT",
+    "Host",
+    "TargetSet",
+    "resolve_targets",
+    "runbook_selection",
+    "select_hosts",
+    "target_set",
+]
 
 #: The Ansible side: ``python SELECT_SCRIPT INVENTORY PATTERN [LIMIT]`` prints the selection.
 SELECT_SCRIPT = Path(__file__).parent / "executors" / "ansible_callbacks" / "remediate_targets.py"
@@ -71,6 +80,24 @@ class TargetSet(_Frozen):
     def names(self) -> tuple[str, ...]:
         """The selected host names, in inventory order."""
         return tuple(h.name for h in self.hosts)
+
+
+def runbook_selection(
+    runbook: Runbook,
+    inventory: Path,
+    limit: str | None = None,
+    only: Sequence[str] | None = None,
+) -> Selection:
+    """What a run of ``runbook`` selects: its host pattern, narrowed by ``limit``.
+
+    ``only``: exact host names the run keeps (applying a saved plan: the reviewed hosts).
+    """
+    return Selection(
+        inventory=inventory,
+        pattern=runbook.spec.targets.hosts,
+        limit=limit,
+        only=None if only is None else tuple(only),
+    )
 
 
 def resolve_targets(inventory: Path, pattern: str, limit: str | None = None) -> TargetSet:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from engine.errors import ExecutorError, InventoryError
+from engine.errors import ExecutorError, InventoryError, StateError
 from engine.executors.base import (
     CommandResult,
     Executor,
@@ -24,8 +24,10 @@ from engine.executors.fake import FakeExecutor, FakeReply
 from engine.outcomes import HostOutcome, Mode, RunStatus
 from engine.pipeline import RunReport, RunRequest, Services, run_runbook
 from engine.plans import REDACTED
+from engine.probes import start_probe
 from engine.runbooks import Runbook, load_runbook
 from engine.state import SqliteStateStore
+from engine.targets import runbook_selection
 from tests.support.probing import Answer, device
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -436,3 +438,109 @@ def test_failed_selection_names_the_bad_inventory(
         _run(runbook, services, bad, Mode.DRY_RUN)
     with pytest.raises(ExecutorError, match="ansible-playbook failed"):
         _run(runbook, services, _inventory(tmp_path, ["a"]), Mode.DRY_RUN)
+
+
+class _Pending:
+    """A background call of :class:`BackgroundSelector`: runs when collected, records a cancel."""
+
+    def __init__(self, executor: BackgroundSelector, selection: Selection, script: str) -> None:
+        self.executor, self.selection, self.script = executor, selection, script
+        self.collected = self.cancelled = False
+
+    def result(self) -> SelectionResult:
+        self.collected = True
+        return FakeExecutor.select_and_run_script(
+            self.executor, self.selection, self.script, timeout=1
+        )
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def fate(self) -> tuple[bool, bool]:
+        """(collected, cancelled)."""
+        return self.collected, self.cancelled
+
+
+class BackgroundSelector(FakeExecutor):
+    """A selecting executor that can start its selection ahead, as the Ansible one does."""
+
+    def __init__(self, scripts: Mapping[str, FakeReply | Callable[[str], object]]) -> None:
+        super().__init__(scripts=scripts)  # type: ignore[arg-type]
+        self.started: list[_Pending] = []
+
+    def select_and_run_script(
+        self, selection: Selection, script: str, *, timeout: float
+    ) -> SelectionResult:
+        del selection, script, timeout
+        raise AssertionError("the pipeline collects the started call instead")
+
+    def start_select_and_run_script(
+        self, selection: Selection, script: str, *, timeout: float
+    ) -> _Pending:
+        del timeout
+        self.started.append(_Pending(self, selection, script))
+        return self.started[-1]
+
+
+def test_first_probe_started_ahead_is_collected_after_run_started(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A probe an entry point started ahead is the run's only probe, audited after run.started."""
+    executor = BackgroundSelector(scripts={"a": device(SICK), "b": device(HEALTHY)})
+    inventory = _inventory(tmp_path, ["a", "b"])
+    selection = runbook_selection(runbook, inventory, None)
+    with (
+        start_probe(executor, selection, runbook.spec.checks, runbook.param_values()) as first,
+        capture_logs() as events,
+    ):
+        (pending,) = executor.started
+        assert pending.fate == (False, False)
+        request = RunRequest(inventory=inventory, mode=Mode.DRY_RUN, trigger="user:t", user="t")
+        report = run_runbook(
+            runbook,
+            request,
+            _services(executor, store, clock, tmp_path),
+            approve=lambda _plan: False,
+            first_probe=first,
+        )
+    assert pending.fate == (True, False)
+    assert executor.started == [pending]
+    assert _outcomes(report) == {"a": HostOutcome.PLANNED, "b": HostOutcome.HEALTHY}
+    names = [e["event"] for e in events]
+    assert names[0] == "run.started"
+    assert names.index("targets.resolved") < names.index("probe.finished")
+
+
+def test_first_probe_of_another_request_is_refused_and_stopped(
+    runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A probe started for other hosts or params is never taken for this run's; it is stopped."""
+    executor = BackgroundSelector(scripts={"a": device(SICK), "b": device(HEALTHY)})
+    inventory = _inventory(tmp_path, ["a", "b"])
+    request = RunRequest(inventory=inventory, mode=Mode.DRY_RUN, trigger="user:t", user="t")
+    services = _services(executor, store, clock, tmp_path)
+    checks, params = runbook.spec.checks, runbook.param_values()
+    for selection, probe_params in (
+        (runbook_selection(runbook, inventory, "a"), params),
+        (runbook_selection(runbook, inventory, None), {**params, "free_min": 99}),
+    ):
+        with (
+            pytest.raises(ValueError, match="started for another run"),
+            start_probe(executor, selection, checks, probe_params) as first,
+        ):
+            run_runbook(runbook, request, services, approve=lambda _p: False, first_probe=first)
+        assert executor.started[-1].fate == (False, True)
+
+
+def test_first_probe_left_uncollected_is_cancelled(runbook: Runbook, tmp_path: Path) -> None:
+    """Leaving the block of a started probe without its result (a store that failed) stops it."""
+    executor = BackgroundSelector(scripts={"a": device(SICK)})
+    selection = runbook_selection(runbook, _inventory(tmp_path, ["a"]), None)
+    with (
+        pytest.raises(StateError),
+        start_probe(executor, selection, runbook.spec.checks, runbook.param_values()),
+    ):
+        raise StateError("state store: cannot open")
+    (pending,) = executor.started
+    assert pending.fate == (False, True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -28,8 +28,12 @@ from engine.errors import InputError
 from engine.outcomes import Mode
 
 if TYPE_CHECKING:
+    from engine.executors.ansible import AnsibleExecutor
     from engine.pipeline import RunReport, RunRequest
     from engine.plans import Plan
+    from engine.probes import PendingProbe
+    from engine.runbooks import Runbook
+    from engine.settings import Settings
 
 
 class PlanFormat(StrEnum):
@@ -79,7 +83,7 @@ def _show_report(state: CliState, report: RunReport, output: Output | PlanFormat
 
 
 def _request(
-    state: CliState, inventory: Path, limit: str | None, extra: Sequence[str] | None, mode: Mode
+    state: CliState, inventory: Path, limit: str | None, overrides: dict[str, str], mode: Mode
 ) -> RunRequest:
     from engine.pipeline import RunRequest
 
@@ -87,11 +91,33 @@ def _request(
     return RunRequest(
         inventory=inventory,
         limit=limit,
-        overrides=parse_overrides(extra),
+        overrides=overrides,
         mode=mode,
         trigger=f"user:{user}",
         user=user,
     )
+
+
+def _start_first_probe(
+    settings: Settings,
+    runbook: Runbook,
+    inventory: Path,
+    limit: str | None,
+    overrides: dict[str, str],
+) -> tuple[AnsibleExecutor, PendingProbe]:
+    """Start the run's targets and first probe now; the pipeline collects them.
+
+    ansible-playbook then starts up while this process imports and opens the state store
+    and the audit log.  A bad ``-e`` fails here, before anything runs or is recorded.
+    """
+    from engine.cli.services import new_executor
+    from engine.probes import start_probe
+    from engine.targets import runbook_selection
+
+    params = runbook.param_values(overrides)
+    executor = new_executor(settings)
+    selection = runbook_selection(runbook, inventory, limit)
+    return executor, start_probe(executor, selection, runbook.spec.checks, params)
 
 
 @app.command()
@@ -118,7 +144,6 @@ def plan(
     """Dry-run: probe, evaluate guards and show the plan. Nothing on a device changes."""
     from engine.cli.services import open_services
     from engine.durations import parse_duration
-    from engine.pipeline import run_runbook
     from engine.runbooks import find_runbook
 
     state = cli_state(ctx)
@@ -128,10 +153,23 @@ def plan(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--expires") from exc
     found = find_runbook(runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir)
-    request = _request(state, inventory, limit, extra, Mode.DRY_RUN)
-    console = _progress_console(output is PlanFormat.TABLE)
-    with open_services(settings, reporter_console=console) as services:
-        report = run_runbook(found, request, services, approve=lambda _plan: False)
+    overrides = parse_overrides(extra)
+    executor, first_probe = _start_first_probe(settings, found, inventory, limit, overrides)
+    # ansible-playbook runs: the pipeline is imported (and the store opened) meanwhile.
+    from engine.pipeline import run_runbook
+
+    with (
+        first_probe,
+        open_services(
+            settings,
+            reporter_console=_progress_console(output is PlanFormat.TABLE),
+            executor=executor,
+        ) as services,
+    ):
+        request = _request(state, inventory, limit, overrides, Mode.DRY_RUN)
+        report = run_runbook(
+            found, request, services, approve=lambda _plan: False, first_probe=first_probe
+        )
         if request_approval and report.plan.acting and not report.plan.refused:
             from engine.approvals import request_approval as request_approval_for
             from engine.audit import utc_now
@@ -186,17 +224,28 @@ def run(
 ) -> None:
     """Run a runbook: dry-run unless --apply; destructive steps ask first unless --yes."""
     from engine.cli.services import open_services
-    from engine.pipeline import run_runbook
     from engine.runbooks import find_runbook
 
     state = cli_state(ctx)
     settings = state.settings
     found = find_runbook(runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir)
-    request = _request(state, inventory, limit, extra, Mode.APPLY if apply else Mode.DRY_RUN)
-    with open_services(settings, reporter_console=_progress_console(output is Output.TABLE)) as (
-        services
+    overrides = parse_overrides(extra)
+    executor, first_probe = _start_first_probe(settings, found, inventory, limit, overrides)
+    # ansible-playbook runs: the pipeline is imported (and the store opened) meanwhile.
+    from engine.pipeline import run_runbook
+
+    with (
+        first_probe,
+        open_services(
+            settings, reporter_console=_progress_console(output is Output.TABLE), executor=executor
+        ) as services,
     ):
-        report = run_runbook(found, request, services, approve=_approver(yes))
+        request = _request(
+            state, inventory, limit, overrides, Mode.APPLY if apply else Mode.DRY_RUN
+        )
+        report = run_runbook(
+            found, request, services, approve=_approver(yes), first_probe=first_probe
+        )
     _show_report(state, report, output)
 
 

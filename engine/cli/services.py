@@ -1,4 +1,8 @@
-"""Build the pipeline's services once per CLI invocation: executor, state store, audit, progress."""
+"""Build the pipeline's services once per CLI invocation: executor, state store, audit, progress.
+
+Importing this module is cheap: a run starts its first probe (:func:`new_executor`) before
+the state store, the audit log and the pipeline are imported and opened.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
-from engine.pipeline import NullReporter, Reporter, Services
-from engine.state import StateStore, open_state
-
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
+    from engine.executors.ansible import AnsibleExecutor
+    from engine.pipeline import Reporter, Services
     from engine.settings import Settings
+    from engine.state import StateStore
 
 
 def new_run_id() -> str:
@@ -67,9 +70,19 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def new_executor(settings: Settings) -> AnsibleExecutor:
+    """The executor of this invocation's runs (ansible-runner, work files under the state dir)."""
+    from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
+
+    return AnsibleExecutor(AnsibleSettings(work_dir=settings.state_dir / "work"))
+
+
 @contextmanager
 def open_store(settings: Settings) -> Iterator[StateStore]:
     """The state store, closed afterwards."""
+    from engine.audit import utc_now
+    from engine.state import open_state
+
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     store = open_state(settings.db_path, clock=utc_now)
     try:
@@ -79,13 +92,22 @@ def open_store(settings: Settings) -> Iterator[StateStore]:
 
 
 @contextmanager
-def open_services(settings: Settings, *, reporter_console: Console | None) -> Iterator[Services]:
-    """Services for one CLI run; the audit log and its head in the store are kept in step."""
-    from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
+def open_services(
+    settings: Settings,
+    *,
+    reporter_console: Console | None,
+    executor: AnsibleExecutor | None = None,
+) -> Iterator[Services]:
+    """Services for one CLI run; the audit log and its head in the store are kept in step.
+
+    ``executor``: the one that started the run's first probe, if any (else a new one).
+    """
+    from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
+    from engine.pipeline import NullReporter, Services
 
     audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
     configure_audit(audit, clock=utc_now)
-    executor = AnsibleExecutor(AnsibleSettings(work_dir=settings.state_dir / "work"))
+    executor = executor or new_executor(settings)
     with open_store(settings) as store:
         progress = (
             _progress(reporter_console)
