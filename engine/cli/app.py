@@ -1,24 +1,28 @@
 """The Typer app, its shared options and the per-invocation state every command reads.
 
 Every command pays for what the CLI imports up front, so this module and the command modules
-import only Typer, Rich's console and the settings; each command imports the stages it uses
-in its body (``remediate plan`` never loads the lab, the server or the approval code).
+import only Typer and the settings; each command imports the stages it uses in its body
+(``remediate plan`` never loads the lab, the server or the approval code), and Rich when it
+first prints (``remediate plan`` starts its probe before that).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 
 from engine.errors import ParamError
 from engine.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_OK, EXIT_NOT_FIXED, EXIT_INPUT, EXIT_FAULT = 0, 1, 2, 3
 
@@ -54,8 +58,14 @@ class CliState:
     """What the root callback builds once for the commands of one invocation."""
 
     settings: Settings
-    console: Console
     playbooks_explicit: bool
+
+    @functools.cached_property
+    def console(self) -> Console:
+        """The command's output (stdout), made when the command first prints."""
+        from rich.console import Console
+
+        return Console(highlight=False, soft_wrap=False)
 
 
 def cli_state(ctx: typer.Context) -> CliState:
@@ -89,7 +99,6 @@ def _root(
         playbooks_dir=playbooks,
         state_dir=state_dir,
     )
-    state.console = Console(highlight=False, soft_wrap=False)
     state.playbooks_explicit = playbooks is not None or bool(os.environ.get("REMEDIATE_PLAYBOOKS"))
     ctx.obj = state
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
 from engine.cli.app import (
     EXIT_NOT_FIXED,
@@ -28,6 +27,8 @@ from engine.errors import InputError
 from engine.outcomes import Mode
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from engine.executors.ansible import AnsibleExecutor
     from engine.pipeline import RunReport, RunRequest
     from engine.plans import Plan
@@ -50,14 +51,19 @@ PlanFormatOpt = Annotated[
 ]
 
 
-def _approver(yes: bool) -> Callable[[Plan], bool]:
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+def _stderr(*, soft_wrap: bool = True) -> Console:
+    from rich.console import Console
 
+    return Console(stderr=True, highlight=False, soft_wrap=soft_wrap)
+
+
+def _approver(yes: bool) -> Callable[[Plan], bool]:
     def approve(plan: Plan) -> bool:
         if yes:
             return True
         from engine.cli.render import plan_table
 
+        err = _stderr()
         err.print(plan_table(plan))
         if not sys.stdin.isatty():
             err.print("approval needed: destructive steps planned; rerun with --yes to approve")
@@ -68,7 +74,7 @@ def _approver(yes: bool) -> Callable[[Plan], bool]:
 
 
 def _progress_console(show: bool) -> Console | None:
-    return Console(stderr=True, highlight=False) if show else None
+    return _stderr(soft_wrap=False) if show else None
 
 
 def _show_report(state: CliState, report: RunReport, output: Output | PlanFormat) -> None:
@@ -180,6 +186,8 @@ def plan(
             record = request_approval_for(
                 services.store, pending, found, source=f"user:{settings.user}", now=utc_now()
             )
+            from rich.console import Console
+
             Console(stderr=True).print(
                 f"approval {record.approval_id} requested; decide with "
                 f"`remediate approvals approve|deny {record.approval_id}`",
@@ -189,6 +197,8 @@ def plan(
         from engine.planfiles import save_plan
 
         saved = save_plan(report.plan, out, expires_in=expires_in)
+        from rich.console import Console
+
         Console(stderr=True).print(
             f"plan saved to {out} (digest {saved.digest[:12]}, "
             f"expires {saved.expires_at:%Y-%m-%d %H:%M} UTC)",
