@@ -620,14 +620,16 @@ def _write_yaml(path: Path, data: Any) -> None:
 class _Signals:
     """SIGINT/SIGTERM recorded instead of handled while installed (from the main thread only).
 
-    ansible-runner would otherwise install handlers of its own and leave them in place.
+    ansible-runner would otherwise install handlers of its own and leave them in place.  A
+    signal the process ignores (SIGINT in a shell's background job) stays ignored.
     """
 
     def __init__(self) -> None:
         self._received: list[int] = []
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            self._previous = {s: h for s, h in handlers.items() if h is not signal.SIG_IGN}
             for s in self._previous:
                 signal.signal(s, self._handler)
 

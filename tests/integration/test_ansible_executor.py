@@ -411,6 +411,23 @@ def test_signal_stops_a_background_selection_then_reaches_the_caller(tmp_path: P
         assert list(work.iterdir()) == []
 
 
+def test_ignored_signal_stays_ignored_by_a_background_selection(
+    executor: AnsibleExecutor, fleet: Path
+) -> None:
+    """SIGINT ignored by the process (a shell's background job) neither stops nor reaches it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pending = executor.start_select_and_run_script(
+            Selection(inventory=fleet, pattern="fleet"), "echo up", timeout=30
+        )
+        signal.raise_signal(signal.SIGINT)
+        result = pending.result()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert {r.stdout for r in result.results.values()} == {"up\n"}
+
+
 # -- run_playbook ----------------------------------------------------------------------
 
 
