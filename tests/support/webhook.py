@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio.from_thread
 import httpx
+import psutil
 import pytest
 from starlette.types import ASGIApp
 
@@ -330,36 +331,18 @@ class ServerProcess:
         the server's process group: those are found as descendants first, then all killed.
         """
         assert self.proc is not None
-        descendants = _descendants(self.proc.pid)
+        descendants = psutil.Process(self.proc.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid in descendants:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for process in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         self.proc.wait(timeout=30)
 
     def wait(self, timeout: float = 60) -> int:
         """Wait for the exit code."""
         assert self.proc is not None
         return self.proc.wait(timeout=timeout)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children first found, from /proc)."""
-    found: list[int] = []
-    pending = [pid]
-    while pending:
-        parent = pending.pop()
-        try:
-            tasks = list(Path(f"/proc/{parent}/task").iterdir())
-        except FileNotFoundError:
-            continue
-        for task in tasks:
-            with contextlib.suppress(FileNotFoundError):
-                children = [int(c) for c in (task / "children").read_text().split()]
-                found.extend(children)
-                pending.extend(children)
-    return found
 
 
 @pytest.fixture
