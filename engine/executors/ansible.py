@@ -682,7 +682,11 @@ class _PendingSelection:
         self._thread = threading.Thread(
             target=self._work, args=(call,), name="remediate-probe", daemon=True
         )
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._signals.restore(deliver=False)
+            raise
         self._spawned.wait()
 
     def _work(self, call: Callable[[Callable[[], bool]], SelectionResult]) -> None:
