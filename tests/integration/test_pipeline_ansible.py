@@ -240,3 +240,23 @@ def test_saved_plan_applies_as_reviewed_and_refuses_drift(tmp_path: Path) -> Non
     refused = _cli(["apply", str(edited)], state)
     assert refused.returncode == 2
     assert "digest mismatch" in refused.stderr
+
+
+def test_store_that_cannot_open_stops_the_probe_started_ahead(tmp_path: Path) -> None:
+    """A probe started before the store opens is stopped when the store cannot open."""
+    state = tmp_path / "state"
+    (state / "state.db").mkdir(parents=True)  # sqlite cannot open a folder
+    inventory = _local_inventory(tmp_path / "hosts.ini", ["dev1", "dev2"])
+    failed = _cli(["plan", "stale-probe-scratch", "-i", str(inventory)], state)
+    assert failed.returncode == 3, failed.stderr
+    assert "state store" in failed.stderr
+    assert list((state / "work").iterdir()) == []
+    assert not (state / "audit.jsonl").exists() or (state / "audit.jsonl").stat().st_size == 0
+    still_running = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(state) in (proc / "cmdline").read_text(errors="replace"):
+                still_running.append(proc.name)
+        except OSError:
+            continue
+    assert still_running == []
