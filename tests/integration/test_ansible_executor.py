@@ -355,7 +355,7 @@ def _slow_task(tmp_path: Path) -> Iterator[tuple[str, Callable[[], int]]]:
     their own, so a task goes on until it ends (a probe's checks: at their timeouts).
     """
     pid_file = tmp_path / "pid"
-    script = f'echo $$ >"{pid_file}.new"; mv "{pid_file}.new" "{pid_file}"; sleep 120'
+    script = f'echo $$ >"{pid_file}.new"; mv "{pid_file}.new" "{pid_file}"; exec sleep 120'
 
     def task_pid() -> int:
         deadline = time.monotonic() + 60
