@@ -28,9 +28,15 @@ Everything Ansible-specific the engine depends on lives here:
 A device that fails is a result.  ansible-runner or ansible-playbook failing as a tool
 (bad playbook, missing binary, no final stats) raises :class:`ExecutorError`.
 
-SIGINT and SIGTERM stop a running ``ansible-playbook`` (killed with its process group)
-and are delivered again once the call has cleaned up; ansible-runner checks for that every
-``_CANCEL_CHECK`` seconds (its own default is 5 s).
+SIGINT and SIGTERM stop a running ``ansible-playbook`` and are delivered again once the
+call has cleaned up; ansible-runner checks for that every ``_CANCEL_CHECK`` seconds (its
+own default is 5 s).  ansible-runner kills ansible-playbook's process group only, but
+Ansible's workers call ``setsid()``: they, and the task commands they run, would go on
+unseen (ansible-runner #973).  So a cancel first stops ansible-playbook (it starts no more
+tasks) and notes its whole process tree (:class:`_Tree`); once ansible-runner has killed
+the group, the tasks in flight get ``cancel_grace`` seconds to finish (a playbook's step is
+not cut short mid-command if it can end; a probe, read-only, gets none), then whatever is
+left of the tree is killed.  Nothing the call started outlives it.
 
 One adjustment to ansible-runner, kept here (:func:`_close_promptly`): the pty it reads
 ansible-playbook through is closed without ptyprocess' fixed 0.1 s sleep, which every run
@@ -39,6 +45,7 @@ paid after ansible-playbook had already exited.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,6 +56,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -59,6 +67,7 @@ from typing import Any
 import ansible_runner
 import ansible_runner.runner
 import pexpect
+import psutil
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -121,6 +130,8 @@ class AnsibleSettings(BaseModel):
     """Upper bound in seconds of any one task of a playbook (``ANSIBLE_TASK_TIMEOUT``; 0: none)."""
     ansible_bin_dir: Path = Field(default_factory=lambda: Path(sys.executable).parent)
     """Directory holding ``ansible-playbook``; by default the one beside the running Python."""
+    cancel_grace: float = Field(default=10.0, ge=0)
+    """Seconds a cancelled playbook's tasks in flight get to finish before they are killed."""
 
 
 class AnsibleExecutor:
@@ -314,6 +325,7 @@ class AnsibleExecutor:
                     if self._settings.playbook_task_timeout
                     else {}
                 ),
+                cancel_grace=self._settings.cancel_grace,
             )
         finally:
             shutil.rmtree(private, ignore_errors=True)
@@ -358,12 +370,21 @@ class AnsibleExecutor:
         on_event: Callable[[Mapping[str, Any]], bool],
         extra_env: Mapping[str, str],
         cancelled: Callable[[], bool] | None = None,
+        cancel_grace: float = 0.0,
     ) -> None:
         if not inventory.exists():
             raise ExecutorError(f"{what}: inventory {inventory}: no such file or directory")
         # ansible-runner reads env/settings only from the private data dir, not from run().
         (private_data_dir / "env").mkdir(mode=0o700, exist_ok=True)
         _write_yaml(private_data_dir / "env" / "settings", {"pexpect_timeout": _CANCEL_CHECK})
+        tree = _Tree()
+
+        def cancel() -> bool:
+            if signalled() or (cancelled and cancelled()) or (self._cancel and self._cancel()):
+                tree.freeze(getattr(_spawn_hooks, "pid", None))
+                return True
+            return False
+
         try:
             with _cancel_on_signals() as signalled:
                 runner = ansible_runner.run(
@@ -377,14 +398,13 @@ class AnsibleExecutor:
                     envvars=self._env(extra_env),
                     quiet=True,
                     event_handler=on_event,
-                    cancel_callback=lambda: (
-                        signalled()
-                        or bool(cancelled and cancelled())
-                        or bool(self._cancel and self._cancel())
-                    ),
+                    cancel_callback=cancel,
                 )
         except Exception as exc:  # ansible-runner raises bare exceptions of many kinds
             raise ExecutorError(f"{what}: ansible-runner failed: {exc}") from exc
+        finally:
+            _spawn_hooks.pid = None
+            tree.end(grace=cancel_grace)
         if runner.status == "canceled":
             raise ExecutorError(f"{what}: cancelled (a signal, or the engine shutting down)")
         if watcher.stats is None and not watcher.no_hosts:
@@ -661,8 +681,75 @@ def _cancel_on_signals() -> Iterator[Callable[[], bool]]:
     signals.restore(deliver=True)
 
 
-#: Per thread: what to call once ansible-runner has spawned ansible-playbook.
+#: Per thread: what to call once ansible-runner has spawned ansible-playbook (``spawned``),
+#: and the pid of the ansible-playbook it runs (``pid``).
 _spawn_hooks = threading.local()
+
+
+class _Tree:
+    """ansible-playbook's process tree, noted at a cancel so that none of it outlives the call.
+
+    :meth:`freeze` stops ansible-playbook and each descendant before listing its children
+    (a stopped process forks no more), whatever their session.  ansible-runner then kills
+    ansible-playbook's group; the workers, in sessions of their own, are not in it.
+    :meth:`end` lets the noted processes finish the task in flight for up to ``grace``
+    seconds (continued, they run no new task: ansible-playbook is gone), then kills what is
+    left, with any children it has started since.
+    """
+
+    def __init__(self) -> None:
+        self._noted: list[psutil.Process] = []
+
+    def freeze(self, pid: int | None) -> None:
+        """Stop ``pid`` (our child) and its descendants and note them; once per call."""
+        if pid is None or self._noted:
+            return
+        try:
+            root = psutil.Process(pid)
+            if root.ppid() != os.getpid():  # not (or no longer) the child we spawned
+                return
+        except psutil.NoSuchProcess:
+            return
+        self._noted = _stop_all([root])
+
+    def end(self, *, grace: float) -> None:
+        """Let the noted processes finish for up to ``grace`` seconds, then kill the rest."""
+        if not self._noted:
+            return
+        for process in self._noted:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
+        _, alive = psutil.wait_procs(self._noted, timeout=grace)
+        for process in _stop_all(alive):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
+def _stop_all(roots: Sequence[psutil.Process]) -> list[psutil.Process]:
+    """SIGSTOP ``roots`` and all their descendants (each stopped before its children are read)."""
+    stopped: list[psutil.Process] = []
+    pending = list(roots)
+    while pending:
+        process = pending.pop()
+        try:
+            process.suspend()
+            _wait_stopped(process)
+            stopped.append(process)
+            pending.extend(process.children())
+        except psutil.NoSuchProcess:
+            continue
+    return stopped
+
+
+def _wait_stopped(process: psutil.Process, timeout: float = 1.0) -> None:
+    """Wait until ``process`` has stopped (or ended); one in uninterruptible sleep may not."""
+    deadline = time.monotonic() + timeout
+    while process.status() not in _STOPPED and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+_STOPPED = frozenset({psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD})
 
 
 class _PendingSelection:
@@ -759,7 +846,8 @@ def _message(res: Mapping[str, Any]) -> str:
 class _PromptCloseSpawn(pexpect.spawn):  # type: ignore[misc] # pexpect ships no type information
     """``pexpect.spawn`` whose ``close()`` does not sleep 0.1 s before checking the child.
 
-    It also tells a background call (:class:`_PendingSelection`) that ansible-playbook runs.
+    It also tells a background call (:class:`_PendingSelection`) that ansible-playbook runs,
+    and a cancel (:class:`_Tree`) which process it is.
 
     ptyprocess' ``close()`` sleeps ``delayafterclose`` (0.1 s, "to give the kernel time to
     update process status") and then terminates the child if it is still alive.
@@ -771,6 +859,7 @@ class _PromptCloseSpawn(pexpect.spawn):  # type: ignore[misc] # pexpect ships no
     def _spawnpty(self, args: list[str], **kwargs: Any) -> Any:
         pty = super()._spawnpty(args, **kwargs)
         pty.delayafterclose = 0
+        _spawn_hooks.pid = pty.pid  # for a cancel (_Tree), in the thread that runs the call
         spawned = getattr(_spawn_hooks, "spawned", None)
         if spawned is not None:  # a background call waits for this moment (_PendingSelection)
             spawned()

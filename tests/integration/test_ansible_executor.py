@@ -18,6 +18,7 @@ from typing import Any
 
 import ansible_runner.runner
 import pexpect
+import psutil
 import pytest
 import yaml
 
@@ -331,28 +332,30 @@ def test_selection_started_in_the_background_is_the_same_call(
         ).result()
 
 
-def _children_mentioning(text: str) -> list[int]:
-    """Child processes of this one whose command line mentions ``text``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except (FileNotFoundError, ProcessLookupError, IndexError, NotADirectoryError):
-            continue
-        if int(stat[1]) == os.getpid() and stat[0] not in {"Z", "X"} and text in cmdline:
-            found.append(int(proc.name))
-    return found
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes, of any parent or session, whose command line mentions ``text``."""
+    return [
+        process.info["pid"]
+        for process in psutil.process_iter(["pid", "cmdline", "status"])
+        if process.info["status"] != psutil.STATUS_ZOMBIE
+        and text in " ".join(process.info["cmdline"] or ())
+    ]
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie waiting for its parent counts as ended)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @contextmanager
 def _slow_task(tmp_path: Path) -> Iterator[tuple[str, Callable[[], int]]]:
     """A script that records its pid and sleeps; the task is killed afterwards.
 
-    A cancel kills ansible-playbook's process group; Ansible's workers have sessions of
-    their own, so a task goes on until it ends (a probe's checks: at their timeouts).
+    A cancel kills the task with the rest of ansible-playbook's tree; if a test fails
+    before that, the task is killed here.
     """
     pid_file = tmp_path / "pid"
     script = f'echo $$ >"{pid_file}.new"; mv "{pid_file}.new" "{pid_file}"; exec sleep 120'
@@ -383,10 +386,11 @@ def test_cancelled_background_selection_leaves_nothing_running(tmp_path: Path) -
         pending = executor.start_select_and_run_script(
             Selection(inventory=inventory, pattern="all"), script, timeout=300
         )
-        assert _children_mentioning(str(work)) != []  # ansible-playbook runs
-        task_pid()
+        assert _processes_mentioning(str(work)) != []  # ansible-playbook runs
+        task = task_pid()
         pending.cancel()
-        assert _children_mentioning(str(work)) == []
+        assert _processes_mentioning(str(work)) == []  # its workers too (own sessions)
+        assert _gone(task)
         assert list(work.iterdir()) == []
 
 
@@ -402,12 +406,13 @@ def test_signal_stops_a_background_selection_then_reaches_the_caller(tmp_path: P
         pending = executor.start_select_and_run_script(
             Selection(inventory=inventory, pattern="all"), script, timeout=300
         )
-        task_pid()
+        task = task_pid()
         signal.raise_signal(signal.SIGINT)  # recorded, not raised here: the call is stopped
         with pytest.raises(KeyboardInterrupt):
             pending.result()
         assert signal.getsignal(signal.SIGINT) is handler
-        assert _children_mentioning(str(work)) == []
+        assert _processes_mentioning(str(work)) == []
+        assert _gone(task)
         assert list(work.iterdir()) == []
 
 
@@ -560,22 +565,54 @@ def test_missing_ansible_binary_is_an_executor_error(inventory: Path, tmp_path: 
         executor.run_script(inventory, ["dev1"], "true", timeout=5)
 
 
-def test_cancel_stops_a_running_playbook(tmp_path: Path) -> None:
-    """A cancel callback turning true stops ansible-playbook and is an executor error."""
+def test_cancel_stops_a_running_playbook_and_its_task_after_the_grace(tmp_path: Path) -> None:
+    """A cancel stops ansible-playbook; a task still running after the grace is killed."""
     deadline = time.monotonic() + 2
     executor = AnsibleExecutor(
-        AnsibleSettings(work_dir=tmp_path / "work"), cancel=lambda: time.monotonic() > deadline
+        AnsibleSettings(work_dir=tmp_path / "work", cancel_grace=1),
+        cancel=lambda: time.monotonic() > deadline,
     )
     inventory = write_inventory(
         tmp_path / "hosts.yml", {"dev1": {"ansible_connection": "local", **NO_PYTHON}}
     )
-    playbook = write_playbook(tmp_path, [{"name": "slow", "ansible.builtin.raw": "sleep 120"}])
+    with _slow_task(tmp_path) as (script, task_pid):
+        playbook = write_playbook(tmp_path, [{"name": "slow", "ansible.builtin.raw": script}])
+        with pytest.raises(ExecutorError, match="cancelled"):
+            executor.run_playbook(
+                inventory,
+                PlaybookRequest(playbook=playbook, hosts=("dev1",), label="slow"),
+                artifacts_dir=tmp_path / "artifacts",
+            )
+        assert _gone(task_pid())
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+def test_cancel_lets_the_task_in_flight_finish_and_starts_no_other(tmp_path: Path) -> None:
+    """A step's command is not cut short when it ends within the grace; the next never starts."""
+    started = tmp_path / "started"
+    executor = AnsibleExecutor(
+        AnsibleSettings(work_dir=tmp_path / "work", cancel_grace=30), cancel=started.exists
+    )
+    inventory = write_inventory(
+        tmp_path / "hosts.yml", {"dev1": {"ansible_connection": "local", **NO_PYTHON}}
+    )
+    first, second = tmp_path / "first", tmp_path / "second"
+    playbook = write_playbook(
+        tmp_path,
+        [
+            {"name": "one", "ansible.builtin.raw": f"touch {started}; sleep 2; touch {first}"},
+            {"name": "two", "ansible.builtin.raw": f"touch {second}"},
+        ],
+    )
     with pytest.raises(ExecutorError, match="cancelled"):
         executor.run_playbook(
             inventory,
-            PlaybookRequest(playbook=playbook, hosts=("dev1",), label="slow"),
+            PlaybookRequest(playbook=playbook, hosts=("dev1",), label="two-steps"),
             artifacts_dir=tmp_path / "artifacts",
         )
+    assert first.exists()
+    assert not second.exists()
+    assert _processes_mentioning(str(tmp_path)) == []
 
 
 # -- the ansible-runner adjustment -------------------------------------------------------
