@@ -1,17 +1,19 @@
 """The ``remediate`` command line: the edge where input is read and errors become exit codes.
 
 Exit codes: 0 all fixed/healthy (or valid), 1 something not fixed or failed,
-2 invalid input, 3 engine fault.  Commands live in the modules beside this one;
-importing them registers them on :data:`engine.cli.app.app` (cheaply: each command imports
-what it needs when it runs).
+2 invalid input, 3 engine fault; 130 and 143 when stopped by SIGINT or SIGTERM.  Commands
+live in the modules beside this one; importing them registers them on
+:data:`engine.cli.app.app` (cheaply: each command imports what it needs when it runs).
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import TYPE_CHECKING
 
 import typer
@@ -26,8 +28,41 @@ if TYPE_CHECKING:
 __all__ = ["app", "main", "run_cli"]
 
 
+#: Exit codes of a command stopped by SIGINT or SIGTERM (128 + the signal, as shells report).
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the command: it unwinds as Ctrl-C does (a run is recorded interrupted).
+
+    A ``BaseException``, like :class:`KeyboardInterrupt`: not an error of the engine's.
+    """
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    del signum, frame
+    raise Terminated
+
+
 def run_cli(argv: Sequence[str]) -> int:
-    """Run the CLI with ``argv``; return the exit code. Only here are errors caught broadly."""
+    """Run the CLI with ``argv``; return the exit code. Only here are errors caught broadly.
+
+    SIGTERM (``kill``, systemd, a CI job's timeout) is turned into :class:`Terminated` while
+    the command runs, unless the process was started with it ignored; without this, the
+    process would end at once and leave its run recorded as still running.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run_cli(argv)
+    finally:
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_cli(argv: Sequence[str]) -> int:
     try:
         result = app(args=list(argv), prog_name="remediate", standalone_mode=False)
     except RunbookError as exc:
@@ -46,7 +81,10 @@ def run_cli(argv: Sequence[str]) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         _stderr().print("interrupted")
-        return 130
+        return EXIT_SIGINT
+    except Terminated:
+        _stderr().print("terminated")
+        return EXIT_SIGTERM
     except Exception as exc:
         _stderr().print(f"internal error: {type(exc).__name__}: {exc}", markup=False)
         if os.environ.get("REMEDIATE_DEBUG"):

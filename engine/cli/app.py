@@ -28,7 +28,7 @@ EXIT_OK, EXIT_NOT_FIXED, EXIT_INPUT, EXIT_FAULT = 0, 1, 2, 3
 
 EPILOG = (
     "Exit codes: 0 all fixed/healthy (or valid), 1 something not fixed or failed, "
-    "2 invalid input, 3 engine fault."
+    "2 invalid input, 3 engine fault; 130 interrupted (SIGINT), 143 terminated (SIGTERM)."
 )
 
 app = typer.Typer(

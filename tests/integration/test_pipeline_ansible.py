@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.support.cli import REMEDIATE, remediate_env, run_remediate
@@ -159,6 +162,48 @@ def test_two_concurrent_runs_on_one_device_act_once(tmp_path: Path) -> None:
     skipped = next(r["hosts"][0] for r in reports if r["hosts"][0]["outcome"] == "skipped")
     assert "lock" in skipped["reason"]
     assert (tmp_path / "concurrent.log").read_text() == "acted\n"
+
+
+def test_sigterm_mid_apply_records_the_run_interrupted(tmp_path: Path) -> None:
+    """SIGTERM while a step runs: the step ends (within the grace), exit 143, run interrupted."""
+    project = _project(tmp_path)
+    marker = tmp_path / "terminated"
+    inventory = _local_inventory(tmp_path / "one.ini", ["dev1"])
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [*REMEDIATE, *_apply_marker(inventory, marker)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=project,
+        env=remediate_env(state),
+    )
+    deadline = time.monotonic() + 120
+    in_flight = f"{marker}.log"  # the step's shell command names it
+    while not any(in_flight in " ".join(p.cmdline()) for p in _alive()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the step never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out + err
+    assert "terminated" in err
+    runs = json.loads(_cli(["history", "-o", "json"], state).stdout)
+    assert [r["status"] for r in runs] == ["interrupted"]
+    assert marker.exists()  # the command in flight was not cut short; nothing else ran
+    assert _cli(["audit", "verify"], state).returncode == 0
+    assert not [p for p in _alive() if str(tmp_path) in " ".join(p.cmdline())]
+
+
+def _alive() -> list[psutil.Process]:
+    """Every live process whose command line can be read."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE:
+                process.cmdline()
+                found.append(process)
+    return found
 
 
 def test_editing_one_byte_of_the_audit_log_is_detected(tmp_path: Path) -> None:
