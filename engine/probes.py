@@ -142,8 +142,11 @@ def build_probe_script(checks: Sequence[Check], params: Mapping[str, object], no
         "}",
         # The watchdog: every second, kill the running check if it is past its deadline.  If
         # the script itself was killed, it kills the running check, cleans up and leaves.
-        # It holds none of the script's output, so it never delays the end of the task.
+        # It holds none of the script's output, so it never delays the end of the task.  It
+        # ignores SIGHUP: when a cancelled run's ssh goes, the device's sshd hangs up the
+        # script's terminal, and the watchdog must outlive the script to clean up after it.
         "__wd() {",
+        "  trap '' HUP",
         "  while sleep 1; do",
         '    __p=; read -r __p __d <"$__rt/cur" 2>/dev/null',
         '    if ! kill -0 "$1" 2>/dev/null; then',

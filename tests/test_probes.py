@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -206,6 +207,21 @@ def test_killed_probe_leaves_no_check_running(shell: Sequence[str], tmp_path: Pa
     with subprocess.Popen([*shell, "-c", script], stdout=subprocess.DEVNULL, env=env) as probe:
         running = _wait_for(lambda: _pids(f"sleep {tag}") != [])
         probe.kill()
+    assert running
+    assert _wait_for(lambda: _pids(f"sleep {tag}") == [] and not any(tmp_path.iterdir()))
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_hung_up_probe_leaves_no_check_running(shell: Sequence[str], tmp_path: Path) -> None:
+    """A hang-up of the probe's process group (its ssh went): the watchdog stops it, cleans up."""
+    tag = f"{secrets.randbelow(10**6) + 10**6}.25"
+    script = build_probe_script([_check("hang", f"sleep {tag}", timeout=600)], {}, "@@n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    with subprocess.Popen(
+        [*shell, "-c", script], stdout=subprocess.DEVNULL, env=env, process_group=0
+    ) as probe:
+        running = _wait_for(lambda: _pids(f"sleep {tag}") != [])
+        os.killpg(probe.pid, signal.SIGHUP)
     assert running
     assert _wait_for(lambda: _pids(f"sleep {tag}") == [] and not any(tmp_path.iterdir()))
 
