@@ -387,24 +387,27 @@ class AnsibleExecutor:
 
         try:
             with _cancel_on_signals() as signalled:
-                runner = ansible_runner.run(
-                    private_data_dir=str(private_data_dir),
-                    artifact_dir=str(artifact_dir),
-                    ident=ident,
-                    playbook=str(playbook),
-                    inventory=str(inventory.resolve()),
-                    limit=limit,
-                    forks=self._settings.forks,
-                    envvars=self._env(extra_env),
-                    quiet=True,
-                    event_handler=on_event,
-                    cancel_callback=cancel,
-                )
+                try:
+                    runner = ansible_runner.run(
+                        private_data_dir=str(private_data_dir),
+                        artifact_dir=str(artifact_dir),
+                        ident=ident,
+                        playbook=str(playbook),
+                        inventory=str(inventory.resolve()),
+                        limit=limit,
+                        forks=self._settings.forks,
+                        envvars=self._env(extra_env),
+                        quiet=True,
+                        event_handler=on_event,
+                        cancel_callback=cancel,
+                    )
+                finally:
+                    # Before a signal received is delivered (it may end the process): a
+                    # stopped tree left behind would stay stopped for good.
+                    _spawn_hooks.pid = None
+                    tree.end(grace=cancel_grace)
         except Exception as exc:  # ansible-runner raises bare exceptions of many kinds
             raise ExecutorError(f"{what}: ansible-runner failed: {exc}") from exc
-        finally:
-            _spawn_hooks.pid = None
-            tree.end(grace=cancel_grace)
         if runner.status == "canceled":
             raise ExecutorError(f"{what}: cancelled (a signal, or the engine shutting down)")
         if watcher.stats is None and not watcher.no_hosts:

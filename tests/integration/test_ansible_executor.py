@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -584,6 +586,37 @@ def test_cancel_stops_a_running_playbook_and_its_task_after_the_grace(tmp_path: 
                 artifacts_dir=tmp_path / "artifacts",
             )
         assert _gone(task_pid())
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+_DIES_OF_SIGTERM = """
+import sys, time
+from pathlib import Path
+from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
+from engine.executors.base import PlaybookRequest
+tmp = Path(sys.argv[1])
+executor = AnsibleExecutor(AnsibleSettings(work_dir=tmp / "work", cancel_grace=1))
+executor.run_playbook(
+    tmp / "hosts.yml",
+    PlaybookRequest(playbook=Path(sys.argv[2]), hosts=("dev1",), label="slow"),
+    artifacts_dir=tmp / "artifacts",
+)
+"""
+
+
+def test_a_process_ended_by_sigterm_leaves_no_stopped_tree(tmp_path: Path) -> None:
+    """SIGTERM with its default action still ends the process, after the tree is gone."""
+    write_inventory(tmp_path / "hosts.yml", {"dev1": {"ansible_connection": "local", **NO_PYTHON}})
+    with _slow_task(tmp_path) as (script, task_pid):
+        playbook = write_playbook(tmp_path, [{"name": "slow", "ansible.builtin.raw": script}])
+        with subprocess.Popen(
+            [sys.executable, "-c", _DIES_OF_SIGTERM, str(tmp_path), str(playbook)],
+            cwd=Path(__file__).resolve().parents[2],
+        ) as proc:
+            task = task_pid()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == -signal.SIGTERM
+        assert _gone(task)
     assert _processes_mentioning(str(tmp_path)) == []
 
 
