@@ -381,7 +381,11 @@ class AnsibleExecutor:
 
         def cancel() -> bool:
             if signalled() or (cancelled and cancelled()) or (self._cancel and self._cancel()):
-                tree.freeze(getattr(_spawn_hooks, "pid", None))
+                if tree.freeze(getattr(_spawn_hooks, "pid", None)) and signalled() and cancel_grace:
+                    sys.stderr.write(
+                        f"remediate: stopping Ansible; the tasks in flight get up to "
+                        f"{cancel_grace:g} s to end (signal again to kill them now)\n"
+                    )
                 return True
             return False
 
@@ -405,7 +409,7 @@ class AnsibleExecutor:
                     # Before a signal received is delivered (it may end the process): a
                     # stopped tree left behind would stay stopped for good.
                     _spawn_hooks.pid = None
-                    tree.end(grace=cancel_grace)
+                    tree.end(grace=cancel_grace, hurry=signalled.repeated)
         except Exception as exc:  # ansible-runner raises bare exceptions of many kinds
             raise ExecutorError(f"{what}: ansible-runner failed: {exc}") from exc
         if runner.status == "canceled":
@@ -663,6 +667,10 @@ class _Signals:
         """Whether a signal arrived."""
         return bool(self._received)
 
+    def repeated(self) -> bool:
+        """Whether a second signal arrived (the operator insists: stop the tasks now)."""
+        return len(self._received) > 1
+
     def restore(self, *, deliver: bool) -> None:
         """Put the previous handlers back; then deliver the first signal received, if asked."""
         previous, self._previous = self._previous, {}
@@ -673,7 +681,7 @@ class _Signals:
 
 
 @contextmanager
-def _cancel_on_signals() -> Iterator[Callable[[], bool]]:
+def _cancel_on_signals() -> Iterator[_Signals]:
     """Let SIGINT/SIGTERM stop the child cleanly, then deliver them to the old handlers."""
     signals = _Signals()
     try:
@@ -703,26 +711,39 @@ class _Tree:
     def __init__(self) -> None:
         self._noted: list[psutil.Process] = []
 
-    def freeze(self, pid: int | None) -> None:
-        """Stop ``pid`` (our child) and its descendants and note them; once per call."""
+    def freeze(self, pid: int | None) -> bool:
+        """Stop ``pid`` (our child) and its descendants and note them; whether it did, now.
+
+        Only the first call does anything (a cancel is checked again until the call ends).
+        """
         if pid is None or self._noted:
-            return
+            return False
         try:
             root = psutil.Process(pid)
             if root.ppid() != os.getpid():  # not (or no longer) the child we spawned
-                return
+                return False
         except psutil.NoSuchProcess:
-            return
+            return False
         self._noted = _stop_all([root])
+        return bool(self._noted)
 
-    def end(self, *, grace: float) -> None:
-        """Let the noted processes finish for up to ``grace`` seconds, then kill the rest."""
+    def end(self, *, grace: float, hurry: Callable[[], bool] = lambda: False) -> None:
+        """Let the noted processes finish for up to ``grace`` seconds, then kill the rest.
+
+        ``hurry`` turning true (a second signal) ends the grace at once.
+        """
         if not self._noted:
             return
         for process in self._noted:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.resume()
-        _, alive = psutil.wait_procs(self._noted, timeout=grace)
+        deadline = time.monotonic() + grace
+        alive = self._noted
+        while alive and not hurry():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _, alive = psutil.wait_procs(alive, timeout=min(left, _CANCEL_CHECK))
         for process in _stop_all(alive):
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
