@@ -90,6 +90,8 @@ def _run_cli(argv: Sequence[str]) -> int:
         if os.environ.get("REMEDIATE_DEBUG"):
             raise
         return EXIT_FAULT
+    if result == EXIT_SIGINT:  # Typer turns KeyboardInterrupt into this exit code, silently
+        _stderr().print("interrupted")
     return result if isinstance(result, int) else EXIT_OK
 
 

@@ -164,9 +164,19 @@ def test_two_concurrent_runs_on_one_device_act_once(tmp_path: Path) -> None:
     assert (tmp_path / "concurrent.log").read_text() == "acted\n"
 
 
-@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
-def test_sigterm_mid_apply_records_the_run_interrupted(tmp_path: Path, signals: int) -> None:
-    """SIGTERM mid-step: exit 143, interrupted; the step ends in the grace, unless sent twice."""
+@pytest.mark.parametrize(
+    ("signum", "signals", "code", "word"),
+    [
+        (signal.SIGTERM, 1, 143, "terminated"),
+        (signal.SIGTERM, 2, 143, "terminated"),
+        (signal.SIGINT, 1, 130, "interrupted"),
+    ],
+    ids=["sigterm", "sigterm-twice", "sigint"],
+)
+def test_signal_mid_apply_records_the_run_interrupted(
+    tmp_path: Path, signum: signal.Signals, signals: int, code: int, word: str
+) -> None:
+    """Signalled mid-step: run interrupted; the step ends in the grace, unless signalled twice."""
     project = _project(tmp_path)
     marker = tmp_path / "terminated"
     inventory = _local_inventory(tmp_path / "one.ini", ["dev1"])
@@ -185,7 +195,7 @@ def test_sigterm_mid_apply_records_the_run_interrupted(tmp_path: Path, signals: 
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the step never started"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     assert proc.stderr is not None
     said = ""
     while "signal again" not in said:  # the first signal is handled: Ansible is stopped
@@ -193,10 +203,10 @@ def test_sigterm_mid_apply_records_the_run_interrupted(tmp_path: Path, signals: 
         assert line, "no word of stopping"
         said += line
     if signals == 2:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out + said + err
-    assert (said + err).rstrip().endswith("terminated")
+    assert proc.returncode == code, out + said + err
+    assert (said + err).rstrip().endswith(word)
     runs = json.loads(_cli(["history", "-o", "json"], state).stdout)
     assert [r["status"] for r in runs] == ["interrupted"]
     # Once: the command in flight was not cut short.  Twice: it was killed before its end.
