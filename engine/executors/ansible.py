@@ -722,7 +722,7 @@ class _Tree:
             root = psutil.Process(pid)
             if root.ppid() != os.getpid():  # not (or no longer) the child we spawned
                 return False
-        except psutil.NoSuchProcess:
+        except psutil.Error:  # gone, or not ours to signal
             return False
         self._noted = _stop_all([root])
         return bool(self._noted)
@@ -735,7 +735,7 @@ class _Tree:
         if not self._noted:
             return
         for process in self._noted:
-            with contextlib.suppress(psutil.NoSuchProcess):
+            with contextlib.suppress(psutil.Error):
                 process.resume()
         deadline = time.monotonic() + grace
         alive = self._noted
@@ -745,7 +745,7 @@ class _Tree:
                 break
             _, alive = psutil.wait_procs(alive, timeout=min(left, _CANCEL_CHECK))
         for process in _stop_all(alive):
-            with contextlib.suppress(psutil.NoSuchProcess):
+            with contextlib.suppress(psutil.Error):
                 process.kill()
         psutil.wait_procs(alive, timeout=5)
 
@@ -761,7 +761,7 @@ def _stop_all(roots: Sequence[psutil.Process]) -> list[psutil.Process]:
             _wait_stopped(process)
             stopped.append(process)
             pending.extend(process.children())
-        except psutil.NoSuchProcess:
+        except psutil.Error:  # gone, or not ours to signal
             continue
     return stopped
 
