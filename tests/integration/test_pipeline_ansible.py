@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -181,17 +180,35 @@ def test_signal_mid_apply_records_the_run_interrupted(
     marker = tmp_path / "terminated"
     inventory = _local_inventory(tmp_path / "one.ini", ["dev1"])
     state = tmp_path / "state"
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [*REMEDIATE, *_apply_marker(inventory, marker)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=project,
         env=remediate_env(state),
-    )
+    ) as proc:
+        try:
+            out, err = _signal_mid_step(proc, f"{marker}.log", signum, signals)
+        finally:
+            if proc.poll() is None:  # a failed assertion: nothing outlives the test
+                proc.kill()
+    assert proc.returncode == code, out + err
+    assert err.rstrip().endswith(word)
+    runs = json.loads(_cli(["history", "-o", "json"], state).stdout)
+    assert [r["status"] for r in runs] == ["interrupted"]
+    # Once: the command in flight was not cut short.  Twice: it was killed before its end.
+    assert marker.exists() is (signals == 1)
+    assert _cli(["audit", "verify"], state).returncode == 0
+    assert not [line for line in _command_lines() if str(tmp_path) in line]
+
+
+def _signal_mid_step(
+    proc: subprocess.Popen[str], in_flight: str, signum: signal.Signals, signals: int
+) -> tuple[str, str]:
+    """Once a process runs ``in_flight``, signal ``proc`` (again once it said it stops Ansible)."""
     deadline = time.monotonic() + 120
-    in_flight = f"{marker}.log"  # the step's shell command names it
-    while not any(in_flight in " ".join(p.cmdline()) for p in _alive()):
+    while not any(in_flight in line for line in _command_lines()):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the step never started"
         time.sleep(0.05)
@@ -200,30 +217,21 @@ def test_signal_mid_apply_records_the_run_interrupted(
     said = ""
     while "signal again" not in said:  # the first signal is handled: Ansible is stopped
         line = proc.stderr.readline()
-        assert line, "no word of stopping"
+        assert line, f"no word of stopping: {said}"
         said += line
     if signals == 2:
         proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == code, out + said + err
-    assert (said + err).rstrip().endswith(word)
-    runs = json.loads(_cli(["history", "-o", "json"], state).stdout)
-    assert [r["status"] for r in runs] == ["interrupted"]
-    # Once: the command in flight was not cut short.  Twice: it was killed before its end.
-    assert marker.exists() is (signals == 1)
-    assert _cli(["audit", "verify"], state).returncode == 0
-    assert not [p for p in _alive() if str(tmp_path) in " ".join(p.cmdline())]
+    return out, said + err
 
 
-def _alive() -> list[psutil.Process]:
-    """Every live process whose command line can be read."""
-    found = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if process.status() != psutil.STATUS_ZOMBIE:
-                process.cmdline()
-                found.append(process)
-    return found
+def _command_lines() -> list[str]:
+    """The command lines of live processes (one that ends meanwhile is skipped)."""
+    return [
+        " ".join(process.info["cmdline"])
+        for process in psutil.process_iter(["cmdline", "status"])
+        if process.info["status"] != psutil.STATUS_ZOMBIE and process.info["cmdline"]
+    ]
 
 
 def test_editing_one_byte_of_the_audit_log_is_detected(tmp_path: Path) -> None:
