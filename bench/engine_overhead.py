@@ -45,7 +45,8 @@ from pathlib import Path
 
 import yaml
 
-from engine.probes import build_probe_script
+from engine.executors.ansible import write_probe_playbook
+from engine.probes import build_probe_script, probe_timeout
 from engine.runbooks import Runbook, load_runbook
 
 TARGET = 1.15
@@ -93,27 +94,13 @@ def write_hand_play(path: Path, runbook: Runbook, kind: str) -> None:
         ]
     elif kind == "engine-script":  # as the engine writes it: never templated, no arg splitting
         script = build_probe_script(checks, runbook.param_values(), "@@remediate-bench")
-        tasks = [{"name": "probe", "ansible.builtin.raw": {"_raw_params": _Unsafe(script)}}]
+        write_probe_playbook(path, script, timeout=probe_timeout(checks))
+        return
     else:
         script = "\n".join(["set +e", *params, *(c.command for c in checks)])
         tasks = [{"name": "probe", "ansible.builtin.raw": script}]
     play = [{"name": "hand-written probe", "hosts": "all", "gather_facts": False, "tasks": tasks}]
-    path.write_text(yaml.dump(play, Dumper=_Dumper, sort_keys=False, width=1000), encoding="utf-8")
-
-
-class _Unsafe(str):
-    """Text Ansible must pass verbatim (the engine's script holds ``{#`` in ``${#var}``)."""
-
-    __slots__ = ()
-
-
-class _Dumper(yaml.SafeDumper):
-    """Dumps :class:`_Unsafe` as ``!unsafe``."""
-
-
-_Dumper.add_representer(
-    _Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value), style='"')
-)
+    path.write_text(yaml.safe_dump(play, sort_keys=False, width=1000), encoding="utf-8")
 
 
 def precompile_engine() -> bool:

@@ -49,7 +49,8 @@ from pathlib import Path
 
 import yaml
 
-from engine.probes import build_probe_script
+from engine.executors.ansible import write_probe_playbook
+from engine.probes import build_probe_script, probe_timeout
 from engine.runbooks import Runbook, load_runbook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,28 +205,12 @@ def run_once(argv: Sequence[str], out: Path, interval: float, *, engine: bool = 
 def write_baseline_play(path: Path, runbook: Runbook) -> None:
     """A plain play running the engine's own probe script in one raw task per host.
 
-    Written as the engine writes it: ``!unsafe`` (the script holds ``{#`` in ``${#var}``,
-    which Ansible would read as a template comment) in the dict form of ``raw``.
+    Written as the engine writes it (:func:`engine.executors.ansible.write_probe_playbook`):
+    the script holds ``{#`` in ``${#var}``, which Ansible would otherwise read as a template.
     """
-    script = build_probe_script(runbook.spec.checks, runbook.param_values(), "@@remediate-bench")
-    tasks = [{"name": "probe", "ansible.builtin.raw": {"_raw_params": _Unsafe(script)}}]
-    play = [{"name": "baseline probe", "hosts": "all", "gather_facts": False, "tasks": tasks}]
-    path.write_text(yaml.dump(play, Dumper=_Dumper, sort_keys=False, width=1000), encoding="utf-8")
-
-
-class _Unsafe(str):
-    """Text Ansible must pass verbatim."""
-
-    __slots__ = ()
-
-
-class _Dumper(yaml.SafeDumper):
-    """Dumps :class:`_Unsafe` as ``!unsafe``."""
-
-
-_Dumper.add_representer(
-    _Unsafe, lambda dumper, value: dumper.represent_scalar("!unsafe", str(value), style='"')
-)
+    checks = runbook.spec.checks
+    script = build_probe_script(checks, runbook.param_values(), "@@remediate-bench")
+    write_probe_playbook(path, script, timeout=probe_timeout(checks))
 
 
 @dataclass(frozen=True)

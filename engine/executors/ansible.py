@@ -532,6 +532,15 @@ def _playbook_result(
     return PlaybookResult(host=host, status=status, tasks=tasks, message=message)
 
 
+def write_probe_playbook(path: Path, script: str, *, timeout: float) -> None:
+    """Write the play the engine probes with, for all of an inventory's hosts, to ``path``.
+
+    For benchmarks that run the engine's probe in a plain ``ansible-playbook``: the script
+    is written as the engine writes it (``!unsafe``, dict form of ``raw``, task timeout).
+    """
+    _write_yaml(path, [_probe_play(script, timeout, "all")])
+
+
 def _probe_play(script: str, timeout: float, hosts: str | list[Any]) -> dict[str, Any]:
     return {
         "name": "remediate probe",
