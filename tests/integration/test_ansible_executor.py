@@ -20,7 +20,6 @@ from typing import Any
 
 import ansible_runner.runner
 import pexpect
-import psutil
 import pytest
 import yaml
 
@@ -28,6 +27,7 @@ from engine.errors import ExecutorError, InventoryError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import HostStatus, PlaybookRequest, Selection
 from engine.targets import select_hosts
+from tests.support.processes import gone, processes_mentioning
 from tests.support.sshd import SshServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -334,24 +334,6 @@ def test_selection_started_in_the_background_is_the_same_call(
         ).result()
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Live processes, of any parent or session, whose command line mentions ``text``."""
-    return [
-        process.info["pid"]
-        for process in psutil.process_iter(["pid", "cmdline", "status"])
-        if process.info["status"] != psutil.STATUS_ZOMBIE
-        and text in " ".join(process.info["cmdline"] or ())
-    ]
-
-
-def _gone(pid: int) -> bool:
-    """Whether ``pid`` has ended (a zombie waiting for its parent counts as ended)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 @contextmanager
 def _slow_task(tmp_path: Path) -> Iterator[tuple[str, Callable[[], int]]]:
     """A script that records its pid and sleeps; the task is killed afterwards.
@@ -388,11 +370,11 @@ def test_cancelled_background_selection_leaves_nothing_running(tmp_path: Path) -
         pending = executor.start_select_and_run_script(
             Selection(inventory=inventory, pattern="all"), script, timeout=300
         )
-        assert _processes_mentioning(str(work)) != []  # ansible-playbook runs
+        assert processes_mentioning(str(work)) != []  # ansible-playbook runs
         task = task_pid()
         pending.cancel()
-        assert _processes_mentioning(str(work)) == []  # its workers too (own sessions)
-        assert _gone(task)
+        assert processes_mentioning(str(work)) == []  # its workers too (own sessions)
+        assert gone(task)
         assert list(work.iterdir()) == []
 
 
@@ -413,8 +395,8 @@ def test_signal_stops_a_background_selection_then_reaches_the_caller(tmp_path: P
         with pytest.raises(KeyboardInterrupt):
             pending.result()
         assert signal.getsignal(signal.SIGINT) is handler
-        assert _processes_mentioning(str(work)) == []
-        assert _gone(task)
+        assert processes_mentioning(str(work)) == []
+        assert gone(task)
         assert list(work.iterdir()) == []
 
 
@@ -585,8 +567,8 @@ def test_cancel_stops_a_running_playbook_and_its_task_after_the_grace(tmp_path: 
                 PlaybookRequest(playbook=playbook, hosts=("dev1",), label="slow"),
                 artifacts_dir=tmp_path / "artifacts",
             )
-        assert _gone(task_pid())
-    assert _processes_mentioning(str(tmp_path)) == []
+        assert gone(task_pid())
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 _DIES_OF_SIGTERM = """
@@ -616,8 +598,8 @@ def test_a_process_ended_by_sigterm_leaves_no_stopped_tree(tmp_path: Path) -> No
             task = task_pid()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=60) == -signal.SIGTERM
-        assert _gone(task)
-    assert _processes_mentioning(str(tmp_path)) == []
+        assert gone(task)
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_cancel_lets_the_task_in_flight_finish_and_starts_no_other(tmp_path: Path) -> None:
@@ -645,7 +627,7 @@ def test_cancel_lets_the_task_in_flight_finish_and_starts_no_other(tmp_path: Pat
         )
     assert first.exists()
     assert not second.exists()
-    assert _processes_mentioning(str(tmp_path)) == []
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 # -- the ansible-runner adjustment -------------------------------------------------------

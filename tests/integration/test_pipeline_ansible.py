@@ -9,10 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.support.cli import REMEDIATE, remediate_env, run_remediate
+from tests.support.processes import processes_mentioning
 from tests.support.sshd import SshServer
 
 pytestmark = pytest.mark.integration
@@ -200,7 +200,7 @@ def test_signal_mid_apply_records_the_run_interrupted(
     # Once: the command in flight was not cut short.  Twice: it was killed before its end.
     assert marker.exists() is (signals == 1)
     assert _cli(["audit", "verify"], state).returncode == 0
-    assert not [line for line in _command_lines() if str(tmp_path) in line]
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def _signal_mid_step(
@@ -208,7 +208,7 @@ def _signal_mid_step(
 ) -> tuple[str, str]:
     """Once a process runs ``in_flight``, signal ``proc`` (again once it said it stops Ansible)."""
     deadline = time.monotonic() + 120
-    while not any(in_flight in line for line in _command_lines()):
+    while not processes_mentioning(in_flight):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the step never started"
         time.sleep(0.05)
@@ -223,15 +223,6 @@ def _signal_mid_step(
         proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     return out, said + err
-
-
-def _command_lines() -> list[str]:
-    """The command lines of live processes (one that ends meanwhile is skipped)."""
-    return [
-        " ".join(process.info["cmdline"])
-        for process in psutil.process_iter(["cmdline", "status"])
-        if process.info["status"] != psutil.STATUS_ZOMBIE and process.info["cmdline"]
-    ]
 
 
 def test_editing_one_byte_of_the_audit_log_is_detected(tmp_path: Path) -> None:
