@@ -79,9 +79,6 @@ def _run_cli(argv: Sequence[str]) -> int:
     except typer.TyperException as exc:  # usage errors (bad option, missing argument, help)
         _show(exc)
         return exc.exit_code
-    except KeyboardInterrupt:
-        _stderr().print("interrupted")
-        return EXIT_SIGINT
     except Terminated:
         _stderr().print("terminated")
         return EXIT_SIGTERM
