@@ -208,12 +208,7 @@ class AnsibleExecutor:
         self._settings.work_dir.mkdir(parents=True, exist_ok=True)
         private = Path(tempfile.mkdtemp(prefix="select-", dir=self._settings.work_dir))
         answer = private / "targets.json"
-        request = {
-            "inventory": str(inventory.resolve()),
-            "pattern": selection.pattern,
-            "limit": limit,
-            "out": str(answer),
-        }
+        request = {"pattern": selection.pattern, "out": str(answer)}
         plugins = os.pathsep.join(
             p for p in (str(_CALLBACKS_DIR), os.environ.get("ANSIBLE_CALLBACK_PLUGINS")) if p
         )

@@ -5,12 +5,14 @@ configuration and plugin state stay out of the engine), in two ways:
 
 * as the ``remediate_targets`` callback plugin of the probe's ``ansible-playbook``: when the
   play starts, it writes the selection to the JSON file named by ``$REMEDIATE_TARGETS`` (see
-  :func:`_request`), so the run that probes the hosts is also the one that resolves them;
+  :func:`_request`), answered from that run's own inventory (read once, ``--limit``
+  applied): the run that probes the hosts is also the one that resolves them, and a
+  dynamic inventory cannot answer the selection and the play differently;
 * as a script, ``python remediate_targets.py INVENTORY PATTERN [LIMIT]``, printing the
   selection as JSON on stdout, or Ansible's error on stderr with exit code 3
   (:func:`engine.targets.select_hosts`).
 
-Both answer with :func:`select_hosts`, which uses what ``ansible-inventory --list`` uses
+Both answer with :func:`selected`, over what ``ansible-inventory --list`` uses
 (``InventoryManager`` and ``VariableManager``): every inventory format, ``group_vars`` and
 ``host_vars``, every pattern and limit form (``@file`` included).  Ansible's *implicit*
 ``localhost`` is never selected, and host vars are the merged, untemplated values.
@@ -43,19 +45,27 @@ def select_hosts(inventory: str, pattern: str, limit: str | None) -> list[list[A
     loader = DataLoader()
     hosts = InventoryManager(loader=loader, sources=[inventory])
     hosts.subset(limit)
-    variables = VariableManager(loader=loader, inventory=hosts)
+    return selected(hosts, VariableManager(loader=loader, inventory=hosts), pattern)
+
+
+def selected(hosts: InventoryManager, variables: VariableManager, pattern: str) -> list[list[Any]]:
+    """``[[name, vars], ...]`` of the hosts ``pattern`` selects in ``hosts`` (its limit applied).
+
+    A running play's restriction to its current batch is ignored: the answer is the whole
+    selection, whatever part of it the play is working on.
+    """
     # Ansible's own variables, not the inventory's: static ones, and the command line's
     # (ansible_check_mode & co., which only ansible-playbook sets).
     internal = C.INTERNAL_STATIC_VARS | set(load_options_vars(None))
-    selected = []
-    for host in hosts.get_hosts(pattern):
+    answer = []
+    for host in hosts.get_hosts(pattern, ignore_restrictions=True):
         if host.implicit:
             continue
         host_vars = variables.get_vars(host=host, include_hostvars=False, stage="all")
         for name in internal:
             host_vars.pop(name, None)
-        selected.append([host.name, dict(host_vars)])
-    return selected
+        answer.append([host.name, dict(host_vars)])
+    return answer
 
 
 def _plain(value: object) -> str:
@@ -69,7 +79,7 @@ def _dump(data: object) -> str:
 
 
 def _request() -> dict[str, Any] | None:
-    """``{"inventory", "pattern", "limit", "out"}`` from the environment, or None when unset."""
+    """``{"pattern", "out"}`` from the environment, or None when unset."""
     text = os.environ.get(REQUEST_ENV)
     if not text:
         return None
@@ -89,15 +99,15 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # Ansible ships no typ
         super().__init__()
         self._request = _request()
 
-    def v2_playbook_on_play_start(self, play: object) -> None:  # noqa: ARG002 - Ansible's API
-        """Resolve the request's pattern and limit with this run's Ansible configuration."""
+    def v2_playbook_on_play_start(self, play: Any) -> None:
+        """Resolve the request's pattern in this run's inventory, as its ``--limit`` narrowed it."""
         request, self._request = self._request, None  # the probe playbook has one play
         if request is None:
             return
+        variables = play.get_variable_manager()
+        hosts = variables._inventory  # the run's inventory: VariableManager has no accessor
         try:
-            answer: dict[str, Any] = {
-                "hosts": select_hosts(request["inventory"], request["pattern"], request["limit"])
-            }
+            answer: dict[str, Any] = {"hosts": selected(hosts, variables, request["pattern"])}
         except AnsibleError as exc:
             answer = {"error": str(exc.message or exc)}
         descriptor = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
