@@ -14,6 +14,10 @@ Ansible start-up, on the same generated inventory of local-connection hosts with
 * hand, the engine's probe script (for reference): the engine's generated script (framing
   included) in a hand-written play, which separates the cost of the framing from the cost
   of the rest of the engine (start-up, target resolution, ansible-runner, plan, audit).
+* floor (for reference): a Python program that does nothing but hand the one-task play to
+  ``ansible_runner.run`` (with the engine's one adjustment to it, no 0.1 s sleep when the
+  pty closes).  Any engine that runs Ansible through ansible-runner, as this one must,
+  pays at least this much: it shows how much of the overhead is the engine's own.
 
 ``ansible-playbook`` gets ``--forks`` equal to the engine's (50), not Ansible's default 5.
 The rounds rotate the four, after a warm-up round; medians are compared.  A breakdown
@@ -179,6 +183,34 @@ sys.stderr.write("\\n" + json.dumps(marks) + "\\n")
 sys.exit(code)
 """
 
+#: ``python -c _FLOOR_CHILD PLAYBOOK INVENTORY FORKS``: the play through ansible-runner and
+#: nothing else.  The engine's adjustment (engine.executors.ansible._PromptCloseSpawn) is
+#: repeated here rather than imported, so the floor does not pay the engine's imports.
+_FLOOR_CHILD = """
+import os, shutil, sys, tempfile
+import ansible_runner, ansible_runner.runner, pexpect
+
+class Spawn(pexpect.spawn):
+    def _spawnpty(self, args, **kwargs):
+        pty = super()._spawnpty(args, **kwargs)
+        pty.delayafterclose = 0
+        return pty
+
+ansible_runner.runner.pexpect = type(sys)("pexpect")
+ansible_runner.runner.pexpect.__dict__.update(vars(pexpect), spawn=Spawn)
+playbook, inventory, forks = sys.argv[1:]
+private = tempfile.mkdtemp(prefix="bench-floor-")
+try:
+    runner = ansible_runner.run(
+        private_data_dir=private, playbook=playbook, inventory=inventory, forks=int(forks),
+        envvars={"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
+        quiet=True, event_handler=lambda event: False,
+    )
+finally:
+    shutil.rmtree(private)
+sys.exit(runner.rc)
+"""
+
 #: The phases one after the other (their sum is the run), then what ran meanwhile.
 PHASES = (
     ("interpreter start-up + import engine.cli", "started", "imported"),
@@ -228,6 +260,7 @@ HAND = "hand: one raw task"
 HAND_PER_CHECK = "hand: one raw task per check"
 HAND_FRAMED = "hand: engine's probe script"
 HAND_KINDS = {HAND: "one-task", HAND_PER_CHECK: "per-check", HAND_FRAMED: "engine-script"}
+FLOOR = "floor: ansible-runner alone"
 
 
 @dataclass
@@ -263,6 +296,10 @@ def commands_for(
             str(forks),
             str(play),
         ]
+    commands[FLOOR] = [
+        sys.executable,
+        *("-c", _FLOOR_CHILD, str(root / "hand-one-task.yml"), str(inventory), str(forks)),
+    ]
     return commands
 
 
@@ -311,6 +348,11 @@ def report(measured: Measured, parts: Mapping[str, float]) -> None:
         f"(target ≤ {TARGET}): {verdict}; engine adds {engine - hand:.2f} s"
     )
     print("for reference:")
+    floor = medians[FLOOR] / hand
+    print(
+        f"  floor / hand (ansible-runner running the hand play, no engine): {floor:.2f}; "
+        f"engine / floor: {engine / medians[FLOOR]:.2f}"
+    )
     print(f"  CPU engine / hand (one raw task):          {cpu[ENGINE] / cpu[HAND]:.2f}")
     print(f"  engine / hand one raw task per check:      {engine / medians[HAND_PER_CHECK]:.2f}")
     print(f"  engine / hand with the engine's script:    {engine / medians[HAND_FRAMED]:.2f}")
