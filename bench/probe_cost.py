@@ -12,6 +12,12 @@ the ratio without that device-side work.  With the local connection the 20 "devi
 this machine's CPUs with Ansible, so device-side work that a real fleet does in parallel on
 its own hardware shows up here as controller time.
 
+The probe script keeps each check's output in files under ``$TMPDIR`` (else ``/tmp``),
+which on balenaOS is a tmpfs.  The simulated devices get the same: ``TMPDIR`` is a fresh
+folder on a tmpfs (``--device-tmp``, by default under ``/dev/shm``) for the probe runs, so
+the figure does not charge them this machine's disk (on an ext4 ``/tmp`` creating and
+removing the check files costs about as much as the checks themselves).
+
 Target: probing with 12 checks costs at most 1.2x probing with 1 check.
 """
 
@@ -99,6 +105,16 @@ def write_runbook(folder: Path, checks: int) -> Path:
     return path
 
 
+def on_tmpfs(folder: Path) -> bool:
+    """Whether ``folder`` is on a tmpfs (its mount is the longest mount point above it)."""
+    try:
+        mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    above = [m for m in mounts if folder.resolve().is_relative_to(m[1])]
+    return bool(above) and max(above, key=lambda m: len(m[1]))[2] == "tmpfs"
+
+
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process and of every child it has reaped."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -158,6 +174,9 @@ def report(
         f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f} on {cpus} CPUs"
     )
     print(
+        f"  simulated devices' TMPDIR (probe scratch): {args.device_tmp} ({args.device_tmp_kind})"
+    )
+    print(
         f"{'checks':>6}  {'median s':>9}  {'min s':>7}  {'max s':>7}  {'ms/host':>8}  "
         f"{'CPU s':>6}  {'script ms':>9}  {'bare ms':>7}  {'bad probes':>10}"
     )
@@ -203,10 +222,23 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7, help="measured rounds per size [7]")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first [1]")
     parser.add_argument("--forks", type=int, default=50, help="Ansible forks [50, the engine's]")
+    parser.add_argument(
+        "--device-tmp",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="where the simulated devices' TMPDIR is made [/dev/shm, a tmpfs like balenaOS's "
+        "/tmp]; pass /tmp to charge them this machine's /tmp",
+    )
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp,
+        tempfile.TemporaryDirectory(prefix="bench-probe-device-", dir=args.device_tmp) as scratch,
+    ):
+        args.device_tmp_kind = "tmpfs" if on_tmpfs(Path(scratch)) else "not a tmpfs"
+        args.device_tmp = scratch
+        os.environ["TMPDIR"] = scratch  # the devices' (and sh's below); ansible-runner passes it
         root = Path(tmp)
         inventory = root / "inventory.yml"
         hosts = write_inventory(inventory, args.hosts)
