@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from fleet import add_device_tmp_option, device_tmp, write_inventory
 
 from engine.executors.ansible import write_probe_playbook
 from engine.probes import build_probe_script, probe_timeout
@@ -64,18 +65,6 @@ ANSIBLE_ENV = {
     "ANSIBLE_PIPELINING": "True",
     "ANSIBLE_SSH_USETTY": "False",
 }
-
-
-def write_inventory(path: Path, hosts: int) -> list[str]:
-    """A YAML inventory of ``hosts`` local-connection hosts without Python; their names."""
-    names = [f"dev{i:04d}" for i in range(hosts)]
-    host_vars = {
-        "ansible_connection": "local",
-        "ansible_python_interpreter": "/nonexistent/python3",
-    }
-    inventory = {"all": {"children": {"fleet": {"hosts": dict.fromkeys(names, host_vars)}}}}
-    path.write_text(yaml.safe_dump(inventory, sort_keys=False), encoding="utf-8")
-    return names
 
 
 def param_lines(params: Mapping[str, object]) -> list[str]:
@@ -375,6 +364,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7, help="measured rounds [7]")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first [1]")
     parser.add_argument("--forks", type=int, default=50, help="ansible-playbook forks [50]")
+    add_device_tmp_option(parser)
     parser.add_argument(
         "--no-breakdown", action="store_true", help="skip timing the engine's phases"
     )
@@ -389,8 +379,11 @@ def main() -> int:
     runbook_path = args.runbook.resolve()
     runbook = load_runbook(runbook_path)
     load_before = os.getloadavg()[0]
-    env = {**os.environ, **ANSIBLE_ENV, "REMEDIATE_USER": "bench"}
-    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp,
+        device_tmp(args.device_tmp) as devices,
+    ):
+        env = {**os.environ, **ANSIBLE_ENV, "REMEDIATE_USER": "bench"}
         root = Path(tmp)
         inventory = root / "inventory.yml"
         write_inventory(inventory, args.hosts)
@@ -408,6 +401,7 @@ def main() -> int:
         f"(+{args.warmup} warm-up); load average {load_before:.1f} → {load_after:.1f} "
         f"on {os.cpu_count()} CPUs"
     )
+    print(f"  {devices}")
     if precompiled:
         print(
             "  engine bytecode written first (compileall), as a wheel install does; "

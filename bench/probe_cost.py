@@ -12,11 +12,8 @@ the ratio without that device-side work.  With the local connection the 20 "devi
 this machine's CPUs with Ansible, so device-side work that a real fleet does in parallel on
 its own hardware shows up here as controller time.
 
-The probe script keeps each check's output in files under ``$TMPDIR`` (else ``/tmp``),
-which on balenaOS is a tmpfs.  The simulated devices get the same: ``TMPDIR`` is a fresh
-folder on a tmpfs (``--device-tmp``, by default under ``/dev/shm``) for the probe runs, so
-the figure does not charge them this machine's disk (on an ext4 ``/tmp`` creating and
-removing the check files costs about as much as the checks themselves).
+The devices keep their probe scratch on a tmpfs, as balenaOS does (``--device-tmp``; see
+``fleet.py``).
 
 Target: probing with 12 checks costs at most 1.2x probing with 1 check.
 """
@@ -34,6 +31,7 @@ import time
 from pathlib import Path
 
 import yaml
+from fleet import add_device_tmp_option, device_tmp, write_inventory
 
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.probes import ProbeStatus, build_probe_script, run_probes
@@ -67,18 +65,6 @@ PLAYBOOK = """\
 """
 
 
-def write_inventory(path: Path, hosts: int) -> list[str]:
-    """A YAML inventory of ``hosts`` local-connection hosts without Python; their names."""
-    names = [f"dev{i:04d}" for i in range(hosts)]
-    host_vars = {
-        "ansible_connection": "local",
-        "ansible_python_interpreter": "/nonexistent/python3",
-    }
-    inventory = {"all": {"children": {"fleet": {"hosts": dict.fromkeys(names, host_vars)}}}}
-    path.write_text(yaml.safe_dump(inventory, sort_keys=False), encoding="utf-8")
-    return names
-
-
 def write_runbook(folder: Path, checks: int) -> Path:
     """A runbook with the first ``checks`` of :data:`CHECKS` (cycled), in ``folder/runbooks``."""
     (folder / "runbooks").mkdir(parents=True, exist_ok=True)
@@ -103,16 +89,6 @@ def write_runbook(folder: Path, checks: int) -> Path:
     path = folder / "runbooks" / f"bench-{checks}.yml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path
-
-
-def on_tmpfs(folder: Path) -> bool:
-    """Whether ``folder`` is on a tmpfs (its mount is the longest mount point above it)."""
-    try:
-        mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
-    except OSError:
-        return False
-    above = [m for m in mounts if folder.resolve().is_relative_to(m[1])]
-    return bool(above) and max(above, key=lambda m: len(m[1]))[2] == "tmpfs"
 
 
 def cpu_seconds() -> float:
@@ -165,6 +141,7 @@ def report(
     device: dict[int, tuple[float, float]],
     *,
     load_before: float,
+    devices: str,
 ) -> None:
     """Print the table, the ratio and its verdict, and the device-side estimate."""
     cpus = len(os.sched_getaffinity(0))
@@ -173,9 +150,7 @@ def report(
         f"rounds (+{args.warmup} warm-up), engine.probes.run_probes + AnsibleExecutor; "
         f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f} on {cpus} CPUs"
     )
-    print(
-        f"  simulated devices' TMPDIR (probe scratch): {args.device_tmp} ({args.device_tmp_kind})"
-    )
+    print(f"  {devices}")
     print(
         f"{'checks':>6}  {'median s':>9}  {'min s':>7}  {'max s':>7}  {'ms/host':>8}  "
         f"{'CPU s':>6}  {'script ms':>9}  {'bare ms':>7}  {'bad probes':>10}"
@@ -222,23 +197,14 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7, help="measured rounds per size [7]")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first [1]")
     parser.add_argument("--forks", type=int, default=50, help="Ansible forks [50, the engine's]")
-    parser.add_argument(
-        "--device-tmp",
-        type=Path,
-        default=Path("/dev/shm"),
-        help="where the simulated devices' TMPDIR is made [/dev/shm, a tmpfs like balenaOS's "
-        "/tmp]; pass /tmp to charge them this machine's /tmp",
-    )
+    add_device_tmp_option(parser)
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
     with (
         tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp,
-        tempfile.TemporaryDirectory(prefix="bench-probe-device-", dir=args.device_tmp) as scratch,
+        device_tmp(args.device_tmp) as devices,  # also sh's, in device_seconds
     ):
-        args.device_tmp_kind = "tmpfs" if on_tmpfs(Path(scratch)) else "not a tmpfs"
-        args.device_tmp = scratch
-        os.environ["TMPDIR"] = scratch  # the devices' (and sh's below); ansible-runner passes it
         root = Path(tmp)
         inventory = root / "inventory.yml"
         hosts = write_inventory(inventory, args.hosts)
@@ -257,7 +223,7 @@ def main() -> int:
                     cpu[n].append(used)
                     bad[n] += failed
         device = {n: device_seconds(runbooks[n], 3 * args.repeat) for n in sizes}
-    report(args, times, cpu, bad, device, load_before=load_before)
+    report(args, times, cpu, bad, device, load_before=load_before, devices=devices)
     return 0
 
 

@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from fleet import add_device_tmp_option, device_tmp, write_inventory
 
 from engine.executors.ansible import write_probe_playbook
 from engine.probes import build_probe_script, probe_timeout
@@ -59,17 +59,6 @@ DEFAULT_RUNBOOK = ROOT / "runbooks" / "stale-probe-scratch.yml"
 RSS_TARGET_MB = 250.0
 LINEAR_SLACK = 1.5
 ANSIBLE_ENV = {"ANSIBLE_NOCOLOR": "True", "ANSIBLE_RETRY_FILES_ENABLED": "False"}
-
-
-def write_inventory(path: Path, hosts: int) -> None:
-    """A YAML inventory of ``hosts`` local-connection hosts without Python."""
-    names = [f"dev{i:05d}" for i in range(hosts)]
-    host_vars = {
-        "ansible_connection": "local",
-        "ansible_python_interpreter": "/nonexistent/python3",
-    }
-    inventory = {"all": {"children": {"fleet": {"hosts": dict.fromkeys(names, host_vars)}}}}
-    path.write_text(yaml.safe_dump(inventory, sort_keys=False), encoding="utf-8")
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -367,6 +356,7 @@ def main() -> int:
     parser.add_argument(
         "--no-baseline", action="store_true", help="skip the plain ansible-playbook runs"
     )
+    add_device_tmp_option(parser)
     args = parser.parse_args()
 
     sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
@@ -374,12 +364,14 @@ def main() -> int:
         sizes = [s for s in sizes if s <= args.max_hosts] or [args.max_hosts]
     runbook = args.runbook.resolve()
     load_before = os.getloadavg()[0]
-    figures = measure(sizes, runbook, args)
+    with device_tmp(args.device_tmp) as devices:
+        figures = measure(sizes, runbook, args)
     print(
         f"scale: remediate plan {runbook.stem} over local-connection hosts, {args.repeat} runs "
         f"per size (wall: median; memory: max); load average {load_before:.1f} → "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
+    print(f"  {devices}")
     report(figures)
     return 0
 
