@@ -258,6 +258,32 @@ def test_selection_agrees_with_the_resolver(
     assert set(result.results) == {h.name for h in result.hosts}
 
 
+def test_selection_is_the_inventory_the_probe_ran_on(
+    executor: AnsibleExecutor, tmp_path: Path
+) -> None:
+    """A dynamic inventory that changes between reads: the selection is the one probed."""
+    calls = tmp_path / "calls"
+    script = tmp_path / "inventory.py"
+    local = {"ansible_connection": "local", **NO_PYTHON}
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, pathlib\n"
+        f"calls = pathlib.Path({str(calls)!r})\n"
+        "calls.open('a').write('x')\n"
+        "n = len(calls.read_text())\n"
+        "hosts = ['dev1', 'dev2' if n == 1 else 'dev3']\n"
+        f"hostvars = {{h: {local!r} for h in hosts}}\n"
+        "print(json.dumps({'fleet': {'hosts': hosts}, '_meta': {'hostvars': hostvars}}))\n"
+    )
+    script.chmod(0o755)
+    result = executor.select_and_run_script(
+        Selection(inventory=script, pattern="fleet"), "echo up", timeout=30
+    )
+    assert calls.read_text() == "x"  # read once, by the run that probed
+    assert [h.name for h in result.hosts] == ["dev1", "dev2"]
+    assert {n: r.stdout for n, r in result.results.items()} == {"dev1": "up\n", "dev2": "up\n"}
+
+
 def test_selection_never_runs_on_implicit_localhost(
     executor: AnsibleExecutor, fleet: Path, tmp_path: Path
 ) -> None:
