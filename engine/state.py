@@ -427,6 +427,11 @@ class SqliteStateStore:
     Each instance owns one connection (serialised by a lock, so an instance may
     be shared between threads); open one instance per process.  Use as a context
     manager or call :meth:`close`.
+
+    The write-ahead log grows while readers keep SQLite from copying it back (a long
+    ``history`` next to a busy server); once it starts over, a log larger than
+    ``wal_size_limit`` bytes is cut back to it (``journal_size_limit``), so a burst does not
+    keep its disk space for good.
     """
 
     def __init__(
@@ -436,6 +441,7 @@ class SqliteStateStore:
         clock: Callable[[], datetime],
         busy_timeout: timedelta = timedelta(seconds=10),
         migrations: tuple[Migration, ...] = MIGRATIONS,
+        wal_size_limit: int = 16 * 2**20,
     ) -> None:
         self.path = path
         self._clock = clock
@@ -453,7 +459,7 @@ class SqliteStateStore:
             )
         try:
             with self._opening():
-                self._configure(busy_timeout)
+                self._configure(busy_timeout, wal_size_limit)
                 self._migrate(migrations)
         except BaseException:
             self._db.close()
@@ -522,10 +528,11 @@ class SqliteStateStore:
         finally:
             os.close(fd)
 
-    def _configure(self, busy_timeout: timedelta) -> None:
+    def _configure(self, busy_timeout: timedelta, wal_size_limit: int) -> None:
         with self._sqlite_errors("open the database"):
             millis = int(busy_timeout.total_seconds() * 1000)
             self._db.execute(f"PRAGMA busy_timeout = {millis:d}")
+            self._db.execute(f"PRAGMA journal_size_limit = {int(wal_size_limit):d}")
             self._db.execute("PRAGMA foreign_keys = ON")
             (mode,) = self._db.execute("PRAGMA journal_mode = WAL").fetchone()
             if str(mode).lower() != "wal":

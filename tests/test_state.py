@@ -365,3 +365,23 @@ def test_corrupt_db_is_a_state_error(db_path: Path, clock: _Clock) -> None:
         SqliteStateStore(db_path, clock=clock)
     assert str(db_path) in str(info.value)
     assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+
+
+def test_write_ahead_log_is_cut_back_once_it_starts_over(db_path: Path, clock: _Clock) -> None:
+    """A log grown past ``wal_size_limit`` is cut back to it when it starts over."""
+    limit = 64 * 1024
+    wal = db_path.with_name(db_path.name + "-wal")
+    with SqliteStateStore(db_path, clock=clock, wal_size_limit=limit) as store:
+        for i in range(100):  # each commit appends pages; nothing copies them back yet
+            store.start_run(_run(f"run-{i}"))
+        grown = wal.stat().st_size
+        other = sqlite3.connect(db_path)
+        try:  # copy the whole log back into the database, as an autocheckpoint would
+            (busy, _, _) = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            other.close()
+        store.start_run(_run("run-after"))  # this commit starts the log over
+        assert busy == 0
+        assert grown > limit
+        assert wal.stat().st_size <= limit
+        assert store.get_run("run-99") == _run("run-99")
