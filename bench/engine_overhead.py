@@ -20,7 +20,7 @@ Ansible start-up, on the same generated inventory of local-connection hosts with
   pays at least this much: it shows how much of the overhead is the engine's own.
 
 ``ansible-playbook`` gets ``--forks`` equal to the engine's (50), not Ansible's default 5.
-The rounds rotate the four, after a warm-up round; medians are compared.  A breakdown
+The rounds rotate the five, after a warm-up round; medians are compared.  A breakdown
 then runs ``remediate plan`` through its entry point in a fresh interpreter with the
 executor's calls and pexpect's spawn/close wrapped to record wall-clock marks, to show where
 the difference goes (start-up, imports, runbook load, ansible-runner before and after

@@ -49,10 +49,10 @@ def add_device_tmp_option(parser: argparse.ArgumentParser) -> None:
 def device_tmp(parent: Path) -> Iterator[str]:
     """Set ``TMPDIR`` to a fresh folder under ``parent``; yield a line saying which and its kind.
 
-    Python's own temporary folders keep the directory they had (``tempfile`` settles it
-    once, at first use, which the caller has made before).
+    Python's own temporary folders stay where they were: ``tempfile`` settles its default
+    once, at first use, and that use is made here before ``TMPDIR`` changes.
     """
-    tempfile.gettempdir()  # settle Python's default before TMPDIR changes
+    tempfile.gettempdir()
     previous = os.environ.get("TMPDIR")
     with tempfile.TemporaryDirectory(prefix="bench-device-tmp-", dir=parent) as folder:
         os.environ["TMPDIR"] = folder
