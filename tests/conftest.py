@@ -7,4 +7,5 @@ pytest_plugins: list[str] = [
     "tests.support.sshd",
     "tests.support.webhook",
     "tests.support.alertmanager",
+    "tests.support.prometheus",
 ]
