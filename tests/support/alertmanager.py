@@ -1,7 +1,9 @@
 """A real Prometheus Alertmanager (Debian's ``prometheus-alertmanager``) on loopback.
 
 Clustering is off, storage is a temp dir, and the route's timings are tiny so a test sees a
-group notified, re-sent (``repeat_interval``) and resolved within seconds.
+group notified, re-sent (``repeat_interval``) and resolved within seconds.  With
+``shipped=True`` it runs the project's own ``config/prometheus/alertmanager.yml``, with only
+the webhook URL, the token file and the timings replaced.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
+from ruamel.yaml import YAML
 
-from tests.support.webhook import free_port, wait_for
+from tests.support.webhook import ROOT, free_port, wait_for
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
+SHIPPED = ROOT / "config" / "prometheus" / "alertmanager.yml"
 
 
 @dataclass
@@ -62,18 +66,39 @@ def _config(webhook_url: str, token: str, repeat_interval: str) -> str:
     )
 
 
+def _shipped_config(webhook_url: str, token_file: Path) -> str:
+    """The shipped configuration, sending to ``webhook_url`` with 1 s timings."""
+    config = YAML(typ="safe", pure=True).load(SHIPPED.read_text(encoding="utf-8"))
+    (receiver,) = [r for r in config["receivers"] if r["name"] == "remediate"]
+    (webhook,) = receiver["webhook_configs"]
+    webhook["url"] = webhook_url
+    webhook["http_config"]["authorization"]["credentials_file"] = str(token_file)
+    (route,) = [r for r in config["route"]["routes"] if r["receiver"] == "remediate"]
+    for node in (config["route"], route):
+        node.update({"group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"})
+    return json.dumps(config)
+
+
+StartAlertmanager = Callable[..., Alertmanager]
+
+
 @pytest.fixture
-def start_alertmanager(tmp_path: Path) -> Iterator[Callable[[str, str], Alertmanager]]:
+def start_alertmanager(tmp_path: Path) -> Iterator[StartAlertmanager]:
     """Start an Alertmanager notifying ``webhook_url`` with bearer ``token``; stopped after."""
     if not Path(ALERTMANAGER).exists() or shutil.which("amtool") is None:
         pytest.skip("prometheus-alertmanager is not installed")
     started: list[Alertmanager] = []
 
-    def start(webhook_url: str, token: str) -> Alertmanager:
+    def start(webhook_url: str, token: str, *, shipped: bool = False) -> Alertmanager:
         base = tmp_path / f"alertmanager{len(started)}"
         base.mkdir()
         config = base / "alertmanager.yml"
-        config.write_text(_config(webhook_url, token, repeat_interval="2s"))
+        if shipped:
+            token_file = base / "remediate-token"
+            token_file.write_text(token)
+            config.write_text(_shipped_config(webhook_url, token_file))
+        else:
+            config.write_text(_config(webhook_url, token, repeat_interval="2s"))
         check = subprocess.run(
             ["amtool", "check-config", str(config)], capture_output=True, text=True, check=False
         )

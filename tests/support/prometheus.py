@@ -283,8 +283,11 @@ class Prometheus:
         return targets
 
 
+StartPrometheus = Callable[[Path], Prometheus]
+
+
 @pytest.fixture
-def start_prometheus() -> Iterator[Callable[[Path], Prometheus]]:
+def start_prometheus() -> Iterator[StartPrometheus]:
     """Start Prometheus on a config file (its TSDB beside it); stopped after."""
     if not Path(PROMETHEUS).exists():
         pytest.skip("prometheus is not installed (Debian package prometheus)")
