@@ -20,7 +20,8 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
-from tests.support.webhook import ROOT, free_port, wait_for
+from tests.support.processes import start_daemon, stop_daemon
+from tests.support.webhook import ROOT, free_port
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 SHIPPED = ROOT / "config" / "prometheus" / "alertmanager.yml"
@@ -104,39 +105,20 @@ def start_alertmanager(tmp_path: Path) -> Iterator[StartAlertmanager]:
         )
         assert check.returncode == 0, check.stdout + check.stderr
         port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [
+            ALERTMANAGER,
+            f"--config.file={config}",
+            f"--storage.path={base / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+            "--log.level=debug",
+        ]
         log = base / "alertmanager.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    ALERTMANAGER,
-                    f"--config.file={config}",
-                    f"--storage.path={base / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                    "--cluster.listen-address=",
-                    "--log.level=debug",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        manager = Alertmanager(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+        manager = Alertmanager(url=url, proc=start_daemon(argv, log, f"{url}/-/ready"), log=log)
         started.append(manager)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"alertmanager exited {proc.returncode}:\n{log.read_text()}")
-            try:
-                return httpx.get(f"{manager.url}/-/ready", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for("alertmanager to be ready", ready, timeout=30)
         return manager
 
     yield start
     for manager in started:
-        manager.proc.terminate()
-        try:
-            manager.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            manager.proc.kill()
-            manager.proc.wait()
+        stop_daemon(manager.proc)

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
 from engine.lab import Device
+from tests.support.processes import start_daemon, stop_daemon
 from tests.support.webhook import ROOT, free_port, wait_for
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -297,38 +298,22 @@ def start_prometheus() -> Iterator[StartPrometheus]:
         check = promtool("check", "config", str(config))
         assert check.returncode == 0, check.stdout + check.stderr
         port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={config.parent / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=debug",
+        ]
         log = config.with_suffix(".log")
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [
-                    PROMETHEUS,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={config.parent / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{port}",
-                    "--log.level=debug",
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        prometheus = Prometheus(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+        prometheus = Prometheus(url=url, proc=start_daemon(argv, log, f"{url}/-/ready"), log=log)
         started.append(prometheus)
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"prometheus exited {proc.returncode}:\n{log.read_text()}")
-            return _answers(f"{prometheus.url}/-/ready")
-
-        wait_for("prometheus to be ready", ready, timeout=30)
         return prometheus
 
     yield start
     for prometheus in started:
-        prometheus.proc.terminate()
-        try:
-            prometheus.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            prometheus.proc.kill()
-            prometheus.proc.wait()
+        stop_daemon(prometheus.proc)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
