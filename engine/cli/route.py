@@ -227,13 +227,14 @@ def _shown(value: str | None) -> str:
 
 
 def _why_not(mismatch: Mismatch) -> str:
+    from engine.server.routing import Matcher
+
     actual = _shown(mismatch.actual)
     wanted = ", ".join(mismatch.expected)
-    if mismatch.matcher.value == "alertname":
-        return (
-            f"alertname {actual} is not {'one of ' if len(mismatch.expected) > 1 else ''}{wanted}"
-        )
-    if mismatch.matcher.value == "match":
+    if mismatch.matcher is Matcher.ALERTNAME:
+        one_of = "one of " if len(mismatch.expected) > 1 else ""
+        return f"alertname {actual} is not {one_of}{wanted}"
+    if mismatch.matcher is Matcher.MATCH:
         return f"label {mismatch.label} is {actual}, not {_shown(mismatch.expected[0])}"
     return f"label {mismatch.label} is {actual}, which does not fully match {wanted}"
 
