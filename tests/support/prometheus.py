@@ -104,6 +104,12 @@ def _exporter_image_tar(path: Path) -> Path:
     return path
 
 
+#: What the balena Supervisor mounts for a feature label of a service.
+_FEATURE_MOUNTS = {
+    "io.balena.features.dbus": "/run/dbus/system_bus_socket:/host/run/dbus/system_bus_socket",
+}
+
+
 def compose_service() -> dict[str, Any]:
     """The shipped node_exporter compose service."""
     compose = load_yaml(CONFIG / "node-exporter" / "docker-compose.yml")
@@ -116,7 +122,8 @@ def compose_run_args(service: Mapping[str, Any]) -> list[str]:
 
     Only the keys the shipped service uses are translated; another key fails the test, so the
     file cannot grow a setting the tests do not exercise.  balena's feature labels are the
-    Supervisor's (the lab has none): they are left out.
+    Supervisor's: ``io.balena.features.dbus`` becomes the bind mount the Supervisor makes of
+    the host's D-Bus socket (lab devices run a D-Bus daemon).
     """
     args: list[str] = []
     for key, value in service.items():
@@ -133,7 +140,9 @@ def compose_run_args(service: Mapping[str, Any]) -> list[str]:
         elif key == "environment":
             args += [f"--env={name}={val}" for name, val in value.items()]
         elif key == "labels":
-            assert all(label.startswith("io.balena.features.") for label in value), value
+            for label, enabled in value.items():
+                assert label in _FEATURE_MOUNTS, f"teach the tests the balena label {label!r}"
+                args += [f"--volume={_FEATURE_MOUNTS[label]}"] if enabled == "1" else []
         else:
             pytest.fail(f"the node_exporter compose service has {key!r}: teach the tests it")
     return args
