@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -296,9 +297,11 @@ def chain(
             for dev in devices
         }
         # Filled before Prometheus scrapes: the space is gone, not going (no predict_linear).
-        images = {
-            dev.name: lab_faults.fill_data(dev, 96, FillKind.DANGLING_IMAGE).path for dev in devices
-        }
+        with ThreadPoolExecutor(len(devices)) as pool:
+            fills = pool.map(
+                lambda d: lab_faults.fill_data(d, 96, FillKind.DANGLING_IMAGE), devices
+            )
+            images = {dev.name: fill.path for dev, fill in zip(devices, fills, strict=True)}
         assert all(_free_pct(dev) < 10 for dev in devices)
         server = ServerProcess(project, config, port)
         server_processes.append(server)
