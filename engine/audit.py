@@ -23,15 +23,14 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from pathlib import Path, PurePath
@@ -41,11 +40,10 @@ import structlog
 from pydantic import BaseModel, ConfigDict
 
 from engine.errors import AuditError
+from engine.redaction import NO_SECRETS, REDACTED, Secrets, is_secret_name
 
 #: ``prev`` of the first record.
 GENESIS = "0" * 64
-#: What a secret value is replaced with.
-REDACTED = "[REDACTED]"
 #: Keys the log adds to every record; events must not carry them.
 RESERVED_KEYS = frozenset({"seq", "prev", "hash"})
 
@@ -230,10 +228,10 @@ class AuditLog:
         """Open the log for appending, creating it (and its folder) when missing."""
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            return os.open(self.path, flags, 0o640)
+            return os.open(self.path, flags, 0o600)
         except FileNotFoundError:  # the folder is missing: made once, not checked per append
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(self.path, flags, 0o640)
+            return os.open(self.path, flags, 0o600)
 
     def _head_under_lock(self, fd: int) -> AuditHead | None:
         """The last record's seq and hash; the caller holds the lock.
@@ -401,68 +399,73 @@ def _check_line(raw: bytes, *, seq: int, prev: str) -> dict[str, Any] | str:
 
 # --------------------------------------------------------------------------- processors
 
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_SECRET_NAME = re.compile(
-    r"(?:^|[_\-.])(?:"
-    r"pass|passwd|password|passphrase|pwd|secrets?|tokens?|credentials?|creds?|"
-    r"authorization|bearer|cookies?|session[_\-.]?ids?|"
-    r"(?:api|private|secret|access|ssh|signing|encryption)[_\-.]?keys?"
-    r")(?:$|[_\-.])"
-)
 
-
-#: Key names up to this long have their answer remembered (alert labels repeat a lot; a
-#: hostile flood of long, unique names must not fill memory).
-_REMEMBERED_NAME_LENGTH = 64
-
-
-def is_secret_name(key: str) -> bool:
-    """Return whether a field named ``key`` conventionally holds a secret."""
-    if len(key) > _REMEMBERED_NAME_LENGTH:
-        return _looks_secret(key)
-    return _looks_secret_remembered(key)
-
-
-def _looks_secret(key: str) -> bool:
-    return _SECRET_NAME.search(_CAMEL.sub("_", key).lower()) is not None
-
-
-_looks_secret_remembered = functools.lru_cache(maxsize=4096)(_looks_secret)
-
-
-def _redact(value: object, names: frozenset[str]) -> object:
+def _redact(value: object, names: frozenset[str], scrub: Callable[[str], str] | None) -> object:
     if isinstance(value, Mapping):
         return {
             k: REDACTED
             if isinstance(k, str) and (k.lower() in names or is_secret_name(k))
-            else _redact(v, names)
+            else _redact(v, names, scrub)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return [_redact(v, names) for v in value]
-    return value
+        return [_redact(v, names, scrub) for v in value]
+    if scrub is None or value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return scrub(value)
+    # A model, an exception, bytes…: scrubbed in the form it will be written in.
+    return _redact(_jsonable(value), names, scrub)
 
 
-def redact_secrets(
-    logger: structlog.typing.WrappedLogger,
-    method_name: str,
-    event_dict: structlog.typing.EventDict,
-) -> structlog.typing.EventDict:
-    """Replace secret values anywhere in the event with ``[REDACTED]``.
+#: The secrets of the run whose events are emitted in this context (see audit_context).
+_RUN_SECRETS: ContextVar[Secrets] = ContextVar("remediate_run_secrets", default=NO_SECRETS)
 
-    A value is secret when its key looks like a secret (``password``,
-    ``*_token``, ``api_key``, ``authorization`` …, see :func:`is_secret_name`) or
-    is named in the event's ``secret_keys`` field (runbook params marked secret);
-    ``secret_keys`` itself is dropped.
+
+class RedactSecrets:
+    """Processor: replace secrets anywhere in the event with ``[REDACTED]``, by key and by value.
+
+    By key: a value whose key looks like a secret (``password``, ``*_token``, ``api_key``,
+    ``authorization`` …, see :func:`is_secret_name`) or is named in the event's
+    ``secret_keys`` field (runbook params marked secret); ``secret_keys`` itself is dropped.
+    By value: every occurrence, in any string of the event, of the ``secrets`` the processor
+    was made with and of the run's own (:func:`audit_context`), see :mod:`engine.redaction`.
     """
-    del logger, method_name
-    declared = event_dict.pop("secret_keys", None) or ()
-    if isinstance(declared, str):
-        declared = (declared,)
-    names = frozenset(str(name).lower() for name in declared)
-    redacted = _redact(event_dict, names)
-    assert isinstance(redacted, dict)  # noqa: S101 - _redact maps a mapping to a dict
-    return redacted
+
+    def __init__(self, secrets: Secrets = NO_SECRETS) -> None:
+        self._secrets = secrets
+        self._with_run: tuple[Secrets, Secrets] = (NO_SECRETS, secrets)  # last run's, combined
+
+    def _known(self) -> Secrets:
+        run = _RUN_SECRETS.get()
+        if run.values <= self._secrets.values:
+            return self._secrets
+        last_run, combined = self._with_run
+        if last_run is not run:
+            combined = self._secrets | run
+            self._with_run = (run, combined)
+        return combined
+
+    def __call__(
+        self,
+        logger: structlog.typing.WrappedLogger,
+        method_name: str,
+        event_dict: structlog.typing.EventDict,
+    ) -> structlog.typing.EventDict:
+        """Return the event with its secrets replaced."""
+        del logger, method_name
+        declared = event_dict.pop("secret_keys", None) or ()
+        if isinstance(declared, str):
+            declared = (declared,)
+        names = frozenset(str(name).lower() for name in declared)
+        secrets = self._known()
+        redacted = _redact(event_dict, names, secrets.scrub if secrets else None)
+        assert isinstance(redacted, dict)  # noqa: S101 - _redact maps a mapping to a dict
+        return redacted
+
+
+#: The processor without secrets known by value (by key only, and the run's own).
+redact_secrets = RedactSecrets()
 
 
 class _Stamp:
@@ -507,18 +510,20 @@ def audit_processors(
     clock: Callable[[], datetime],
     *,
     then: Sequence[structlog.typing.Processor] = (),
+    secrets: Secrets = NO_SECRETS,
 ) -> list[structlog.typing.Processor]:
     """Return the processor chain that redacts, stamps and appends events to ``log``.
 
     Without ``then`` the last processor drops the event after writing it (any
     logger factory will do); with ``then`` (e.g. a console renderer) the
-    event, already redacted, is passed on to those processors.
+    event, already redacted, is passed on to those processors.  ``secrets`` are
+    replaced wherever they occur in an event (see :class:`RedactSecrets`).
     """
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.format_exc_info,
-        redact_secrets,
+        RedactSecrets(secrets),
         _Stamp(clock),
         _Append(log, pass_on=bool(then)),
         *then,
@@ -530,16 +535,20 @@ def configure_audit(
     *,
     clock: Callable[[], datetime] = utc_now,
     also_console: bool = False,
+    secrets: Secrets = NO_SECRETS,
 ) -> None:
     """Configure structlog (once, in an entry point) so every event is audited to ``log``.
 
-    With ``also_console`` events are also rendered for people on stderr.
+    With ``also_console`` events are also rendered for people on stderr.  ``secrets``: the
+    values the entry point knows to be secret, scrubbed from every event.
     """
     if also_console:
-        processors = audit_processors(log, clock, then=[structlog.dev.ConsoleRenderer()])
+        processors = audit_processors(
+            log, clock, then=[structlog.dev.ConsoleRenderer()], secrets=secrets
+        )
         factory: Any = structlog.PrintLoggerFactory(sys.stderr)
     else:
-        processors = audit_processors(log, clock)
+        processors = audit_processors(log, clock, secrets=secrets)
         factory = structlog.ReturnLoggerFactory()
     structlog.configure(
         processors=processors,
@@ -550,7 +559,16 @@ def configure_audit(
 
 
 @contextmanager
-def audit_context(run_id: str, **fields: object) -> Iterator[None]:
-    """Bind ``run_id`` and other run-wide fields to every event emitted inside the block."""
-    with structlog.contextvars.bound_contextvars(run_id=run_id, **fields):
-        yield
+def audit_context(
+    run_id: str, *, secrets: Secrets = NO_SECRETS, **fields: object
+) -> Iterator[None]:
+    """Bind ``run_id`` and other run-wide fields to every event emitted inside the block.
+
+    ``secrets`` (the run's secret param values) are scrubbed from those events, never written.
+    """
+    token = _RUN_SECRETS.set(secrets)
+    try:
+        with structlog.contextvars.bound_contextvars(run_id=run_id, **fields):
+            yield
+    finally:
+        _RUN_SECRETS.reset(token)
