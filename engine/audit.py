@@ -6,6 +6,9 @@ processors (the shape of structlog's own ``processors`` module)::
 
     merge contextvars → add level → format exc_info → redact secrets → stamp time → append
 
+(secrets are redacted by key name, then scrubbed by value as the event is appended: see
+:mod:`engine.redaction`).
+
 Each line of the file is one record in canonical JSON (sorted keys, compact
 separators, ASCII) carrying the event plus ``seq`` (1-based), ``ts`` (UTC
 ISO-8601), ``prev`` (the previous record's hash, 64 zeros for the first) and
@@ -184,12 +187,16 @@ class AuditLog:
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
 
-    def append(self, event: Mapping[str, object]) -> dict[str, Any]:
+    def append(
+        self, event: Mapping[str, object], *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, Any]:
         """Append ``event`` as the next record and return the record as written.
 
         ``event`` must carry ``ts`` (a datetime or an ISO-8601 string, normally
         set from the injected clock by the processor chain) and must not carry
-        ``seq``, ``prev`` or ``hash``.
+        ``seq``, ``prev`` or ``hash``.  ``secrets`` are replaced wherever they occur in
+        its values (looked for in the encoded text, which costs far less than in each
+        string of a large event).
         """
         clash = RESERVED_KEYS & event.keys()
         if clash:
@@ -203,6 +210,11 @@ class AuditLog:
         # Each member is encoded once, before the lock: the line and its hash are then put
         # together from the same texts (see _canonical_object).
         members = {key: _canonical(value) for key, value in body.items()}
+        if secrets:
+            for key, text in members.items():
+                if secrets.found_in(text):
+                    body[key] = secrets.scrub_data(body[key])
+                    members[key] = _canonical(body[key])
         try:
             fd = self._open()
         except OSError as exc:
@@ -400,72 +412,44 @@ def _check_line(raw: bytes, *, seq: int, prev: str) -> dict[str, Any] | str:
 # --------------------------------------------------------------------------- processors
 
 
-def _redact(value: object, names: frozenset[str], scrub: Callable[[str], str] | None) -> object:
+def _redact(value: object, names: frozenset[str]) -> object:
     if isinstance(value, Mapping):
         return {
             k: REDACTED
             if isinstance(k, str) and (k.lower() in names or is_secret_name(k))
-            else _redact(v, names, scrub)
+            else _redact(v, names)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return [_redact(v, names, scrub) for v in value]
-    if scrub is None or value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, str):
-        return scrub(value)
-    # A model, an exception, bytes…: scrubbed in the form it will be written in.
-    return _redact(_jsonable(value), names, scrub)
+        return [_redact(v, names) for v in value]
+    return value
+
+
+def redact_secrets(
+    logger: structlog.typing.WrappedLogger,
+    method_name: str,
+    event_dict: structlog.typing.EventDict,
+) -> structlog.typing.EventDict:
+    """Replace secret values anywhere in the event with ``[REDACTED]``, by their key.
+
+    A value is secret when its key looks like a secret (``password``,
+    ``*_token``, ``api_key``, ``authorization`` …, see :func:`is_secret_name`) or
+    is named in the event's ``secret_keys`` field (runbook params marked secret);
+    ``secret_keys`` itself is dropped.  Secrets known by value are scrubbed when the
+    event is appended (see :class:`_Append`).
+    """
+    del logger, method_name
+    declared = event_dict.pop("secret_keys", None) or ()
+    if isinstance(declared, str):
+        declared = (declared,)
+    names = frozenset(str(name).lower() for name in declared)
+    redacted = _redact(event_dict, names)
+    assert isinstance(redacted, dict)  # noqa: S101 - _redact maps a mapping to a dict
+    return redacted
 
 
 #: The secrets of the run whose events are emitted in this context (see audit_context).
 _RUN_SECRETS: ContextVar[Secrets] = ContextVar("remediate_run_secrets", default=NO_SECRETS)
-
-
-class RedactSecrets:
-    """Processor: replace secrets anywhere in the event with ``[REDACTED]``, by key and by value.
-
-    By key: a value whose key looks like a secret (``password``, ``*_token``, ``api_key``,
-    ``authorization`` …, see :func:`is_secret_name`) or is named in the event's
-    ``secret_keys`` field (runbook params marked secret); ``secret_keys`` itself is dropped.
-    By value: every occurrence, in any string of the event, of the ``secrets`` the processor
-    was made with and of the run's own (:func:`audit_context`), see :mod:`engine.redaction`.
-    """
-
-    def __init__(self, secrets: Secrets = NO_SECRETS) -> None:
-        self._secrets = secrets
-        self._with_run: tuple[Secrets, Secrets] = (NO_SECRETS, secrets)  # last run's, combined
-
-    def _known(self) -> Secrets:
-        run = _RUN_SECRETS.get()
-        if run.values <= self._secrets.values:
-            return self._secrets
-        last_run, combined = self._with_run
-        if last_run is not run:
-            combined = self._secrets | run
-            self._with_run = (run, combined)
-        return combined
-
-    def __call__(
-        self,
-        logger: structlog.typing.WrappedLogger,
-        method_name: str,
-        event_dict: structlog.typing.EventDict,
-    ) -> structlog.typing.EventDict:
-        """Return the event with its secrets replaced."""
-        del logger, method_name
-        declared = event_dict.pop("secret_keys", None) or ()
-        if isinstance(declared, str):
-            declared = (declared,)
-        names = frozenset(str(name).lower() for name in declared)
-        secrets = self._known()
-        redacted = _redact(event_dict, names, secrets.scrub if secrets else None)
-        assert isinstance(redacted, dict)  # noqa: S101 - _redact maps a mapping to a dict
-        return redacted
-
-
-#: The processor without secrets known by value (by key only, and the run's own).
-redact_secrets = RedactSecrets()
 
 
 class _Stamp:
@@ -486,11 +470,27 @@ class _Stamp:
 
 
 class _Append:
-    """Processor: append the event to the audit log, then drop it or pass it on."""
+    """Processor: append the event to the audit log, then drop it or pass it on.
 
-    def __init__(self, log: AuditLog, *, pass_on: bool) -> None:
+    Known secrets are scrubbed from the event as it is written, by value: the entry point's
+    and the run's own (:func:`audit_context`); what is passed on is what was written.
+    """
+
+    def __init__(self, log: AuditLog, *, pass_on: bool, secrets: Secrets) -> None:
         self._log = log
         self._pass_on = pass_on
+        self._secrets = secrets
+        self._with_run: tuple[Secrets, Secrets] = (NO_SECRETS, secrets)  # last run's, combined
+
+    def _known(self) -> Secrets:
+        run = _RUN_SECRETS.get()
+        if run.values <= self._secrets.values:
+            return self._secrets
+        last_run, combined = self._with_run
+        if last_run is not run:
+            combined = self._secrets | run
+            self._with_run = (run, combined)
+        return combined
 
     def __call__(
         self,
@@ -499,10 +499,10 @@ class _Append:
         event_dict: structlog.typing.EventDict,
     ) -> structlog.typing.EventDict:
         del logger, method_name
-        self._log.append(event_dict)
+        record = self._log.append(event_dict, secrets=self._known())
         if not self._pass_on:
             raise structlog.DropEvent
-        return event_dict
+        return {k: v for k, v in record.items() if k not in RESERVED_KEYS}
 
 
 def audit_processors(
@@ -517,15 +517,15 @@ def audit_processors(
     Without ``then`` the last processor drops the event after writing it (any
     logger factory will do); with ``then`` (e.g. a console renderer) the
     event, already redacted, is passed on to those processors.  ``secrets`` are
-    replaced wherever they occur in an event (see :class:`RedactSecrets`).
+    replaced wherever they occur in an event (see :class:`_Append`).
     """
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.format_exc_info,
-        RedactSecrets(secrets),
+        redact_secrets,
         _Stamp(clock),
-        _Append(log, pass_on=bool(then)),
+        _Append(log, pass_on=bool(then), secrets=secrets),
         *then,
     ]
 

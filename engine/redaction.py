@@ -56,7 +56,7 @@ class Secrets:
     Its ``repr`` shows how many values it holds, never one of them.
     """
 
-    __slots__ = ("_pattern", "_values")
+    __slots__ = ("_forms", "_pattern", "_values")
 
     def __init__(self, values: Iterable[object] = ()) -> None:
         kept = set()
@@ -66,6 +66,7 @@ class Secrets:
                 kept.add(text)
         self._values = frozenset(kept)
         forms = sorted({f for v in self._values for f in _forms(v)}, key=len, reverse=True)
+        self._forms = tuple(forms)
         self._pattern = re.compile("|".join(map(re.escape, forms))) if forms else None
 
     @property
@@ -99,11 +100,12 @@ class Secrets:
 
     def found_in(self, text: str) -> bool:
         """Whether ``text`` holds one of the secrets (in any of the forms scrubbed)."""
-        return self._pattern is not None and self._pattern.search(text) is not None
+        # A substring search per form: far faster than the alternation of them all.
+        return any(form in text for form in self._forms)
 
     def scrub(self, text: str) -> str:
         """``text`` with every secret (and each encoded form of it) replaced by ``[REDACTED]``."""
-        if self._pattern is None or len(text) < MIN_SCRUB_LENGTH:
+        if self._pattern is None or len(text) < MIN_SCRUB_LENGTH or not self.found_in(text):
             return text
         return self._pattern.sub(REDACTED, text)
 
