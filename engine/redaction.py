@@ -238,6 +238,17 @@ def secrets_from_environment(
     )
 
 
+def inventory_secrets(inventory: Path, environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The API token ``inventory``'s plugin reads from the environment, if it is set there.
+
+    The balena inventory reads it from the variable its ``token_env`` names
+    (``BALENA_API_KEY``, known anyway, by default).
+    """
+    name = inventory_token_env(inventory)
+    token = environ.get(name, "") if name else ""
+    return (token,) if token else ()
+
+
 def inventory_token_env(inventory: Path) -> str | None:
     """The variable an inventory plugin's configuration reads its API token from, if any.
 

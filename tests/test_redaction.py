@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from engine.redaction import (
     REDACTED,
     Secrets,
+    inventory_secrets,
     inventory_token_env,
     is_engine_secret_env,
     secrets_from_environment,
@@ -161,6 +162,8 @@ def test_inventory_token_env_is_read_from_a_plugin_config(tmp_path: Path) -> Non
     (folder / "cloud.yml").write_text("plugin: balena_cloud\ntoken_env: MY_BALENA\nfleets: [a/b]\n")
     assert inventory_token_env(folder) == "MY_BALENA"
     assert inventory_token_env(folder / "cloud.yml") == "MY_BALENA"
+    assert inventory_secrets(folder, {"MY_BALENA": "balena-token-0123"}) == ("balena-token-0123",)
+    assert inventory_secrets(folder, {}) == ()
     (tmp_path / "hosts.yml").write_text("all: {hosts: {dev1: {token_env: x}}}\n")
     assert inventory_token_env(tmp_path / "hosts.yml") is None
     assert inventory_token_env(tmp_path / "missing.yml") is None

@@ -74,18 +74,11 @@ def _progress(console: Console) -> Progress:
 
 
 def with_inventory_secrets(settings: Settings, inventory: Path) -> Settings:
-    """``settings`` whose secrets include the API token ``inventory``'s plugin reads, if set.
+    """``settings`` whose secrets include the API token ``inventory``'s plugin reads, if set."""
+    from engine.redaction import inventory_secrets
 
-    The balena inventory reads its token from the variable its ``token_env`` names
-    (``BALENA_API_KEY``, already known, by default).
-    """
-    from engine.redaction import inventory_token_env
-
-    name = inventory_token_env(inventory)
-    token = os.environ.get(name) if name else None
-    if not token:
-        return settings
-    return settings.model_copy(update={"secrets": settings.secrets.with_values([token])})
+    token = inventory_secrets(inventory, os.environ)
+    return settings.model_copy(update={"secrets": settings.secrets.with_values(token)})
 
 
 def private_state_dir(settings: Settings) -> None:

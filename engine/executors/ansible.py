@@ -24,6 +24,11 @@ Everything Ansible-specific the engine depends on lives here:
   *group* that has exactly a requested host's name; it warns about such inventories.)
 * Events are consumed once, as they stream, by an event handler; only the per-host
   results are kept.  A host that never shows up in the events is reported ``failed``.
+* What a playbook leaves is private and holds no secret the executor knows
+  (:mod:`engine.redaction`): each event is scrubbed in the handler before ansible-runner
+  writes it, every artifact file once the run is over; folders are ``0700``, files
+  ``0600``.  ansible-playbook gets this process's environment (ansible-runner copies it)
+  with the engine's own credentials blanked.
 
 A device that fails is a result.  ansible-runner or ansible-playbook failing as a tool
 (bad playbook, missing binary, no final stats) raises :class:`ExecutorError`.
@@ -148,7 +153,9 @@ class AnsibleExecutor:
     ) -> None:
         """``cancel`` returning true stops running ansible-playbook children (server shutdown).
 
-        ``secrets`` are scrubbed from everything a call keeps: events, results, artifacts.
+        ``secrets`` are scrubbed from what a playbook leaves (its events, task results and
+        artifacts) and from every error's text.  A probe's output is returned as it is: it is
+        the evidence guards decide on, and is scrubbed where it is kept (plans, audit log).
         """
         self._settings = settings
         self._cancel = cancel

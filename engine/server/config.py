@@ -255,7 +255,8 @@ def _refuse_shared_secrets(path: Path, data: dict[str, Any]) -> None:
     auth, approvals = data.get("auth"), data.get("approvals")
     held = [f"auth.{k}" for k in ("token", "hmac_key") if isinstance(auth, dict) and auth.get(k)]
     if isinstance(approvals, dict) and isinstance(approvals.get("approvers"), dict):
-        held += [f"approvals.approvers.{name}" for name in approvals["approvers"]]
+        approvers = approvals["approvers"].items()
+        held += [f"approvals.approvers.{name}" for name, token in approvers if token]
     if not held:
         return
     try:

@@ -30,7 +30,7 @@ import uvicorn
 from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
 from engine.errors import ConfigError, StateError
 from engine.privacy import PRIVATE_UMASK, private_state_dir
-from engine.redaction import inventory_token_env, secrets_from_environment
+from engine.redaction import inventory_secrets
 from engine.server.app import create_app
 from engine.server.config import ServerConfig, load_server_config
 from engine.server.runtime import WebhookServer
@@ -97,11 +97,8 @@ def serve(config_path: Path, settings: Settings) -> int:
         config = load_server_config(config_path, os.environ)
         tls = check_tls(config.listen.tls) if config.listen.tls is not None else None
         # The server's own secrets are scrubbed from all it keeps, as the environment's are.
-        token_env = inventory_token_env(config.inventory)
-        known = secrets_from_environment(os.environ, names=[token_env])
-        settings = settings.model_copy(
-            update={"secrets": settings.secrets | known.with_values(config.secret_values)}
-        )
+        known = (*config.secret_values, *inventory_secrets(config.inventory, os.environ))
+        settings = settings.model_copy(update={"secrets": settings.secrets.with_values(known)})
         tightened = private_state_dir(settings.state_dir)
         if tightened is not None:
             sys.stderr.write(f"remediate serve: {tightened.warning()}\n")
