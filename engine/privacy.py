@@ -15,6 +15,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import StateError
+
 #: Mode bits for group and others: none of them on anything private.
 _SHARED = 0o077
 PRIVATE_DIR = 0o700
@@ -139,11 +141,17 @@ def private_state_dir(state_dir: Path) -> Tightened | None:
 
     It is not private when the directory itself or one of its entries (the audit log, the
     database, ``artifacts/``…) lets group or others in; then everything under it is
-    tightened, once, and the result says so.
+    tightened, once, and the result says so.  A directory that cannot be made private (not
+    ours) is a :class:`~engine.errors.StateError`.
     """
-    existed = state_dir.exists()
-    mode = stat.S_IMODE(state_dir.stat().st_mode) if existed else PRIVATE_DIR
-    private_dir(state_dir)
+    try:
+        existed = state_dir.exists()
+        mode = stat.S_IMODE(state_dir.stat().st_mode) if existed else PRIVATE_DIR
+        private_dir(state_dir)
+    except OSError as exc:
+        raise StateError(
+            f"{state_dir}: cannot make the state directory private: {exc.strerror}"
+        ) from exc
     if not existed:
         return None
     if not _loose(mode) and not any(_loose_entry(e) for e in state_dir.iterdir()):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import StateError
 from engine.privacy import private_dir, private_file, private_state_dir, write_private
 
 
@@ -101,3 +102,11 @@ def test_a_new_state_dir_is_made_private_silently(tmp_path: Path) -> None:
     """Creating the state dir is not worth a warning."""
     assert private_state_dir(tmp_path / "new" / "state") is None
     assert _mode(tmp_path / "new" / "state") == 0o700
+
+
+def test_a_state_dir_that_cannot_be_made_private_is_a_state_error(tmp_path: Path) -> None:
+    """A state dir path that is not a folder (or not ours) is refused with a clear error."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StateError, match=r"file/state: cannot make the state directory private"):
+        private_state_dir(blocker / "state")

@@ -118,7 +118,7 @@ def test_unauthenticated_is_for_loopback_only(tmp_path: Path) -> None:
         load_server_config(_write(tmp_path, text % "0.0.0.0"), {})  # noqa: S104 - the point
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604], ids=oct)
 def test_a_file_holding_secrets_must_be_private(tmp_path: Path, mode: int) -> None:
     """A config file with a token or approver tokens, readable by group or others, is refused."""
     text = (
