@@ -124,6 +124,7 @@ def _project(base: Path, devices: int, port: int) -> Path:
         # Keep the breaker closed: the bench measures the full routing-and-queueing path.
         "breaker: {max_alerting_pct: 100, min_alerting_devices: 1000000}\n"
     )
+    config.chmod(0o600)  # it holds the token
     return config
 
 

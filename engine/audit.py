@@ -6,6 +6,9 @@ processors (the shape of structlog's own ``processors`` module)::
 
     merge contextvars → add level → format exc_info → redact secrets → stamp time → append
 
+(secrets are redacted by key name, then scrubbed by value as the event is appended: see
+:mod:`engine.redaction`).
+
 Each line of the file is one record in canonical JSON (sorted keys, compact
 separators, ASCII) carrying the event plus ``seq`` (1-based), ``ts`` (UTC
 ISO-8601), ``prev`` (the previous record's hash, 64 zeros for the first) and
@@ -23,15 +26,14 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from pathlib import Path, PurePath
@@ -41,11 +43,10 @@ import structlog
 from pydantic import BaseModel, ConfigDict
 
 from engine.errors import AuditError
+from engine.redaction import NO_SECRETS, REDACTED, Secrets, is_secret_name
 
 #: ``prev`` of the first record.
 GENESIS = "0" * 64
-#: What a secret value is replaced with.
-REDACTED = "[REDACTED]"
 #: Keys the log adds to every record; events must not carry them.
 RESERVED_KEYS = frozenset({"seq", "prev", "hash"})
 
@@ -186,12 +187,16 @@ class AuditLog:
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
 
-    def append(self, event: Mapping[str, object]) -> dict[str, Any]:
+    def append(
+        self, event: Mapping[str, object], *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, Any]:
         """Append ``event`` as the next record and return the record as written.
 
         ``event`` must carry ``ts`` (a datetime or an ISO-8601 string, normally
         set from the injected clock by the processor chain) and must not carry
-        ``seq``, ``prev`` or ``hash``.
+        ``seq``, ``prev`` or ``hash``.  ``secrets`` are replaced wherever they occur in
+        its values (looked for in the encoded text, which costs far less than in each
+        string of a large event).
         """
         clash = RESERVED_KEYS & event.keys()
         if clash:
@@ -205,6 +210,11 @@ class AuditLog:
         # Each member is encoded once, before the lock: the line and its hash are then put
         # together from the same texts (see _canonical_object).
         members = {key: _canonical(value) for key, value in body.items()}
+        if secrets:
+            for key, text in members.items():
+                if secrets.found_in(text):
+                    body[key] = secrets.scrub_data(body[key])
+                    members[key] = _canonical(body[key])
         try:
             fd = self._open()
         except OSError as exc:
@@ -230,10 +240,10 @@ class AuditLog:
         """Open the log for appending, creating it (and its folder) when missing."""
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            return os.open(self.path, flags, 0o640)
+            return os.open(self.path, flags, 0o600)
         except FileNotFoundError:  # the folder is missing: made once, not checked per append
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(self.path, flags, 0o640)
+            return os.open(self.path, flags, 0o600)
 
     def _head_under_lock(self, fd: int) -> AuditHead | None:
         """The last record's seq and hash; the caller holds the lock.
@@ -401,34 +411,6 @@ def _check_line(raw: bytes, *, seq: int, prev: str) -> dict[str, Any] | str:
 
 # --------------------------------------------------------------------------- processors
 
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_SECRET_NAME = re.compile(
-    r"(?:^|[_\-.])(?:"
-    r"pass|passwd|password|passphrase|pwd|secrets?|tokens?|credentials?|creds?|"
-    r"authorization|bearer|cookies?|session[_\-.]?ids?|"
-    r"(?:api|private|secret|access|ssh|signing|encryption)[_\-.]?keys?"
-    r")(?:$|[_\-.])"
-)
-
-
-#: Key names up to this long have their answer remembered (alert labels repeat a lot; a
-#: hostile flood of long, unique names must not fill memory).
-_REMEMBERED_NAME_LENGTH = 64
-
-
-def is_secret_name(key: str) -> bool:
-    """Return whether a field named ``key`` conventionally holds a secret."""
-    if len(key) > _REMEMBERED_NAME_LENGTH:
-        return _looks_secret(key)
-    return _looks_secret_remembered(key)
-
-
-def _looks_secret(key: str) -> bool:
-    return _SECRET_NAME.search(_CAMEL.sub("_", key).lower()) is not None
-
-
-_looks_secret_remembered = functools.lru_cache(maxsize=4096)(_looks_secret)
-
 
 def _redact(value: object, names: frozenset[str]) -> object:
     if isinstance(value, Mapping):
@@ -448,12 +430,13 @@ def redact_secrets(
     method_name: str,
     event_dict: structlog.typing.EventDict,
 ) -> structlog.typing.EventDict:
-    """Replace secret values anywhere in the event with ``[REDACTED]``.
+    """Replace secret values anywhere in the event with ``[REDACTED]``, by their key.
 
     A value is secret when its key looks like a secret (``password``,
     ``*_token``, ``api_key``, ``authorization`` …, see :func:`is_secret_name`) or
     is named in the event's ``secret_keys`` field (runbook params marked secret);
-    ``secret_keys`` itself is dropped.
+    ``secret_keys`` itself is dropped.  Secrets known by value are scrubbed when the
+    event is appended (see :class:`_Append`).
     """
     del logger, method_name
     declared = event_dict.pop("secret_keys", None) or ()
@@ -463,6 +446,10 @@ def redact_secrets(
     redacted = _redact(event_dict, names)
     assert isinstance(redacted, dict)  # noqa: S101 - _redact maps a mapping to a dict
     return redacted
+
+
+#: The secrets of the run whose events are emitted in this context (see audit_context).
+_RUN_SECRETS: ContextVar[Secrets] = ContextVar("remediate_run_secrets", default=NO_SECRETS)
 
 
 class _Stamp:
@@ -483,11 +470,27 @@ class _Stamp:
 
 
 class _Append:
-    """Processor: append the event to the audit log, then drop it or pass it on."""
+    """Processor: append the event to the audit log, then drop it or pass it on.
 
-    def __init__(self, log: AuditLog, *, pass_on: bool) -> None:
+    Known secrets are scrubbed from the event as it is written, by value: the entry point's
+    and the run's own (:func:`audit_context`); what is passed on is what was written.
+    """
+
+    def __init__(self, log: AuditLog, *, pass_on: bool, secrets: Secrets) -> None:
         self._log = log
         self._pass_on = pass_on
+        self._secrets = secrets
+        self._with_run: tuple[Secrets, Secrets] = (NO_SECRETS, secrets)  # last run's, combined
+
+    def _known(self) -> Secrets:
+        run = _RUN_SECRETS.get()
+        if run.values <= self._secrets.values:
+            return self._secrets
+        last_run, combined = self._with_run
+        if last_run is not run:
+            combined = self._secrets | run
+            self._with_run = (run, combined)
+        return combined
 
     def __call__(
         self,
@@ -496,10 +499,10 @@ class _Append:
         event_dict: structlog.typing.EventDict,
     ) -> structlog.typing.EventDict:
         del logger, method_name
-        self._log.append(event_dict)
+        record = self._log.append(event_dict, secrets=self._known())
         if not self._pass_on:
             raise structlog.DropEvent
-        return event_dict
+        return {k: v for k, v in record.items() if k not in RESERVED_KEYS}
 
 
 def audit_processors(
@@ -507,12 +510,14 @@ def audit_processors(
     clock: Callable[[], datetime],
     *,
     then: Sequence[structlog.typing.Processor] = (),
+    secrets: Secrets = NO_SECRETS,
 ) -> list[structlog.typing.Processor]:
     """Return the processor chain that redacts, stamps and appends events to ``log``.
 
     Without ``then`` the last processor drops the event after writing it (any
     logger factory will do); with ``then`` (e.g. a console renderer) the
-    event, already redacted, is passed on to those processors.
+    event, already redacted, is passed on to those processors.  ``secrets`` are
+    replaced wherever they occur in an event (see :class:`_Append`).
     """
     return [
         structlog.contextvars.merge_contextvars,
@@ -520,7 +525,7 @@ def audit_processors(
         structlog.processors.format_exc_info,
         redact_secrets,
         _Stamp(clock),
-        _Append(log, pass_on=bool(then)),
+        _Append(log, pass_on=bool(then), secrets=secrets),
         *then,
     ]
 
@@ -530,16 +535,20 @@ def configure_audit(
     *,
     clock: Callable[[], datetime] = utc_now,
     also_console: bool = False,
+    secrets: Secrets = NO_SECRETS,
 ) -> None:
     """Configure structlog (once, in an entry point) so every event is audited to ``log``.
 
-    With ``also_console`` events are also rendered for people on stderr.
+    With ``also_console`` events are also rendered for people on stderr.  ``secrets``: the
+    values the entry point knows to be secret, scrubbed from every event.
     """
     if also_console:
-        processors = audit_processors(log, clock, then=[structlog.dev.ConsoleRenderer()])
+        processors = audit_processors(
+            log, clock, then=[structlog.dev.ConsoleRenderer()], secrets=secrets
+        )
         factory: Any = structlog.PrintLoggerFactory(sys.stderr)
     else:
-        processors = audit_processors(log, clock)
+        processors = audit_processors(log, clock, secrets=secrets)
         factory = structlog.ReturnLoggerFactory()
     structlog.configure(
         processors=processors,
@@ -550,7 +559,16 @@ def configure_audit(
 
 
 @contextmanager
-def audit_context(run_id: str, **fields: object) -> Iterator[None]:
-    """Bind ``run_id`` and other run-wide fields to every event emitted inside the block."""
-    with structlog.contextvars.bound_contextvars(run_id=run_id, **fields):
-        yield
+def audit_context(
+    run_id: str, *, secrets: Secrets = NO_SECRETS, **fields: object
+) -> Iterator[None]:
+    """Bind ``run_id`` and other run-wide fields to every event emitted inside the block.
+
+    ``secrets`` (the run's secret param values) are scrubbed from those events, never written.
+    """
+    token = _RUN_SECRETS.set(secrets)
+    try:
+        with structlog.contextvars.bound_contextvars(run_id=run_id, **fields):
+            yield
+    finally:
+        _RUN_SECRETS.reset(token)

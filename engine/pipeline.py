@@ -36,7 +36,6 @@ from engine.guards import blast_radius_refusal, context_for, evaluate_host
 from engine.outcomes import BAD_OUTCOMES, HostOutcome, Mode, RunStatus
 from engine.planfiles import SavedPlan
 from engine.plans import (
-    REDACTED,
     HostPlan,
     Plan,
     plan_host,
@@ -45,6 +44,7 @@ from engine.plans import (
     shown_params,
 )
 from engine.probes import HostProbe, PendingProbe, ProbeStatus, run_probes, start_probe
+from engine.redaction import NO_SECRETS, REDACTED, Secrets
 from engine.runbooks import Runbook
 from engine.runbooks.spec import Approval
 from engine.state import HostRecord, RunRecord, StateStore
@@ -83,6 +83,8 @@ class Services:
     artifacts_dir: Path
     sleep: Callable[[float], None]
     reporter: Reporter = field(default_factory=NullReporter)
+    secrets: Secrets = NO_SECRETS
+    """Values the entry point knows to be secret; a run adds its secret params' values."""
 
 
 class RunRequest(BaseModel):
@@ -141,6 +143,8 @@ class PlanContext:
     targets: TargetSet
     params: dict[str, Any]
     probes: dict[str, HostProbe]
+    secrets: Secrets = NO_SECRETS
+    """Scrubbed from what the run keeps: the entry point's secrets and the secret params'."""
 
     @property
     def host_vars(self) -> dict[str, Mapping[str, Any]]:
@@ -150,6 +154,11 @@ class PlanContext:
 
 def _secret_keys(runbook: Runbook) -> list[str]:
     return sorted(runbook.secret_params)
+
+
+def run_secrets(runbook: Runbook, params: Mapping[str, Any], known: Secrets) -> Secrets:
+    """``known`` and the values of the runbook's secret params (see :mod:`engine.redaction`)."""
+    return known.with_values(params[name] for name in runbook.secret_params if name in params)
 
 
 def plan_run(
@@ -235,7 +244,8 @@ def plan_run(
         steps={h.host: [s.id for s in h.steps] for h in plan.acting},
         refused=refused,
     )
-    return plan, PlanContext(runbook, request, targets, params, probes)
+    secrets = run_secrets(runbook, params, services.secrets)
+    return plan, PlanContext(runbook, request, targets, params, probes, secrets)
 
 
 def _targets_and_probes(
@@ -411,6 +421,7 @@ class _Apply:
                 artifacts_dir=services.artifacts_dir / self.plan.run_id,
                 label=f"batch{number}",
                 recheck=self._still_needed,
+                secrets=ctx.secrets,
             )
         except BaseException:
             for host_plan in batch:
@@ -507,7 +518,7 @@ def execute_plan(
                 run_id=plan.run_id,
                 host=report.host,
                 outcome=report.outcome,
-                reason=report.reason,
+                reason=ctx.secrets.scrub(report.reason),
                 steps=[s.step for s in report.steps],
                 finished_at=now,
             )
@@ -515,7 +526,11 @@ def execute_plan(
     summary = dict(Counter(h.outcome.value for h in hosts))
     store.finish_run(plan.run_id, status, summary)
     log.info("run.finished", status=status.value, summary=summary)
-    return RunReport(plan=plan, status=status, hosts=hosts, finished_at=now)
+    # What the run shows and keeps (a saved plan, an approval) never holds a secret; the
+    # plan's own vars went to the playbooks as they were.
+    return ctx.secrets.scrub_model(
+        RunReport(plan=plan, status=status, hosts=hosts, finished_at=now)
+    )
 
 
 def _recorded_run(
@@ -526,11 +541,12 @@ def _recorded_run(
     **context: object,
 ) -> RunReport:
     """Run ``body(run_id)`` inside one run's audit context and state record."""
-    runbook.param_values(request.overrides)  # a bad -e fails before anything is recorded
+    params = runbook.param_values(request.overrides)  # a bad -e fails before anything is kept
     run_id = services.new_run_id()
     started = services.clock()
     with audit_context(
         run_id,
+        secrets=run_secrets(runbook, params, services.secrets),
         runbook=runbook.name,
         runbook_digest=runbook.digest,
         trigger=request.trigger,
@@ -543,7 +559,7 @@ def _recorded_run(
             user=request.user,
             inventory=str(request.inventory),
             limit=request.limit,
-            params=runbook.param_values(request.overrides),
+            params=params,
             secret_keys=_secret_keys(runbook),
         )
         services.store.start_run(
@@ -601,7 +617,14 @@ def apply_saved_plan(
     The caller has checked the plan's digest, expiry and runbook (:mod:`engine.planfiles`).
     """
     reviewed = {h.host: h for h in saved.plan.acting}
-    overrides = {k: v for k, v in saved.plan.overrides.items() if v != REDACTED}
+    withheld = sorted(k for k, v in saved.plan.overrides.items() if v == REDACTED)
+    if withheld:
+        raise PlanFileError(
+            f"the plan was made with secret parameter(s) {', '.join(withheld)} given with -e; "
+            "a saved plan never holds secret values, so it cannot be applied as reviewed "
+            "(use `remediate run ... -e` instead)"
+        )
+    overrides = dict(saved.plan.overrides)
     request = RunRequest(
         inventory=Path(saved.plan.inventory),
         limit=saved.plan.limit,
@@ -622,7 +645,8 @@ def apply_saved_plan(
         )
         hosts: list[HostPlan] = []
         for host in fresh.hosts:
-            reason = drift_reason(reviewed[host.host], host)
+            # The reviewed plan holds [REDACTED] where a secret was: compare like with like.
+            reason = drift_reason(reviewed[host.host], ctx.secrets.scrub_model(host))
             if reason is None:
                 hosts.append(host)
                 continue

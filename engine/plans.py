@@ -18,9 +18,8 @@ from engine.expressions import EvaluationError, Expression, Template
 from engine.guards import Decision, GuardVerdict, context_for
 from engine.outcomes import HostOutcome, Mode
 from engine.probes import HostProbe
+from engine.redaction import REDACTED
 from engine.runbooks import Runbook
-
-REDACTED = "[REDACTED]"
 
 
 class _Frozen(BaseModel):

@@ -6,18 +6,22 @@ import getpass
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.redaction import NO_SECRETS, Secrets, secrets_from_environment
 
 
 class Settings(BaseModel):
-    """Where runbooks, playbooks and run-time state live, and who is acting."""
+    """Where runbooks, playbooks and run-time state live, who is acting, what is secret."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
 
     runbooks_dir: Path
     playbooks_dir: Path
     state_dir: Path
     user: str
+    secrets: Secrets = Field(default=NO_SECRETS, repr=False)
+    """Values scrubbed from everything the engine keeps (see :mod:`engine.redaction`)."""
 
     @property
     def audit_path(self) -> Path:
@@ -43,7 +47,10 @@ def load_settings(
     playbooks_dir: Path | None = None,
     state_dir: Path | None = None,
 ) -> Settings:
-    """Settings from explicit options, then ``REMEDIATE_*`` variables, then the project layout."""
+    """Settings from explicit options, then ``REMEDIATE_*`` variables, then the project layout.
+
+    The secrets are those of the environment (:func:`secrets_from_environment`).
+    """
 
     def pick(option: Path | None, var: str, default: Path) -> Path:
         if option is not None:
@@ -58,6 +65,7 @@ def load_settings(
         playbooks_dir=pick(playbooks_dir, "REMEDIATE_PLAYBOOKS", cwd / "playbooks"),
         state_dir=pick(state_dir, "REMEDIATE_STATE_DIR", cwd / ".remediate"),
         user=user,
+        secrets=secrets_from_environment(environ),
     )
 
 

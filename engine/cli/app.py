@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from engine.errors import ParamError
+from engine.privacy import PRIVATE_UMASK
 from engine.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -91,6 +92,10 @@ def _root(
     ] = None,
 ) -> None:
     """Remediation runbooks for balenaOS fleets."""
+    if ctx.invoked_subcommand != "lab":
+        # Whatever the commands write (state, artifacts, saved plans) is the owner's only.
+        # Not for the lab: it builds root filesystems that processes in devices must read.
+        os.umask(PRIVATE_UMASK)
     state = CliState()
     state.settings = load_settings(
         Path.cwd(),

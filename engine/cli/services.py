@@ -6,11 +6,14 @@ the state store, the audit log and the pipeline are imported and opened.
 
 from __future__ import annotations
 
+import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -70,20 +73,42 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def with_inventory_secrets(settings: Settings, inventory: Path) -> Settings:
+    """``settings`` whose secrets include the API token ``inventory``'s plugin reads, if set."""
+    from engine.redaction import inventory_secrets
+
+    token = inventory_secrets(inventory, os.environ)
+    return settings.model_copy(update={"secrets": settings.secrets.with_values(token)})
+
+
+def private_state_dir(settings: Settings) -> None:
+    """Create the state directory owner-only, or tighten it (saying so on stderr, once)."""
+    from engine.privacy import private_state_dir as make_private
+
+    tightened = make_private(settings.state_dir)
+    if tightened is not None:
+        sys.stderr.write(f"remediate: {tightened.warning()}\n")
+
+
 def new_executor(settings: Settings) -> AnsibleExecutor:
     """The executor of this invocation's runs (ansible-runner, work files under the state dir)."""
     from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 
-    return AnsibleExecutor(AnsibleSettings(work_dir=settings.state_dir / "work"))
+    private_state_dir(settings)
+    return AnsibleExecutor(
+        AnsibleSettings(work_dir=settings.state_dir / "work"), secrets=settings.secrets
+    )
 
 
 @contextmanager
 def open_store(settings: Settings) -> Iterator[StateStore]:
-    """The state store, closed afterwards."""
+    """The state store (its database owner-only), closed afterwards."""
     from engine.audit import utc_now
+    from engine.privacy import private_file
     from engine.state import open_state
 
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    private_state_dir(settings)
+    private_file(settings.db_path)  # SQLite gives its -wal and -shm files the database's mode
     store = open_state(settings.db_path, clock=utc_now)
     try:
         yield store
@@ -106,7 +131,7 @@ def open_services(
     from engine.pipeline import NullReporter, Services
 
     audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
-    configure_audit(audit, clock=utc_now)
+    configure_audit(audit, clock=utc_now, secrets=settings.secrets)
     executor = executor or new_executor(settings)
     with open_store(settings) as store:
         progress = (
@@ -123,6 +148,7 @@ def open_services(
             artifacts_dir=settings.artifacts_dir,
             sleep=time.sleep,
             reporter=reporter,
+            secrets=settings.secrets,
         )
         try:
             if progress is not None:

@@ -209,7 +209,11 @@ class Param(_Spec):
     type: ParamType
     default: int | float | bool | str
     description: str = ""
-    secret: bool = Field(default=False, description="Redact the value in plans and audit logs.")
+    secret: bool = Field(
+        default=False,
+        description="Redact the value (by value, wherever it appears) in plans, audit logs and "
+        "Ansible's artifacts.",
+    )
 
     @model_validator(mode="after")
     def _default_matches_type(self) -> Param:

@@ -21,6 +21,7 @@ from engine.errors import StateError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import Executor
 from engine.pipeline import Services
+from engine.privacy import private_dir, private_file
 from engine.runbooks import load_runbooks
 from engine.server.breaker import CircuitBreaker
 from engine.server.config import ServerConfig
@@ -82,7 +83,9 @@ class WebhookServer:
         self.router = Router(runbooks)
         self._abort = threading.Event()  # set when running runs overstay the shutdown timeout
         self.executor = executor or AnsibleExecutor(
-            AnsibleSettings(work_dir=settings.state_dir / "work"), cancel=self._abort.is_set
+            AnsibleSettings(work_dir=settings.state_dir / "work"),
+            cancel=self._abort.is_set,
+            secrets=settings.secrets,
         )
         # The checkpoint watcher copies the log back after commits, on another core; the
         # intake's own commits do so only if the log grew large all the same.
@@ -150,7 +153,8 @@ class WebhookServer:
         self._breaker_due.set()
 
     def _open_store(self, *, checkpoint_pages: int | None = None) -> SqliteAlertStore:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.state_dir)
+        private_file(self.settings.db_path)  # SQLite gives -wal and -shm the database's mode
         return SqliteAlertStore(
             self.settings.db_path, clock=self.clock, checkpoint_pages=checkpoint_pages
         )
@@ -164,6 +168,7 @@ class WebhookServer:
             new_run_id=new_run_id,
             artifacts_dir=self.settings.artifacts_dir,
             sleep=time.sleep,
+            secrets=self.settings.secrets,
         )
         return services, store
 

@@ -1,8 +1,9 @@
 """``remediate serve``: the webhook server behind uvicorn, with a worker pool and clean stops.
 
-Start-up: read the config, take the state directory's server lock (one server per state
-store), mark runs a killed predecessor left running as interrupted (never re-run), load the
-runbooks and the inventory, start the workers, then listen.
+Start-up: read the config (and check its TLS files), make the state directory private, take
+its server lock (one server per state store), mark runs a killed predecessor left running as
+interrupted (never re-run), load the runbooks and the inventory, start the workers, then
+listen (HTTPS with ``listen.tls``).  The process runs with umask ``077``.
 
 SIGTERM or SIGINT: new webhooks get 503 (Alertmanager retries), workers claim nothing more,
 running runs get ``shutdown_timeout`` to finish (then they are marked interrupted), queued
@@ -16,6 +17,7 @@ import gc
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Iterator
@@ -27,9 +29,12 @@ import uvicorn
 
 from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
 from engine.errors import ConfigError, StateError
+from engine.privacy import PRIVATE_UMASK, private_state_dir
+from engine.redaction import inventory_secrets
 from engine.server.app import create_app
 from engine.server.config import ServerConfig, load_server_config
 from engine.server.runtime import WebhookServer
+from engine.server.tls import UvicornTls, check_tls
 from engine.settings import Settings
 
 #: Exit code when HTTP serving stopped on its own (not on a signal).
@@ -43,7 +48,7 @@ def server_lock(state_dir: Path) -> Iterator[None]:
     """Hold ``<state_dir>/server.lock``: one server process per state store."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "server.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -87,18 +92,29 @@ def serve(config_path: Path, settings: Settings) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    umask = os.umask(PRIVATE_UMASK)
     try:
         config = load_server_config(config_path, os.environ)
+        tls = check_tls(config.listen.tls) if config.listen.tls is not None else None
+        # The server's own secrets are scrubbed from all it keeps, as the environment's are.
+        known = (*config.secret_values, *inventory_secrets(config.inventory, os.environ))
+        settings = settings.model_copy(update={"secrets": settings.secrets.with_values(known)})
+        tightened = private_state_dir(settings.state_dir)
+        if tightened is not None:
+            sys.stderr.write(f"remediate serve: {tightened.warning()}\n")
         with server_lock(settings.state_dir):
-            return _serve(config, settings, stop)
+            return _serve(config, settings, stop, tls)
     finally:
+        os.umask(umask)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> int:
+def _serve(
+    config: ServerConfig, settings: Settings, stop: threading.Event, tls: UvicornTls | None
+) -> int:
     audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
-    configure_audit(audit, clock=utc_now)
+    configure_audit(audit, clock=utc_now, secrets=settings.secrets)
     server = WebhookServer(config, settings, clock=utc_now)
     try:
         server.recover()
@@ -111,6 +127,10 @@ def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> i
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=10,
+                ssl_certfile=tls.ssl_certfile if tls else None,
+                ssl_keyfile=tls.ssl_keyfile if tls else None,
+                ssl_ca_certs=tls.ssl_ca_certs if tls else None,
+                ssl_cert_reqs=tls.ssl_cert_reqs if tls else ssl.CERT_NONE,
             )
         )
         server.start()
@@ -128,7 +148,13 @@ def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> i
         )
         thread.start()
         host, port = sock.getsockname()[:2]
-        sys.stderr.write(f"remediate serve: listening on http://{host}:{port}\n")
+        scheme = "https" if tls else "http"
+        sys.stderr.write(f"remediate serve: listening on {scheme}://{host}:{port}\n")
+        if not tls and not config.listen.loopback:
+            sys.stderr.write(
+                f"remediate serve: warning: plain HTTP on {host}: credentials and alerts cross "
+                "the network in clear (set listen.tls)\n"
+            )
         sys.stderr.flush()
         while not stop.wait(0.2):
             if not thread.is_alive():

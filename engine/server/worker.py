@@ -25,7 +25,7 @@ from engine.approvals import apply_approved, expire_approvals, request_approval
 from engine.errors import EngineError
 from engine.outcomes import RunStatus
 from engine.pipeline import RunReport, RunRequest, Services, run_runbook
-from engine.planfiles import SavedPlan
+from engine.planfiles import seal_plan
 from engine.plans import Plan
 from engine.runbooks import Runbook
 from engine.runbooks.spec import TriggerMode
@@ -221,6 +221,7 @@ class WorkerPool:
         )
         started = time.monotonic()
         state, status, reason = self._execute(item, run_id, services)
+        reason = services.secrets.scrub(reason)  # an error's text may quote one
         self._metrics.run_duration.labels(item.runbook).observe(time.monotonic() - started)
         self._metrics.runs.labels(status.value if status else state.value).inc()
         store.finish_queue_item(
@@ -266,7 +267,7 @@ class WorkerPool:
         plan = report.plan
         if not plan.acting or plan.refused:
             return "approve mode: nothing to approve"
-        saved = SavedPlan(plan=plan, expires_at=plan.created_at + self._approval_ttl).sealed()
+        saved = seal_plan(plan, plan.created_at + self._approval_ttl, services.secrets)
         record = request_approval(
             services.store, saved, runbook, source=f"alert:{item.fingerprint}", now=self._clock()
         )

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -41,7 +41,33 @@ class Alertmanager:
         assert response.status_code == 200, response.text
 
 
-def _config(webhook_url: str, token: str, repeat_interval: str) -> str:
+@dataclass(frozen=True)
+class ClientTls:
+    """What Alertmanager presents and trusts when notifying over HTTPS (``tls_config``)."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+class StartAlertmanager(Protocol):
+    """Start an Alertmanager notifying ``webhook_url`` with bearer ``token`` (and TLS)."""
+
+    def __call__(
+        self, webhook_url: str, token: str, *, shipped: bool = False, tls: ClientTls | None = None
+    ) -> Alertmanager:
+        """Start it and wait until it is ready."""
+        ...
+
+
+def _config(webhook_url: str, token: str, repeat_interval: str, tls: ClientTls | None) -> str:
+    http_config: dict[str, Any] = {"authorization": {"credentials": token}}
+    if tls is not None:
+        http_config["tls_config"] = {
+            "ca_file": str(tls.ca_file),
+            "cert_file": str(tls.cert_file),
+            "key_file": str(tls.key_file),
+        }
     return json.dumps(
         {
             "route": {
@@ -58,7 +84,7 @@ def _config(webhook_url: str, token: str, repeat_interval: str) -> str:
                         {
                             "url": webhook_url,
                             "send_resolved": True,
-                            "http_config": {"authorization": {"credentials": token}},
+                            "http_config": http_config,
                         }
                     ],
                 }
@@ -80,9 +106,6 @@ def _shipped_config(webhook_url: str, token_file: Path) -> str:
     return json.dumps(config)
 
 
-StartAlertmanager = Callable[..., Alertmanager]
-
-
 @pytest.fixture
 def start_alertmanager(tmp_path: Path) -> Iterator[StartAlertmanager]:
     """Start an Alertmanager notifying ``webhook_url`` with bearer ``token``; stopped after."""
@@ -90,16 +113,20 @@ def start_alertmanager(tmp_path: Path) -> Iterator[StartAlertmanager]:
         pytest.skip("prometheus-alertmanager is not installed")
     started: list[Alertmanager] = []
 
-    def start(webhook_url: str, token: str, *, shipped: bool = False) -> Alertmanager:
+    def start(
+        webhook_url: str, token: str, *, shipped: bool = False, tls: ClientTls | None = None
+    ) -> Alertmanager:
         base = tmp_path / f"alertmanager{len(started)}"
         base.mkdir()
         config = base / "alertmanager.yml"
         if shipped:
+            if tls is not None:
+                raise ValueError("the shipped Alertmanager config has no TLS client settings")
             token_file = base / "remediate-token"
             token_file.write_text(token)
             config.write_text(_shipped_config(webhook_url, token_file))
         else:
-            config.write_text(_config(webhook_url, token, repeat_interval="2s"))
+            config.write_text(_config(webhook_url, token, repeat_interval="2s", tls=tls))
         check = subprocess.run(
             ["amtool", "check-config", str(config)], capture_output=True, text=True, check=False
         )
