@@ -138,6 +138,7 @@ def test_a_body_on_stdin_with_the_server_configuration(tmp_path: Path, inventory
         f"inventory: {inventory}\nrunbooks_dir: {ROOT / 'runbooks'}\n"
         f"playbooks_dir: {ROOT / 'playbooks'}\nauth: {{token: {TOKEN}}}\n"
     )
+    config.chmod(0o600)  # it holds a token: the server refuses it readable by others
     proc = subprocess.run(
         [*REMEDIATE, "route", "-", "--config", str(config), "-o", "json"],
         input=FIRING.read_text(),

@@ -224,7 +224,9 @@ def _server_config(path: Path, *, port: int, inventory: Path, runbooks: Path) ->
     config["listen"]["port"] = port
     config["auth"]["token"] = TOKEN
     config["approvals"]["approvers"] = {"alice": APPROVER_TOKEN}
-    return dump_yaml(config, path)
+    written = dump_yaml(config, path)
+    written.chmod(0o600)  # it holds tokens: the server refuses it readable by others
+    return written
 
 
 def _firings(server: ServerProcess, dev: Device) -> list[dict[str, Any]]:
