@@ -18,6 +18,7 @@ class Settings(BaseModel):
     playbooks_dir: Path
     state_dir: Path
     user: str
+    state_url: str | None = None  # --state-url / REMEDIATE_STATE_URL, when given
 
     @property
     def audit_path(self) -> Path:
@@ -28,6 +29,14 @@ class Settings(BaseModel):
     def db_path(self) -> Path:
         """The SQLite state store."""
         return self.state_dir / "state.db"
+
+    def database_url(self, configured: str | None = None) -> str:
+        """The state database's URL.
+
+        ``--state-url`` / ``REMEDIATE_STATE_URL``, else ``configured`` (the server
+        configuration's ``state:``), else the state directory's SQLite file.
+        """
+        return self.state_url or configured or f"sqlite:///{self.db_path}"
 
     @property
     def artifacts_dir(self) -> Path:
@@ -42,6 +51,7 @@ def load_settings(
     runbooks_dir: Path | None = None,
     playbooks_dir: Path | None = None,
     state_dir: Path | None = None,
+    state_url: str | None = None,
 ) -> Settings:
     """Settings from explicit options, then ``REMEDIATE_*`` variables, then the project layout."""
 
@@ -58,6 +68,7 @@ def load_settings(
         playbooks_dir=pick(playbooks_dir, "REMEDIATE_PLAYBOOKS", cwd / "playbooks"),
         state_dir=pick(state_dir, "REMEDIATE_STATE_DIR", cwd / ".remediate"),
         user=user,
+        state_url=state_url or environ.get("REMEDIATE_STATE_URL") or None,
     )
 
 

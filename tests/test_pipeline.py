@@ -26,7 +26,7 @@ from engine.pipeline import RunReport, RunRequest, Services, run_runbook
 from engine.plans import REDACTED
 from engine.probes import start_probe
 from engine.runbooks import Runbook, load_runbook
-from engine.state import SqliteStateStore
+from engine.state.sqlite import SqliteStateStore
 from engine.targets import runbook_selection
 from tests.support.probing import Answer, device
 

@@ -18,7 +18,7 @@ from engine.pipeline import RunReport, RunRequest, Services, apply_saved_plan, r
 from engine.planfiles import check_applicable, load_plan, render_markdown, save_plan
 from engine.plans import HostPlan, PlannedStep
 from engine.runbooks import Runbook, load_runbook
-from engine.state import SqliteStateStore
+from engine.state.sqlite import SqliteStateStore
 from tests.support.probing import Answer, device
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -22,18 +22,11 @@ from engine.server.app import create_app
 from engine.server.breaker import CircuitBreaker
 from engine.server.config import ServerConfig
 from engine.server.metrics import ServerMetrics
+from engine.server.queue import FiringInput, FiringOutcome, QueueRoute, QueueState, ResolvedInput
 from engine.server.runtime import WebhookServer
-from engine.state import (
-    MIGRATIONS,
-    ApprovalStatus,
-    FiringInput,
-    FiringOutcome,
-    QueueRoute,
-    QueueState,
-    ResolvedInput,
-    RunRecord,
-    SqliteAlertStore,
-)
+from engine.state import ApprovalStatus, RunRecord
+from engine.state.sqlite import SqliteAlertStore
+from engine.state.sqlite.migrations import MIGRATIONS
 from tests.support.probing import encode_records
 from tests.support.webhook import (
     ENGINE_RUNBOOK,

@@ -14,15 +14,10 @@ import pytest
 
 from engine.errors import StateError
 from engine.outcomes import HostOutcome, Mode, RunStatus
-from engine.state import (
-    MIGRATIONS,
-    HostRecord,
-    Migration,
-    RunRecord,
-    SqliteStateStore,
-    StateStore,
-    open_state,
-)
+from engine.state import HostRecord, RunRecord, StateStore, open_database, sqlite_url
+from engine.state.migrations import Migration
+from engine.state.sqlite import SqliteStateStore
+from engine.state.sqlite.migrations import MIGRATIONS
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -69,12 +64,13 @@ def _run(run_id: str = "run-1", runbook: str = "fix-wifi", **changes: object) ->
 
 
 def test_sqlite_store_satisfies_the_interface(db_path: Path, clock: _Clock) -> None:
-    """open_state returns something usable as the StateStore protocol."""
-    store: StateStore = open_state(db_path, clock=clock)
-    try:
-        assert store.list_runs() == []
-    finally:
-        store.close()
+    """The factory opens a sqlite:/// URL as a store usable as the StateStore protocol."""
+    with open_database(sqlite_url(db_path), clock=clock) as database:
+        store: StateStore = database.store()
+        try:
+            assert store.list_runs() == []
+        finally:
+            store.close()
 
 
 def test_migrations_idempotent_on_reopen(db_path: Path, clock: _Clock) -> None:

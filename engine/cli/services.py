@@ -81,14 +81,15 @@ def new_executor(settings: Settings) -> AnsibleExecutor:
 def open_store(settings: Settings) -> Iterator[StateStore]:
     """The state store, closed afterwards."""
     from engine.audit import utc_now
-    from engine.state import open_state
+    from engine.state import open_database
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = open_state(settings.db_path, clock=utc_now)
-    try:
-        yield store
-    finally:
-        store.close()
+    with open_database(settings.database_url(), clock=utc_now) as database:
+        store = database.store()
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 @contextmanager

@@ -46,8 +46,9 @@ from engine.approvals import ApprovalError, decide
 from engine.errors import StateError
 from engine.server.alerts import BodyError, parse_webhook
 from engine.server.config import Auth
+from engine.server.queue import FiringOutcome, QueueState, RecordedAlerts
 from engine.server.runtime import WebhookServer
-from engine.state import ApprovalStatus, FiringOutcome, QueueState, RecordedAlerts
+from engine.state import ApprovalStatus
 
 SIGNATURE_HEADER = "x-remediate-signature"
 _E = TypeVar("_E", bound=StrEnum)

@@ -113,6 +113,21 @@ class Approvals(_Section):
         return self
 
 
+class State(_Section):
+    """Where the state lives (``state: URL`` is short for ``state: {url: URL}``)."""
+
+    url: str | None = Field(
+        default=None,
+        description="sqlite:///PATH or postgresql://...; --state-url and REMEDIATE_STATE_URL "
+        "win over it; default: the state directory's SQLite file.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_alone(cls, data: Any) -> Any:
+        return {"url": data} if isinstance(data, str) else data
+
+
 class ServerConfig(_Section):
     """The whole server configuration file."""
 
@@ -128,6 +143,7 @@ class ServerConfig(_Section):
     queue: Queue = Queue()
     breaker: Breaker = Breaker()
     approvals: Approvals = Approvals()
+    state: State = State()
     inventory_refresh: Duration = Field(
         default=timedelta(minutes=5),
         description="Re-read the inventory this often (and whenever its files change).",

@@ -25,16 +25,16 @@ from engine.server.alerts import WebhookMessage
 from engine.server.breaker import CircuitBreaker
 from engine.server.fleet import Fleet, FleetWatcher
 from engine.server.metrics import ServerMetrics
-from engine.server.routing import Router
-from engine.state import (
+from engine.server.queue import (
     AlertBatch,
-    AlertStore,
     FiringInput,
     FiringOutcome,
     QueueItem,
     RecordedAlerts,
     ResolvedInput,
 )
+from engine.server.routing import Router
+from engine.state import AlertStore
 
 _UNROUTED = (FiringOutcome.UNMATCHED, FiringOutcome.UNRESOLVED)
 

@@ -27,10 +27,11 @@ from engine.server.config import ServerConfig
 from engine.server.fleet import FleetWatcher, ResolveTargets
 from engine.server.intake import Intake
 from engine.server.metrics import ServerMetrics
+from engine.server.queue import QueueItem
 from engine.server.routing import Router
 from engine.server.worker import WorkerPool
 from engine.settings import Settings
-from engine.state import AlertStore, QueueItem, SqliteAlertStore
+from engine.state import AlertStore, StateDatabase, open_database, redacted_url
 from engine.targets import resolve_targets
 
 #: How often the inventory's files are checked for changes.
@@ -39,14 +40,8 @@ INVENTORY_CHECK = 2.0
 INTAKE_BREAKER_INTERVAL = 0.5
 #: The intake's breaker checks, which run in the background, take at most this share of the time.
 INTAKE_BREAKER_SHARE = 0.2
-#: How long stopping waits for a breaker check or a checkpoint in progress to finish.
+#: How long stopping waits for a breaker check in progress to finish.
 WATCHER_JOIN = 10.0
-#: Notifications recorded between two copies of the write-ahead log back into the database
-#: (each copy syncs the log and the database: fewer, larger copies cost less).
-CHECKPOINT_AFTER = 4
-#: Log pages past which an intake commit copies the write-ahead log back itself (a stall of
-#: that commit); normally the checkpoint watcher has copied it long before.
-INTAKE_CHECKPOINT_PAGES = 10_000
 
 
 def new_run_id() -> str:
@@ -70,6 +65,7 @@ class WebhookServer:
         executor: Executor | None = None,
         resolve: ResolveTargets = resolve_targets,
         run_ids: Callable[[], str] = new_run_id,
+        database: StateDatabase | None = None,
     ) -> None:
         self.config = config
         self.settings = settings
@@ -84,11 +80,12 @@ class WebhookServer:
         self.executor = executor or AnsibleExecutor(
             AnsibleSettings(work_dir=settings.state_dir / "work"), cancel=self._abort.is_set
         )
-        # The checkpoint watcher copies the log back after commits, on another core; the
-        # intake's own commits do so only if the log grew large all the same.
-        self.store: AlertStore = self._open_store(checkpoint_pages=INTAKE_CHECKPOINT_PAGES)
-        self._checkpoint_due = threading.Event()
-        self._uncopied = 0  # notifications recorded since the log was last copied back
+        self._owns_database = database is None
+        if database is None:
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+            database = open_database(settings.database_url(config.state.url), clock=clock)
+        self.database: StateDatabase = database
+        self.store: AlertStore = self.database.store(intake=True)
         self.metrics = ServerMetrics(self.store.queue_counts)
         self.fleet = FleetWatcher(
             config.inventory,
@@ -124,19 +121,15 @@ class WebhookServer:
             self.metrics,
             clock=clock,
             on_queued=self._after_queued,
-            on_answered=self._after_answered,
         )
         self._watcher_stop = threading.Event()
         self._breaker_due = threading.Event()
         self._breaker_watcher: threading.Thread | None = None
-        self._checkpointer: threading.Thread | None = None
 
-    def _after_answered(self, notifications: int) -> None:
-        """Notifications were answered: have the log copied back every few of them."""
-        self._uncopied += notifications
-        if self._uncopied >= CHECKPOINT_AFTER:
-            self._uncopied = 0
-            self._checkpoint_due.set()
+    @property
+    def state_url(self) -> str:
+        """The state database's URL, without a password."""
+        return redacted_url(self.database.url)
 
     def _after_queued(self) -> None:
         """New runs are queued: wake the workers and have the breaker look at them.
@@ -149,14 +142,8 @@ class WebhookServer:
         self.pool.wake()
         self._breaker_due.set()
 
-    def _open_store(self, *, checkpoint_pages: int | None = None) -> SqliteAlertStore:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteAlertStore(
-            self.settings.db_path, clock=self.clock, checkpoint_pages=checkpoint_pages
-        )
-
     def _open_services(self) -> tuple[Services, AlertStore]:
-        store = self._open_store()
+        store = self.database.store()
         services = Services(
             executor=self.executor,
             store=store,
@@ -193,10 +180,6 @@ class WebhookServer:
             target=self._watch_breaker, name="remediate-breaker", daemon=True
         )
         self._breaker_watcher.start()
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint_wal, name="remediate-checkpoint", daemon=True
-        )
-        self._checkpointer.start()
         structlog.get_logger().info(
             "server.started",
             owner=self.owner,
@@ -215,10 +198,8 @@ class WebhookServer:
         structlog.get_logger().info("server.stopping", running=running, timeout=timeout)
         self.pool.stop()
         self._watcher_stop.set()
-        self._checkpoint_due.set()
-        for watcher in (self._breaker_watcher, self._checkpointer):
-            if watcher is not None:
-                watcher.join(WATCHER_JOIN)
+        if self._breaker_watcher is not None:
+            self._breaker_watcher.join(WATCHER_JOIN)
         interrupted: list[QueueItem] = []
         if not self.pool.join(timeout):
             # Stop the playbooks still running (ansible-runner terminates its children), so no
@@ -235,9 +216,11 @@ class WebhookServer:
         return interrupted
 
     def close(self) -> None:
-        """Stop the intake (recording what is waiting), then close the store."""
+        """Stop the intake (recording what is waiting), then close the store (and the database)."""
         self.intake.close()
         self.store.close()
+        if self._owns_database:
+            self.database.close()
 
     def _watch_inventory(self) -> None:
         while not self._watcher_stop.wait(INVENTORY_CHECK):
@@ -249,7 +232,7 @@ class WebhookServer:
         At most every ``INTAKE_BREAKER_INTERVAL``, and when its queries are slow (a window
         holding many runs) at most ``INTAKE_BREAKER_SHARE`` of the time.
         """
-        store = self._open_store()
+        store = self.database.store()
         try:
             while not self._watcher_stop.is_set():
                 if not self._breaker_due.wait(INTAKE_BREAKER_INTERVAL):
@@ -262,26 +245,6 @@ class WebhookServer:
                     structlog.get_logger().warning("breaker.check_failed", error=str(exc))
                 took = time.monotonic() - started
                 self._watcher_stop.wait(max(INTAKE_BREAKER_INTERVAL, took / INTAKE_BREAKER_SHARE))
-        finally:
-            store.close()
-
-    def _checkpoint_wal(self) -> None:
-        """After intake commits, copy the write-ahead log back, on its own connection.
-
-        The copy (PASSIVE: it waits for nobody) runs while the intake goes on, on the other
-        core (SQLite lets go of the GIL); it usually ends before the next commit, which then
-        starts the log over.  So no commit pays for a copy, and the log stays small.
-        """
-        store = self._open_store()
-        try:
-            while not self._watcher_stop.is_set():
-                self._checkpoint_due.wait()
-                self._checkpoint_due.clear()
-                try:
-                    store.checkpoint()
-                except StateError as exc:  # the log keeps the data; a later copy catches up
-                    structlog.get_logger().warning("wal.checkpoint_failed", error=str(exc))
-                    self._watcher_stop.wait(INVENTORY_CHECK)
         finally:
             store.close()
 

@@ -1,8 +1,9 @@
 """``remediate serve``: the webhook server behind uvicorn, with a worker pool and clean stops.
 
-Start-up: read the config, take the state directory's server lock (one server per state
-store), mark runs a killed predecessor left running as interrupted (never re-run), load the
-runbooks and the inventory, start the workers, then listen.
+Start-up: read the config, open the state database (migrating it), take the state
+directory's server lock when the backend allows one server only (SQLite; replicas share a
+PostgreSQL database), mark runs a killed predecessor left running as interrupted (never
+re-run), load the runbooks and the inventory, start the workers, then listen.
 
 SIGTERM or SIGINT: new webhooks get 503 (Alertmanager retries), workers claim nothing more,
 running runs get ``shutdown_timeout`` to finish (then they are marked interrupted), queued
@@ -11,6 +12,7 @@ runs stay queued for the next start; then HTTP stops and the exit code is 0.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import os
@@ -31,6 +33,7 @@ from engine.server.app import create_app
 from engine.server.config import ServerConfig, load_server_config
 from engine.server.runtime import WebhookServer
 from engine.settings import Settings
+from engine.state import open_database
 
 #: Exit code when HTTP serving stopped on its own (not on a signal).
 EXIT_HTTP_FAILED = 3
@@ -89,8 +92,7 @@ def serve(config_path: Path, settings: Settings) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         config = load_server_config(config_path, os.environ)
-        with server_lock(settings.state_dir):
-            return _serve(config, settings, stop)
+        return _serve(config, settings, stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -99,48 +101,59 @@ def serve(config_path: Path, settings: Settings) -> int:
 def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> int:
     audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
     configure_audit(audit, clock=utc_now)
-    server = WebhookServer(config, settings, clock=utc_now)
-    try:
-        server.recover()
-        sock = _listen(config)
-        http = uvicorn.Server(
-            uvicorn.Config(
-                create_app(server),
-                log_config=None,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=10,
-            )
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    database = open_database(settings.database_url(config.state.url), clock=utc_now)
+    with contextlib.ExitStack() as stack:
+        stack.callback(database.close)
+        if database.single_server:
+            stack.enter_context(server_lock(settings.state_dir))
+        server = WebhookServer(config, settings, clock=utc_now, database=database)
+        stack.callback(server.close)
+        return _run(server, config, audit, stop)
+
+
+def _run(
+    server: WebhookServer, config: ServerConfig, audit: AuditLog, stop: threading.Event
+) -> int:
+    """Recover, start, listen until stopped, drain; return the exit code."""
+    server.recover()
+    sock = _listen(config)
+    http = uvicorn.Server(
+        uvicorn.Config(
+            create_app(server),
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=10,
         )
-        server.start()
-        # Start-up made most of the objects the process will ever hold (modules, runbooks,
-        # the inventory); keep them out of the cyclic collector's reach, or every full
-        # collection walks them all and holds up intake for tens of milliseconds.
-        gc.collect()
-        gc.freeze()
-        # The HTTP thread and the intake's committer share the GIL; with the default 5 ms
-        # switch interval one thread's Python work holds up the other's (an answer waiting to
-        # be sent, a notification to be parsed) for up to 5 ms.
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-        thread = threading.Thread(
-            target=http.run, kwargs={"sockets": [sock]}, name="remediate-http", daemon=True
-        )
-        thread.start()
-        host, port = sock.getsockname()[:2]
-        sys.stderr.write(f"remediate serve: listening on http://{host}:{port}\n")
-        sys.stderr.flush()
-        while not stop.wait(0.2):
-            if not thread.is_alive():
-                break
-        http_failed = not stop.is_set()
-        server.stop(config.shutdown_timeout.total_seconds())
-        http.should_exit = True
-        thread.join(15)
-        sock.close()
-        head = audit.head()
-        if head is not None:
-            server.store.save_audit_head(head.seq, head.hash)
-    finally:
-        server.close()
+    )
+    server.start()
+    # Start-up made most of the objects the process will ever hold (modules, runbooks,
+    # the inventory); keep them out of the cyclic collector's reach, or every full
+    # collection walks them all and holds up intake for tens of milliseconds.
+    gc.collect()
+    gc.freeze()
+    # The HTTP thread and the intake's committer share the GIL; with the default 5 ms
+    # switch interval one thread's Python work holds up the other's (an answer waiting to
+    # be sent, a notification to be parsed) for up to 5 ms.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    thread = threading.Thread(
+        target=http.run, kwargs={"sockets": [sock]}, name="remediate-http", daemon=True
+    )
+    thread.start()
+    host, port = sock.getsockname()[:2]
+    sys.stderr.write(f"remediate serve: listening on http://{host}:{port}\n")
+    sys.stderr.flush()
+    while not stop.wait(0.2):
+        if not thread.is_alive():
+            break
+    http_failed = not stop.is_set()
+    server.stop(config.shutdown_timeout.total_seconds())
+    http.should_exit = True
+    thread.join(15)
+    sock.close()
+    head = audit.head()
+    if head is not None:
+        server.store.save_audit_head(head.seq, head.hash)
     return EXIT_HTTP_FAILED if http_failed else 0

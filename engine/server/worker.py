@@ -31,7 +31,8 @@ from engine.runbooks import Runbook
 from engine.runbooks.spec import TriggerMode
 from engine.server.breaker import CircuitBreaker
 from engine.server.metrics import ServerMetrics
-from engine.state import AlertStore, ApprovalStatus, QueueItem, QueueState
+from engine.server.queue import QueueItem, QueueState
+from engine.state import AlertStore, ApprovalStatus
 
 #: Who alert-triggered runs are recorded as.
 ALERT_USER = "alertmanager"

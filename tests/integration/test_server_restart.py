@@ -11,7 +11,8 @@ import pytest
 
 from engine.audit import utc_now, verify_audit
 from engine.outcomes import RunStatus
-from engine.state import QueueState, SqliteAlertStore, SqliteStateStore
+from engine.server.queue import QueueState
+from engine.state.sqlite import SqliteAlertStore, SqliteStateStore
 from tests.support.webhook import (
     MARK_PLAYBOOK,
     TOKEN,
