@@ -86,8 +86,8 @@ def _verdict(
             return GuardVerdict(id=guard.id, kind="cooldown", passed=False, message=message)
         return GuardVerdict(id=guard.id, kind="cooldown", passed=True)
     if isinstance(guard, LockGuard):
-        holder = store.lock_holder(host)
-        if holder is not None and holder.expires_at > now:
+        holder = store.lock_holder(host)  # a live lease, on the store's clock
+        if holder is not None:
             message = f"{guard.message} (run {holder.run_id})"
             return GuardVerdict(id=guard.id, kind="lock", passed=False, message=message)
         return GuardVerdict(id=guard.id, kind="lock", passed=True)

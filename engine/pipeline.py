@@ -47,7 +47,7 @@ from engine.plans import (
 from engine.probes import HostProbe, PendingProbe, ProbeStatus, run_probes, start_probe
 from engine.runbooks import Runbook
 from engine.runbooks.spec import Approval
-from engine.state import HostRecord, RunRecord, StateStore
+from engine.state import HostRecord, Lease, RunRecord, StateStore
 from engine.targets import TargetSet, resolve_targets, runbook_selection, target_set
 from engine.verification import verify_hosts
 
@@ -83,6 +83,7 @@ class Services:
     artifacts_dir: Path
     sleep: Callable[[float], None]
     reporter: Reporter = field(default_factory=NullReporter)
+    holder: str = "cli"  # who holds the device leases of its runs (a controller's name)
 
 
 class RunRequest(BaseModel):
@@ -359,11 +360,19 @@ class _Apply:
     def _batch(self, number: int, batch: tuple[HostPlan, ...]) -> None:
         store, runbook = self.services.store, self.ctx.runbook
         locked: list[HostPlan] = []
+        leases: list[Lease] = []
         for host_plan in batch:
-            if store.try_lock(host_plan.host, self.plan.run_id, runbook.spec.policy.lock_ttl):
+            grant = store.acquire_lease(
+                host_plan.host,
+                self.plan.run_id,
+                holder=self.services.holder,
+                ttl=runbook.spec.policy.lock_ttl,
+            )
+            if grant.lease is not None:
                 locked.append(host_plan)
+                leases.append(grant.lease)
             else:
-                holder = store.lock_holder(host_plan.host)
+                holder = grant.held_by
                 reason = f"device lock held by run {holder.run_id if holder else 'another run'}"
                 self.log.info(
                     "guard.denied", host=host_plan.host, guard="device_lock", message=reason
@@ -372,8 +381,8 @@ class _Apply:
         try:
             self._act(number, tuple(locked))
         finally:
-            for host_plan in locked:
-                store.release_lock(host_plan.host, self.plan.run_id)
+            for lease in leases:
+                store.release_lease(lease)
 
     def _still_needed(self, hosts: Sequence[str], step_id: str) -> set[str]:
         """Probe ``hosts`` again: those where the symptom and the step's ``when`` still hold."""

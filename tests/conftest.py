@@ -7,4 +7,6 @@ pytest_plugins: list[str] = [
     "tests.support.sshd",
     "tests.support.webhook",
     "tests.support.alertmanager",
+    "tests.support.postgres",
+    "tests.support.stores",
 ]

@@ -16,14 +16,26 @@ from __future__ import annotations
 
 from engine.state.factory import open_database, redacted_url, sqlite_url
 from engine.state.protocols import AlertStore, StateDatabase, StateStore
-from engine.state.records import ApprovalRecord, ApprovalStatus, HostRecord, LockRecord, RunRecord
+from engine.state.records import (
+    Admission,
+    ApprovalRecord,
+    ApprovalStatus,
+    HostRecord,
+    Interruption,
+    Lease,
+    LeaseGrant,
+    RunRecord,
+)
 
 __all__ = [
+    "Admission",
     "AlertStore",
     "ApprovalRecord",
     "ApprovalStatus",
     "HostRecord",
-    "LockRecord",
+    "Interruption",
+    "Lease",
+    "LeaseGrant",
     "RunRecord",
     "StateDatabase",
     "StateStore",

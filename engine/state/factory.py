@@ -48,8 +48,12 @@ def open_database(
     url: str,
     *,
     clock: Callable[[], datetime],
+    migrate: bool = True,
 ) -> StateDatabase:
-    """Open the database ``url`` names; its schema is migrated as it is opened.
+    """Open the database ``url`` names; its schema is migrated first unless ``migrate=False``.
+
+    (SQLite migrates each connection as it opens; ``migrate=False`` asks PostgreSQL only to
+    check that the schema is current, for roles that may not change it.)
 
     Raises :class:`~engine.errors.ConfigError` for a URL no backend takes, and
     :class:`~engine.errors.StateError` when the database cannot be opened or is newer than
@@ -62,6 +66,10 @@ def open_database(
         from engine.state.sqlite import SqliteDatabase  # noqa: PLC0415 - loaded when used
 
         return SqliteDatabase(path, clock=clock)  # each connection migrates the file as it opens
+    if urlsplit(url).scheme in POSTGRES_SCHEMES:
+        from engine.state.postgres import PostgresDatabase  # noqa: PLC0415 - needs psycopg
+
+        return PostgresDatabase(url, clock=clock, migrate=migrate)
     raise ConfigError(
         f"state URL {redacted_url(url)!r}: expected sqlite:///PATH or postgresql://..."
     )

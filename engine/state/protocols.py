@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
+from types import TracebackType
 from typing import Protocol, Self
 
 from engine.outcomes import RunStatus
@@ -26,20 +27,38 @@ from engine.server.queue import (
     RecordedAlerts,
     ResolvedInput,
 )
-from engine.state.records import ApprovalRecord, ApprovalStatus, HostRecord, LockRecord, RunRecord
+from engine.state.records import (
+    Admission,
+    ApprovalRecord,
+    ApprovalStatus,
+    HostRecord,
+    Interruption,
+    Lease,
+    LeaseGrant,
+    RunRecord,
+)
 
 
 class StateStore(Protocol):
-    """What the engine needs from a state store; a server database can implement it later."""
+    """What the engine needs from a state store, whichever backend keeps it.
+
+    Writes that report on a device (``record_host``, ``mark_acted``) may carry the
+    :class:`Lease` the writer holds on it: they are then fenced, written only while that
+    lease is still the device's current one and its run still running.
+    """
 
     def start_run(self, record: RunRecord) -> None:
         """Record a new run; its ``run_id`` must be unused."""
 
     def finish_run(self, run_id: str, status: RunStatus, summary: Mapping[str, int]) -> RunRecord:
-        """Set a run's final status and host-outcome counts; return the updated run."""
+        """Set a run's final status and counts, and end its admission; return the run.
 
-    def record_host(self, record: HostRecord) -> None:
-        """Record (or replace) one host's outcome in a started run."""
+        A run already finished (e.g. marked interrupted when its leases expired) keeps that
+        status: the stored run is returned unchanged.
+        """
+
+    def record_host(self, record: HostRecord, *, lease: Lease | None = None) -> bool:
+        """Record (or replace) one host's outcome in a started run; whether it was written."""
 
     def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
         """Return the most recent runs first, optionally of one runbook only."""
@@ -53,17 +72,51 @@ class StateStore(Protocol):
     def last_acted(self, runbook: str, host: str) -> datetime | None:
         """Return when ``runbook`` last acted on ``host`` (for cool-downs), or None."""
 
-    def mark_acted(self, runbook: str, host: str, at: datetime) -> None:
+    def mark_acted(
+        self, runbook: str, host: str, at: datetime, *, lease: Lease | None = None
+    ) -> bool:
         """Remember that ``runbook`` acted on ``host`` at ``at`` (a later time wins)."""
 
-    def try_lock(self, host: str, run_id: str, ttl: timedelta) -> bool:
-        """Take ``host``'s lock for ``run_id`` for ``ttl``; return whether it is now held."""
+    def acquire_lease(self, host: str, run_id: str, *, holder: str, ttl: timedelta) -> LeaseGrant:
+        """Lease ``host`` to ``run_id`` until the database's now + ``ttl``, with a new token.
 
-    def release_lock(self, host: str, run_id: str) -> bool:
-        """Release ``host``'s lock if ``run_id`` holds it; return whether it did."""
+        Granted when the device is free, its lease expired, or ``run_id`` holds it already
+        (then extended, same token).  An expired lease of a run still running is reaped on
+        the way: that run is marked interrupted (and reported in the grant), never silently
+        taken over.
+        """
 
-    def lock_holder(self, host: str) -> LockRecord | None:
-        """Return the live lock on ``host``, or None if it is free or expired."""
+    def renew_leases(self, leases: Sequence[Lease], ttl: timedelta) -> list[Lease]:
+        """Extend the leases still current to now + ``ttl``; those missing were lost."""
+
+    def release_lease(self, lease: Lease) -> bool:
+        """Give the lease up if it is still current; return whether it was."""
+
+    def lock_holder(self, host: str) -> Lease | None:
+        """Return the live lease on ``host``, or None if it is free or expired."""
+
+    def reap_expired(self) -> list[Interruption]:
+        """Remove expired leases; mark their runs, if still running, interrupted; return those."""
+
+    def admit_hosts(
+        self,
+        runbook: str,
+        run_id: str,
+        hosts: Sequence[str],
+        *,
+        allowed: int,
+        ttl: timedelta,
+    ) -> Admission:
+        """Admit ``run_id`` to act on ``hosts`` unless the runbook's runs would exceed ``allowed``.
+
+        One transaction under a row lock per runbook: the distinct hosts other running runs
+        of ``runbook`` hold admissions for, with ``hosts``, must not be more than
+        ``allowed``.  All or nothing; an admission lasts ``ttl`` unless renewed, and ends
+        with its run.
+        """
+
+    def renew_admission(self, run_id: str, ttl: timedelta) -> bool:
+        """Extend ``run_id``'s admission to now + ``ttl``; whether it still had one."""
 
     def mark_interrupted(self, now: datetime) -> list[str]:
         """Mark runs still ``running`` as ``interrupted``; return their ids."""
@@ -100,6 +153,15 @@ class StateStore(Protocol):
 
     def close(self) -> None:
         """Release the store's resources."""
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 class AlertStore(StateStore, Protocol):
@@ -147,6 +209,12 @@ class AlertStore(StateStore, Protocol):
         self, *, now: datetime, reason: str, owner: str | None = None
     ) -> list[QueueItem]:
         """Mark running items (of ``owner``, or all) and their runs interrupted."""
+
+    def heartbeat(self, owner: str, ttl: timedelta) -> None:
+        """Say that controller ``owner`` is alive until the database's now + ``ttl``."""
+
+    def interrupt_orphans(self, *, now: datetime) -> list[QueueItem]:
+        """Mark running items (and runs) of controllers whose heartbeat expired interrupted."""
 
     def get_queue_item(self, item_id: int) -> QueueItem | None:
         """Return one queue item, or None."""
@@ -204,4 +272,9 @@ class StateDatabase(Protocol):
 
     def __enter__(self) -> Self: ...
 
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

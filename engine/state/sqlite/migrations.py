@@ -206,6 +206,37 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX alert_queue_by_finished ON alert_queue (finished_at)",
         ),
     ),
+    Migration(
+        5,
+        "device leases with fencing tokens, fleet-wide admissions, controller heartbeats",
+        (
+            "ALTER TABLE device_locks ADD COLUMN holder TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE device_locks ADD COLUMN token INTEGER NOT NULL DEFAULT 0",
+            """
+            CREATE TABLE lease_tokens (
+                id   INTEGER PRIMARY KEY CHECK (id = 1),
+                last INTEGER NOT NULL  -- the last fencing token handed out
+            )
+            """,
+            "INSERT INTO lease_tokens (id, last) VALUES (1, 0)",
+            """
+            CREATE TABLE admissions (
+                runbook    TEXT NOT NULL,
+                run_id     TEXT NOT NULL,
+                host       TEXT NOT NULL,
+                expires_at TEXT NOT NULL,
+                PRIMARY KEY (runbook, run_id, host)
+            )
+            """,
+            "CREATE INDEX admissions_by_run ON admissions (run_id)",
+            """
+            CREATE TABLE controllers (
+                owner      TEXT PRIMARY KEY,
+                expires_at TEXT NOT NULL
+            )
+            """,
+        ),
+    ),
 )
 
 

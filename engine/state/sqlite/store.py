@@ -36,7 +36,17 @@ from engine.server.queue import (
     ResolvedInput,
 )
 from engine.state.migrations import Migration, check_migrations
-from engine.state.records import ApprovalRecord, ApprovalStatus, HostRecord, LockRecord, RunRecord
+from engine.state.records import (
+    Admission,
+    ApprovalRecord,
+    ApprovalStatus,
+    HostRecord,
+    Interruption,
+    Lease,
+    LeaseGrant,
+    RunRecord,
+    lease_expired_reason,
+)
 from engine.state.sqlite.migrations import MIGRATIONS
 
 # --------------------------------------------------------------------------- time
@@ -248,28 +258,39 @@ class SqliteStateStore:
             raise
 
     def finish_run(self, run_id: str, status: RunStatus, summary: Mapping[str, int]) -> RunRecord:
-        """Set a run's final status and host-outcome counts, finished now; return the run."""
+        """Set a run's final status and counts, finished now, and end its admission.
+
+        A run finished already (marked interrupted when its leases expired) keeps its status.
+        """
         if status is RunStatus.RUNNING:
             raise ValueError("finish_run needs a final status, not 'running'")
         with self._transaction(f"finish run {run_id}") as db:
-            cursor = db.execute(
-                "UPDATE runs SET status = ?, summary = ?, finished_at = ? WHERE run_id = ?",
+            db.execute(
+                "UPDATE runs SET status = ?, summary = ?, finished_at = ?"
+                " WHERE run_id = ? AND status = ?",
                 (
                     status.value,
                     json.dumps(dict(summary), sort_keys=True),
                     _text(self._clock()),
                     run_id,
+                    RunStatus.RUNNING.value,
                 ),
             )
-            if cursor.rowcount == 0:
-                raise StateError(f"{self.path}: cannot finish run {run_id}: no such run")
             row = db.execute(f"{_RUN_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise StateError(f"{self.path}: cannot finish run {run_id}: no such run")
+            db.execute("DELETE FROM admissions WHERE run_id = ?", (run_id,))
         return _run_record(row)
 
-    def record_host(self, record: HostRecord) -> None:
-        """Record one host's outcome in a started run, replacing an earlier one for that host."""
+    def record_host(self, record: HostRecord, *, lease: Lease | None = None) -> bool:
+        """Record one host's outcome in a started run, replacing an earlier one for that host.
+
+        With ``lease``: only while it is the device's current lease and the run is running.
+        """
         try:
             with self._transaction(f"record host {record.host} of run {record.run_id}") as db:
+                if lease is not None and not _fence_holds(db, lease):
+                    return False
                 db.execute(
                     "INSERT INTO host_results (run_id, host, outcome, reason, steps, finished_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)"
@@ -292,6 +313,7 @@ class SqliteStateStore:
                     f"run {record.run_id} was never started"
                 ) from exc
             raise
+        return True
 
     def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
         """Return the most recent runs first, optionally of one runbook only."""
@@ -354,68 +376,154 @@ class SqliteStateStore:
             ).fetchone()
         return None if row is None else _moment(row[0])
 
-    def mark_acted(self, runbook: str, host: str, at: datetime) -> None:
-        """Remember that ``runbook`` acted on ``host`` at ``at`` (a later time wins)."""
+    def mark_acted(
+        self, runbook: str, host: str, at: datetime, *, lease: Lease | None = None
+    ) -> bool:
+        """Remember that ``runbook`` acted on ``host`` at ``at`` (a later time wins).
+
+        With ``lease``: only while it is the device's current lease and the run is running.
+        """
         with self._transaction(f"record cool-down of {runbook} on {host}") as db:
+            if lease is not None and not _fence_holds(db, lease):
+                return False
             db.execute(
                 "INSERT INTO cooldowns (runbook, host, acted_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (runbook, host) DO UPDATE"
                 " SET acted_at = max(acted_at, excluded.acted_at)",
                 (runbook, host, _text(at)),
             )
-
-    # -- device locks
-
-    def try_lock(self, host: str, run_id: str, ttl: timedelta) -> bool:
-        """Take ``host``'s lock for ``run_id`` until now + ``ttl``; return whether it is held.
-
-        Succeeds when the lock is free, expired, or already held by ``run_id``
-        (which extends it).  Atomic across threads and processes.
-        """
-        if ttl <= timedelta(0):
-            raise ValueError(f"lock ttl must be positive, got {ttl}")
-        now = self._clock()
-        with self._transaction(f"lock {host} for run {run_id}") as db:
-            row = db.execute(
-                "SELECT run_id, expires_at FROM device_locks WHERE host = ?", (host,)
-            ).fetchone()
-            if row is not None and row[0] != run_id and _text(now) < row[1]:
-                return False
-            acquired = _text(now) if row is None or row[0] != run_id else None
-            db.execute(
-                "INSERT INTO device_locks (host, run_id, acquired_at, expires_at)"
-                " VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (host) DO UPDATE SET run_id = excluded.run_id,"
-                " acquired_at = coalesce(?, acquired_at), expires_at = excluded.expires_at",
-                (host, run_id, _text(now), _text(now + ttl), acquired),
-            )
         return True
 
-    def release_lock(self, host: str, run_id: str) -> bool:
-        """Release ``host``'s lock if ``run_id`` holds it; return whether it did."""
-        with self._transaction(f"unlock {host} for run {run_id}") as db:
+    # -- device leases
+
+    def acquire_lease(self, host: str, run_id: str, *, holder: str, ttl: timedelta) -> LeaseGrant:
+        """Lease ``host`` to ``run_id`` until now + ``ttl`` (the injected clock), with a new token.
+
+        Granted when the device is free, its lease expired, or ``run_id`` holds it already
+        (extended, same token).  An expired lease of a run still running is reaped first: its
+        run is marked interrupted and reported.  Atomic across threads and processes.
+        """
+        if ttl <= timedelta(0):
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        now = self._clock()
+        stamp = _text(now)
+        with self._transaction(f"lease {host} to run {run_id}") as db:
+            row = db.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM device_locks WHERE host = ?",  # noqa: S608 - constant columns
+                (host,),
+            ).fetchone()
+            current = None if row is None else _lease(row)
+            if current is not None and current.run_id == run_id:
+                renewed = db.execute(
+                    "UPDATE device_locks SET expires_at = ?, holder = ? WHERE host = ?"  # noqa: S608 - constant columns
+                    f" RETURNING {_LEASE_COLUMNS}",
+                    (_text(now + ttl), holder, host),
+                ).fetchone()
+                return LeaseGrant(lease=_lease(renewed))
+            if current is not None and current.expires_at > now:
+                return LeaseGrant(held_by=current)
+            interrupted = _reap(db, [current] if current is not None else [], stamp)
+            (token,) = db.execute(
+                "UPDATE lease_tokens SET last = last + 1 WHERE id = 1 RETURNING last"
+            ).fetchone()
+            granted = db.execute(
+                "INSERT INTO device_locks (host, run_id, holder, token, acquired_at, expires_at)"  # noqa: S608 - constant columns
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (host) DO UPDATE SET run_id = excluded.run_id,"
+                " holder = excluded.holder, token = excluded.token,"
+                " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at"
+                f" RETURNING {_LEASE_COLUMNS}",
+                (host, run_id, holder, token, stamp, _text(now + ttl)),
+            ).fetchone()
+        return LeaseGrant(lease=_lease(granted), interrupted=tuple(interrupted))
+
+    def renew_leases(self, leases: Sequence[Lease], ttl: timedelta) -> list[Lease]:
+        """Extend the leases still current to now + ``ttl``; those missing were lost."""
+        expires = _text(self._clock() + ttl)
+        renewed: list[Lease] = []
+        with self._transaction("renew leases") as db:
+            for lease in leases:
+                row = db.execute(
+                    "UPDATE device_locks SET expires_at = ? WHERE host = ? AND token = ?"  # noqa: S608 - constant columns
+                    f" RETURNING {_LEASE_COLUMNS}",
+                    (expires, lease.host, lease.token),
+                ).fetchone()
+                if row is not None:
+                    renewed.append(_lease(row))
+        return renewed
+
+    def release_lease(self, lease: Lease) -> bool:
+        """Give the lease up if it is still current; return whether it was."""
+        with self._transaction(f"release the lease on {lease.host}") as db:
             cursor = db.execute(
-                "DELETE FROM device_locks WHERE host = ? AND run_id = ?", (host, run_id)
+                "DELETE FROM device_locks WHERE host = ? AND token = ?", (lease.host, lease.token)
             )
         return cursor.rowcount > 0
 
-    def lock_holder(self, host: str) -> LockRecord | None:
-        """Return the live lock on ``host``, or None if it is free or expired."""
+    def lock_holder(self, host: str) -> Lease | None:
+        """Return the live lease on ``host``, or None if it is free or expired."""
         now = _text(self._clock())
-        with self._guard, self._sqlite_errors(f"read the lock of {host}"):
+        with self._guard, self._sqlite_errors(f"read the lease of {host}"):
             row = self._db.execute(
-                "SELECT host, run_id, acquired_at, expires_at FROM device_locks"
+                f"SELECT {_LEASE_COLUMNS} FROM device_locks"  # noqa: S608 - constant columns
                 " WHERE host = ? AND expires_at > ?",
                 (host, now),
             ).fetchone()
-        if row is None:
-            return None
-        return LockRecord(
-            host=row[0],
-            run_id=row[1],
-            acquired_at=_moment(row[2]),
-            expires_at=_moment(row[3]),
-        )
+        return None if row is None else _lease(row)
+
+    def reap_expired(self) -> list[Interruption]:
+        """Remove expired leases; mark their runs, if still running, interrupted; return those."""
+        stamp = _text(self._clock())
+        with self._transaction("reap expired leases") as db:
+            rows = db.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM device_locks WHERE expires_at <= ?",  # noqa: S608 - constant columns
+                (stamp,),
+            ).fetchall()
+            return _reap(db, [_lease(r) for r in rows], stamp)
+
+    # -- fleet-wide admission
+
+    def admit_hosts(
+        self,
+        runbook: str,
+        run_id: str,
+        hosts: Sequence[str],
+        *,
+        allowed: int,
+        ttl: timedelta,
+    ) -> Admission:
+        """Admit ``run_id`` to act on ``hosts`` unless the runbook's runs would exceed ``allowed``.
+
+        ``BEGIN IMMEDIATE`` takes the database's write lock: admissions are counted and
+        written by one transaction at a time.
+        """
+        now = self._clock()
+        with self._transaction(f"admit run {run_id} of {runbook}") as db:
+            rows = db.execute(
+                "SELECT DISTINCT a.host FROM admissions a JOIN runs r ON r.run_id = a.run_id"
+                " WHERE a.runbook = ? AND a.run_id != ? AND a.expires_at > ? AND r.status = ?"
+                " ORDER BY a.host",
+                (runbook, run_id, _text(now), RunStatus.RUNNING.value),
+            ).fetchall()
+            others = tuple(str(r[0]) for r in rows)
+            if len(set(others) | set(hosts)) > allowed:
+                return Admission(admitted=False, allowed=allowed, in_flight=others)
+            db.executemany(
+                "INSERT INTO admissions (runbook, run_id, host, expires_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (runbook, run_id, host)"
+                " DO UPDATE SET expires_at = excluded.expires_at",
+                [(runbook, run_id, host, _text(now + ttl)) for host in hosts],
+            )
+        return Admission(admitted=True, allowed=allowed, in_flight=others)
+
+    def renew_admission(self, run_id: str, ttl: timedelta) -> bool:
+        """Extend ``run_id``'s admission to now + ``ttl``; whether it still had one."""
+        with self._transaction(f"renew the admission of run {run_id}") as db:
+            cursor = db.execute(
+                "UPDATE admissions SET expires_at = ? WHERE run_id = ?",
+                (_text(self._clock() + ttl), run_id),
+            )
+        return cursor.rowcount > 0
 
     # -- audit head
 
@@ -554,6 +662,72 @@ def _approval_record(row: Sequence[object]) -> ApprovalRecord:
         reason=str(row[10]),
         plan=json.loads(str(row[11])),
     )
+
+
+_LEASE_COLUMNS = "host, run_id, holder, token, acquired_at, expires_at"
+
+
+def _lease(row: Sequence[object]) -> Lease:
+    return Lease(
+        host=str(row[0]),
+        run_id=str(row[1]),
+        holder=str(row[2]),
+        token=int(str(row[3])),
+        acquired_at=_moment(str(row[4])),
+        expires_at=_moment(str(row[5])),
+    )
+
+
+def _fence_holds(db: sqlite3.Connection, lease: Lease) -> bool:
+    """Whether ``lease`` is still its device's current lease, and its run still running."""
+    row = db.execute(
+        "SELECT 1 FROM device_locks l JOIN runs r ON r.run_id = l.run_id"
+        " WHERE l.host = ? AND l.token = ? AND r.status = ?",
+        (lease.host, lease.token, RunStatus.RUNNING.value),
+    ).fetchone()
+    return row is not None
+
+
+def _reap(db: sqlite3.Connection, expired: Sequence[Lease], stamp: str) -> list[Interruption]:
+    """Delete ``expired`` leases; mark their runs (and queue items) interrupted if running."""
+    found: list[Interruption] = []
+    for lease in expired:
+        db.execute(
+            "DELETE FROM device_locks WHERE host = ? AND token = ?", (lease.host, lease.token)
+        )
+        reason = lease_expired_reason(lease)
+        run = db.execute(
+            "UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ? AND status = ?"
+            " RETURNING runbook, trigger",
+            (RunStatus.INTERRUPTED.value, stamp, lease.run_id, RunStatus.RUNNING.value),
+        ).fetchone()
+        if run is None:
+            continue
+        item = db.execute(
+            "UPDATE alert_queue SET state = ?, run_status = ?, reason = ?, finished_at = ?"
+            " WHERE run_id = ? AND state = ? RETURNING item_id",
+            (
+                QueueState.INTERRUPTED.value,
+                RunStatus.INTERRUPTED.value,
+                reason,
+                stamp,
+                lease.run_id,
+                QueueState.RUNNING.value,
+            ),
+        ).fetchone()
+        db.execute("DELETE FROM admissions WHERE run_id = ?", (lease.run_id,))
+        found.append(
+            Interruption(
+                run_id=lease.run_id,
+                runbook=str(run[0]),
+                trigger=str(run[1]),
+                reason=reason,
+                host=lease.host,
+                token=lease.token,
+                item_id=None if item is None else int(item[0]),
+            )
+        )
+    return found
 
 
 _QUEUE_COLUMNS = (
@@ -950,6 +1124,35 @@ class SqliteAlertStore(SqliteStateStore):
                     (RunStatus.INTERRUPTED.value, stamp, item.run_id, RunStatus.RUNNING.value),
                 )
                 db.execute("DELETE FROM device_locks WHERE run_id = ?", (item.run_id,))
+        return items
+
+    def heartbeat(self, owner: str, ttl: timedelta) -> None:
+        """Say that controller ``owner`` is alive until now + ``ttl`` (the injected clock)."""
+        with self._transaction(f"heartbeat of {owner}") as db:
+            db.execute(
+                "INSERT INTO controllers (owner, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+                (owner, _text(self._clock() + ttl)),
+            )
+
+    def interrupt_orphans(self, *, now: datetime) -> list[QueueItem]:
+        """Mark running items of controllers whose heartbeat expired (and their runs) interrupted.
+
+        A controller that never sent a heartbeat is not judged (an older engine's server).
+        """
+        stamp = _text(self._clock())
+        with self._transaction("interrupt the runs of stopped controllers") as db:
+            rows = db.execute(
+                "SELECT owner FROM controllers WHERE expires_at <= ?", (stamp,)
+            ).fetchall()
+            db.execute("DELETE FROM controllers WHERE expires_at <= ?", (stamp,))
+        items: list[QueueItem] = []
+        for (owner,) in rows:
+            items += self.interrupt_running(
+                now=now,
+                reason=f"its server {owner} stopped (no heartbeat since its expiry)",
+                owner=str(owner),
+            )
         return items
 
     def get_queue_item(self, item_id: int) -> QueueItem | None:
