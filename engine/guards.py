@@ -10,7 +10,7 @@ list them; listing them only places them and words their message.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -165,4 +165,22 @@ def blast_radius_refusal(runbook: Runbook, targeted: int, acting: int) -> str | 
     return (
         f"guard {declared.id}: {declared.message}: {acting} hosts need action, "
         f"the policy allows {allowed} of {targeted} targeted ({limits})"
+    )
+
+
+#: Hosts of other runs a refusal names (the rest are counted).
+_SHOWN = 5
+
+
+def admission_refusal(
+    runbook: Runbook, targeted: int, acting: Sequence[str], in_flight: Sequence[str]
+) -> str:
+    """Why a run is refused when other runs of its runbook hold too much of the fleet."""
+    allowed = allowed_hosts(runbook.spec.policy, targeted)
+    together = len(set(acting) | set(in_flight))
+    shown = ", ".join(sorted(in_flight)[:_SHOWN]) + (", ..." if len(in_flight) > _SHOWN else "")
+    return (
+        f"guard blast_radius: {len(acting)} hosts need action while other runs of "
+        f"{runbook.name} act on {len(in_flight)} ({shown}): {together} at once, "
+        f"the policy allows {allowed} of {targeted} targeted"
     )

@@ -6,7 +6,9 @@ the state store, the audit log and the pipeline are imported and opened.
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,6 +126,7 @@ def open_services(
             artifacts_dir=settings.artifacts_dir,
             sleep=time.sleep,
             reporter=reporter,
+            holder=f"cli:{socket.gethostname()}:{os.getpid()}",
         )
         try:
             if progress is not None:

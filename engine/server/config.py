@@ -122,6 +122,13 @@ class State(_Section):
         "win over it; default: the state directory's SQLite file.",
     )
 
+    lease_ttl: Duration = Field(
+        default=timedelta(minutes=1),
+        description="Device leases and this server's heartbeat live this long unless renewed "
+        "(every third of it): a replica that dies loses its devices, and its running runs are "
+        "marked interrupted, this long after its last renewal.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _url_alone(cls, data: Any) -> Any:

@@ -112,6 +112,7 @@ class WebhookServer:
             max_age=config.queue.max_age,
             new_run_id=run_ids,
             approval_ttl=config.approvals.ttl,
+            fleet_size=lambda pattern: len(self.fleet.current.hosts.get(pattern, ())),
         )
         self.intake = Intake(
             self.store,
@@ -151,6 +152,8 @@ class WebhookServer:
             new_run_id=new_run_id,
             artifacts_dir=self.settings.artifacts_dir,
             sleep=time.sleep,
+            holder=self.owner,
+            lease_ttl=self.config.state.lease_ttl,
         )
         return services, store
 

@@ -76,6 +76,7 @@ class WorkerPool:
         max_age: timedelta,
         new_run_id: Callable[[], str],
         approval_ttl: timedelta = timedelta(hours=1),
+        fleet_size: Callable[[str], int] = lambda _pattern: 0,
     ) -> None:
         self.count = count
         self.owner = owner
@@ -88,6 +89,7 @@ class WorkerPool:
         self._max_age = max_age
         self._new_run_id = new_run_id
         self._approval_ttl = approval_ttl
+        self._fleet_size = fleet_size
         self._stopping = threading.Event()
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -247,6 +249,9 @@ class WorkerPool:
             mode=item.mode,
             trigger=f"alert:{item.fingerprint}",
             user=ALERT_USER,
+            # The blast radius of an alert run is judged against the hosts its runbook
+            # targets (other replicas' runs of it count too), not the one device it acts on.
+            fleet=self._fleet_size(runbook.spec.targets.hosts) or None,
         )
         one_run = dataclasses.replace(services, new_run_id=lambda: run_id)
         try:
