@@ -20,6 +20,7 @@ from engine.audit import audit_context
 from engine.errors import StateError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import Executor
+from engine.leases import audit_interruptions
 from engine.pipeline import Services
 from engine.runbooks import load_runbooks
 from engine.server.breaker import CircuitBreaker
@@ -126,6 +127,7 @@ class WebhookServer:
         self._watcher_stop = threading.Event()
         self._breaker_due = threading.Event()
         self._breaker_watcher: threading.Thread | None = None
+        self._keeper: threading.Thread | None = None
 
     @property
     def state_url(self) -> str:
@@ -160,16 +162,52 @@ class WebhookServer:
     # -- lifecycle
 
     def recover(self) -> list[QueueItem]:
-        """Mark runs a previous process left running as interrupted; they are never re-run.
+        """Mark runs a stopped server left running as interrupted; they are never re-run.
 
-        Call before :meth:`start`, holding the state directory's server lock (so no other
-        server process can be running them).
+        With a single-server backend (SQLite; the caller holds the state directory's server
+        lock) every running item is a predecessor's.  With replicas, only those of servers
+        whose heartbeat expired, and runs whose device leases expired, are.
         """
-        items = self.store.interrupt_running(
-            now=self.clock(), reason="the server stopped while the run was in progress"
-        )
+        if self.database.single_server:
+            items = self.store.interrupt_running(
+                now=self.clock(), reason="the server stopped while the run was in progress"
+            )
+            _audit_interrupted(items)
+            return items
+        return self._reap()
+
+    def _reap(self, store: AlertStore | None = None) -> list[QueueItem]:
+        """Interrupt what stopped controllers left: expired leases, silent servers' items."""
+        store = store or self.store
+        audit_interruptions(store.reap_expired())
+        items = store.interrupt_orphans(now=self.clock())
         _audit_interrupted(items)
         return items
+
+    def _keep_alive(self) -> None:
+        """Renew the heartbeat; reap stopped controllers' work (every third of a lease)."""
+        ttl = self.config.state.lease_ttl
+        store = self.database.store()
+        try:
+            while True:
+                try:
+                    store.heartbeat(self.owner, ttl)
+                    if not self.database.single_server:
+                        self._reap(store)
+                except StateError as exc:  # the database is away: keep trying
+                    structlog.get_logger().warning("server.heartbeat_failed", error=str(exc))
+                if self._watcher_stop.wait(ttl.total_seconds() / 3):
+                    return
+        finally:
+            store.close()
+
+    def state_health(self) -> dict[str, object]:
+        """The state database for /healthz: its URL (no password) and whether it answers."""
+        try:
+            self.database.ping()
+        except StateError as exc:
+            return {"url": self.state_url, "reachable": False, "error": str(exc)}
+        return {"url": self.state_url, "reachable": True}
 
     def start(self) -> None:
         """Load the inventory and the breaker; start the workers, inventory and breaker watchers."""
@@ -183,6 +221,10 @@ class WebhookServer:
             target=self._watch_breaker, name="remediate-breaker", daemon=True
         )
         self._breaker_watcher.start()
+        self._keeper = threading.Thread(
+            target=self._keep_alive, name="remediate-heartbeat", daemon=True
+        )
+        self._keeper.start()
         structlog.get_logger().info(
             "server.started",
             owner=self.owner,
@@ -201,8 +243,9 @@ class WebhookServer:
         structlog.get_logger().info("server.stopping", running=running, timeout=timeout)
         self.pool.stop()
         self._watcher_stop.set()
-        if self._breaker_watcher is not None:
-            self._breaker_watcher.join(WATCHER_JOIN)
+        for watcher in (self._breaker_watcher, self._keeper):
+            if watcher is not None:
+                watcher.join(WATCHER_JOIN)
         interrupted: list[QueueItem] = []
         if not self.pool.join(timeout):
             # Stop the playbooks still running (ansible-runner terminates its children), so no

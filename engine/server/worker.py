@@ -22,7 +22,8 @@ from pathlib import Path
 import structlog
 
 from engine.approvals import apply_approved, expire_approvals, request_approval
-from engine.errors import EngineError
+from engine.audit import audit_context
+from engine.errors import EngineError, StateError
 from engine.outcomes import RunStatus
 from engine.pipeline import RunReport, RunRequest, Services, run_runbook
 from engine.planfiles import SavedPlan
@@ -132,7 +133,12 @@ class WorkerPool:
         services, store = self._open_services()
         try:
             while not self._stopping.is_set():
-                if not self._step(services, store):
+                try:
+                    found = self._step(services, store)
+                except StateError as exc:  # the database is away: wait, then look again
+                    structlog.get_logger().warning("worker.state_error", error=str(exc))
+                    found = False
+                if not found:
                     with self._wake:
                         if not self._stopping.is_set():
                             self._wake.wait(IDLE_POLL)
@@ -226,15 +232,56 @@ class WorkerPool:
         state, status, reason = self._execute(item, run_id, services)
         self._metrics.run_duration.labels(item.runbook).observe(time.monotonic() - started)
         self._metrics.runs.labels(status.value if status else state.value).inc()
-        store.finish_queue_item(
-            item.item_id, self.owner, state, now=self._clock(), run_status=status, reason=reason
-        )
+        self._finish(store, item, state, status, reason)
         log.info(
             "queue.finished",
             state=state.value,
             status=status.value if status else None,
             reason=reason,
         )
+
+    def _finish(
+        self,
+        store: AlertStore,
+        item: QueueItem,
+        state: QueueState,
+        status: RunStatus | None,
+        reason: str,
+    ) -> None:
+        """Close the item; while the database is away, try again (it stays ours meanwhile)."""
+        while True:
+            try:
+                store.finish_queue_item(
+                    item.item_id,
+                    self.owner,
+                    state,
+                    now=self._clock(),
+                    run_status=status,
+                    reason=reason,
+                )
+                self._close_run(store, item)
+            except StateError as exc:
+                structlog.get_logger().warning(
+                    "queue.finish_failed", item=item.item_id, error=str(exc)
+                )
+                if self._stopping.wait(IDLE_POLL):
+                    return  # stopping: recovery or the reaper marks it interrupted
+                continue
+            return
+
+    @staticmethod
+    def _close_run(store: AlertStore, item: QueueItem) -> None:
+        """A run whose end could not be recorded (the database was away) ends interrupted."""
+        run = store.get_run(item.run_id) if item.run_id else None
+        if run is not None and run.status is RunStatus.RUNNING:
+            store.finish_run(run.run_id, RunStatus.INTERRUPTED, {})
+            with audit_context(run.run_id, runbook=item.runbook, trigger=run.trigger):
+                structlog.get_logger().warning(
+                    "run.interrupted",
+                    item=item.item_id,
+                    host=item.host,
+                    reason="its end could not be recorded: the state database was unreachable",
+                )
 
     def _execute(
         self, item: QueueItem, run_id: str, services: Services
