@@ -27,7 +27,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.actions import StepRun, run_steps
-from engine.audit import audit_context
+from engine.audit import audit_context, audit_unit
 from engine.drift import drift_reason
 from engine.errors import ExecutorError, PlanFileError
 from engine.executors.base import Executor, HostStatus, SelectingExecutor
@@ -55,7 +55,7 @@ from engine.probes import HostProbe, PendingProbe, ProbeStatus, run_probes, star
 from engine.runbooks import Runbook
 from engine.runbooks.spec import Approval
 from engine.state import HostRecord, RunRecord, StateStore
-from engine.targets import TargetSet, resolve_targets, runbook_selection, target_set
+from engine.targets import Host, TargetSet, resolve_targets, runbook_selection, target_set
 from engine.verification import verify_hosts
 
 #: How long a device lease lives unless renewed (it is renewed every third of it).
@@ -191,39 +191,11 @@ def plan_run(
     log.info("targets.resolved", run_id=run_id, hosts=list(targets.names))
     now = services.clock()
     services.reporter.phase("evaluating guards", len(targets.hosts))
-    host_plans: list[HostPlan] = []
-    for host in targets.hosts:
-        probe = probes[host.name]
-        log.info(
-            "probe.finished",
-            run_id=run_id,
-            host=host.name,
-            status=probe.status.value,
-            message=probe.message,
-            evidence=probe.evidence(),
+    with audit_unit():  # a database-kept chain takes the per-host events in few commits
+        plans = tuple(
+            _decide_host(runbook, host, probes, params, services, run_id, now)
+            for host in targets.hosts
         )
-        decision = evaluate_host(runbook, probe, params, host.vars, services.store, now)
-        if decision.outcome is HostOutcome.SKIPPED:
-            blocked = decision.guards[-1]
-            log.info(
-                "guard.denied",
-                run_id=run_id,
-                host=host.name,
-                guard=blocked.id,
-                message=blocked.message,
-            )
-        host_plan = plan_host(runbook, decision, probe, params, host.vars)
-        log.info(
-            "host.decided",
-            run_id=run_id,
-            host=host.name,
-            outcome=host_plan.outcome.value,
-            reason=host_plan.reason,
-            steps=[s.id for s in host_plan.steps],
-        )
-        host_plans.append(host_plan)
-        services.reporter.advance()
-    plans = tuple(host_plans)
     acting = sum(1 for h in plans if h.outcome is HostOutcome.PLANNED)
     targeted = targeted or request.fleet or len(targets.hosts)
     refused = blast_radius_refusal(runbook, targeted, acting)
@@ -253,6 +225,49 @@ def plan_run(
         refused=refused,
     )
     return plan, PlanContext(runbook, request, targets, params, probes, targeted)
+
+
+def _decide_host(
+    runbook: Runbook,
+    host: Host,
+    probes: Mapping[str, HostProbe],
+    params: Mapping[str, Any],
+    services: Services,
+    run_id: str,
+    now: datetime,
+) -> HostPlan:
+    """Evaluate and plan one probed host, with its audit events."""
+    log = structlog.get_logger()
+    probe = probes[host.name]
+    log.info(
+        "probe.finished",
+        run_id=run_id,
+        host=host.name,
+        status=probe.status.value,
+        message=probe.message,
+        evidence=probe.evidence(),
+    )
+    decision = evaluate_host(runbook, probe, params, host.vars, services.store, now)
+    if decision.outcome is HostOutcome.SKIPPED:
+        blocked = decision.guards[-1]
+        log.info(
+            "guard.denied",
+            run_id=run_id,
+            host=host.name,
+            guard=blocked.id,
+            message=blocked.message,
+        )
+    host_plan = plan_host(runbook, decision, probe, params, host.vars)
+    log.info(
+        "host.decided",
+        run_id=run_id,
+        host=host.name,
+        outcome=host_plan.outcome.value,
+        reason=host_plan.reason,
+        steps=[s.id for s in host_plan.steps],
+    )
+    services.reporter.advance()
+    return host_plan
 
 
 def _targets_and_probes(
@@ -592,12 +607,12 @@ def execute_plan(
         if report.host not in recorded:
             store.record_host(_host_record(plan.run_id, report, now))
     summary = dict(Counter(h.outcome.value for h in hosts))
-    final = store.finish_run(plan.run_id, status, summary)
-    if final.status is not status:  # marked interrupted meanwhile (its leases expired)
-        log.warning("run.finished", status=final.status.value, summary=summary, ended=status.value)
-        status = final.status
-    else:
+    with audit_unit():  # the event commits with the run's end
         log.info("run.finished", status=status.value, summary=summary)
+        final = store.finish_run(plan.run_id, status, summary)
+    if final.status is not status:  # marked interrupted meanwhile (its leases expired)
+        log.warning("run.status_kept", status=final.status.value, ended=status.value)
+        status = final.status
     return RunReport(plan=plan, status=status, hosts=hosts, finished_at=now)
 
 
@@ -646,32 +661,34 @@ def _recorded_run(
         **context,
     ):
         log = structlog.get_logger()
-        log.info(
-            "run.started",
-            user=request.user,
-            inventory=str(request.inventory),
-            limit=request.limit,
-            params=runbook.param_values(request.overrides),
-            secret_keys=_secret_keys(runbook),
-        )
-        services.store.start_run(
-            RunRecord(
-                run_id=run_id,
-                runbook=runbook.name,
-                runbook_digest=runbook.digest,
-                mode=request.mode,
-                trigger=request.trigger,
-                started_at=started,
+        with audit_unit():  # the event commits with the run's record
+            log.info(
+                "run.started",
+                user=request.user,
+                inventory=str(request.inventory),
+                limit=request.limit,
+                params=runbook.param_values(request.overrides),
+                secret_keys=_secret_keys(runbook),
             )
-        )
+            services.store.start_run(
+                RunRecord(
+                    run_id=run_id,
+                    runbook=runbook.name,
+                    runbook_digest=runbook.digest,
+                    mode=request.mode,
+                    trigger=request.trigger,
+                    started_at=started,
+                )
+            )
         try:
             return body(run_id)
         except BaseException as exc:
             status = RunStatus.ERROR if isinstance(exc, Exception) else RunStatus.INTERRUPTED
-            services.store.finish_run(run_id, status, {})
-            log.error(  # noqa: TRY400 - the audit record names the error; no traceback in it
-                "run.finished", status=status.value, error=f"{type(exc).__name__}: {exc}"
-            )
+            with audit_unit():
+                log.error(  # noqa: TRY400 - the audit record names the error; no traceback
+                    "run.finished", status=status.value, error=f"{type(exc).__name__}: {exc}"
+                )
+                services.store.finish_run(run_id, status, {})
             raise
 
 

@@ -27,7 +27,7 @@ from types import FrameType
 
 import uvicorn
 
-from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
+from engine.audit import PER_HOST_EVENTS, AuditLog, AuditSink, configure_audit, utc_now
 from engine.errors import ConfigError, StateError
 from engine.server.app import create_app
 from engine.server.config import ServerConfig, load_server_config
@@ -99,12 +99,14 @@ def serve(config_path: Path, settings: Settings) -> int:
 
 
 def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> int:
-    audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
-    configure_audit(audit, clock=utc_now)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     database = open_database(settings.database_url(config.state.url), clock=utc_now)
     with contextlib.ExitStack() as stack:
         stack.callback(database.close)
+        audit = database.audit_log() or AuditLog(
+            settings.audit_path, unsynced_events=PER_HOST_EVENTS
+        )
+        configure_audit(audit, clock=utc_now)
         if database.single_server:
             stack.enter_context(server_lock(settings.state_dir))
         server = WebhookServer(config, settings, clock=utc_now, database=database)
@@ -113,7 +115,7 @@ def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> i
 
 
 def _run(
-    server: WebhookServer, config: ServerConfig, audit: AuditLog, stop: threading.Event
+    server: WebhookServer, config: ServerConfig, audit: AuditSink, stop: threading.Event
 ) -> int:
     """Recover, start, listen until stopped, drain; return the exit code."""
     server.recover()

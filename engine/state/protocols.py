@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Protocol, Self
 
+from engine.audit import AuditSink
 from engine.outcomes import RunStatus
 from engine.server.queue import (
     AlertBatch,
@@ -178,9 +179,19 @@ class AlertStore(StateStore, Protocol):
         """Record one notification's alerts and queue new firings' runs, in one transaction."""
 
     def record_notifications(
-        self, notifications: Sequence[AlertBatch], *, now: datetime, hold_reason: str | None
+        self,
+        notifications: Sequence[AlertBatch],
+        *,
+        now: datetime,
+        hold_reason: str | None,
+        audit: Callable[[list[RecordedAlerts]], None] | None = None,
     ) -> list[RecordedAlerts]:
-        """Record several notifications in one transaction (group commit); one result each."""
+        """Record several notifications in one transaction (group commit); one result each.
+
+        ``audit(results)`` runs once they are final: inside the transaction when the backend
+        keeps the audit chain (its events commit with the records, or not at all), right
+        after the commit otherwise.
+        """
 
     def claim_queue_item(
         self,
@@ -266,6 +277,15 @@ class StateDatabase(Protocol):
 
     def ping(self) -> None:
         """Reach the database now; raise :class:`~engine.errors.StateError` when it cannot."""
+
+    def audit_log(self) -> AuditSink | None:
+        """The audit chain this database keeps, or None (the entry point keeps a file)."""
+
+    def migrate(self) -> int:
+        """Apply the migrations the database lacks (one transaction); return its version."""
+
+    def grant(self, role: str) -> None:
+        """Give ``role`` what the engine needs at run time, and no more (no DDL)."""
 
     def close(self) -> None:
         """Release the database's resources (stores handed out are closed by their users)."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
+from tests.support.cli import run_remediate
 from tests.support.webhook import (
     MARK_PLAYBOOK,
     TOKEN,
@@ -96,6 +99,9 @@ def test_one_notification_posted_to_two_replicas_at_once_runs_once(
     assert [line for line in _lines(log) if line.startswith("acted")] == ["acted dev-b"]
     (firing,) = replicas[1].get("/alerts").json()["alerts"]
     assert firing["times_seen"] == 2
+    received = [r for r in _audit_records(postgres_url) if r["event"] == "alert.received"]
+    outcomes = sorted(r["notifications"][0]["alerts"][0]["outcome"] for r in received)
+    assert outcomes == ["deduplicated", "queued"]
 
 
 def test_a_replica_killed_mid_run_is_taken_over_by_the_other(
@@ -125,9 +131,16 @@ def test_a_replica_killed_mid_run_is_taken_over_by_the_other(
     assert sorted(_lines(log)) == ["acted dev-b", "start dev-a", "start dev-b"]
     again = second.post(_mark("dev-a", "aaaa")).json()  # Alertmanager re-sends the group
     assert (again["deduplicated"], again["queued"]) == (1, 0)
-    records = [
-        json.loads(line) for line in (project.state / "audit.jsonl").read_text().splitlines()
-    ]
+    records = _audit_records(postgres_url)  # the chain is in the database
     interrupted = [r for r in records if r["event"] == "run.interrupted"]
     assert [r["run_id"] for r in interrupted] == [running["run_id"]]
     assert "stopped" in interrupted[0]["reason"]
+    assert not (project.state / "audit.jsonl").exists()
+    verified = run_remediate(["--state-url", postgres_url, "audit", "verify"], project.state)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def _audit_records(url: str) -> list[dict[str, Any]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT record FROM audit_chain ORDER BY seq").fetchall()
+    return [json.loads(r[0]) for r in rows]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -18,6 +19,13 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from engine.audit import (
+    AuditHead,
+    AuditVerification,
+    DatabaseAuditSink,
+    verify_lines,
+    write_export,
+)
 from engine.errors import StateError
 from engine.state.factory import redacted_url
 from engine.state.migrations import Migration, check_migrations
@@ -104,6 +112,30 @@ class PostgresDatabase:
         del intake
         return PostgresStore(self._pool, self.url)
 
+    def audit_log(self) -> DatabaseAuditSink:
+        """The audit chain in this database (appended in the state changes' transactions)."""
+        store = self.store()
+        return DatabaseAuditSink(
+            append=store.append_audit,
+            read_head=store.audit_chain_head,
+            export=self._export_audit,
+            verify=self._verify_audit,
+            where=self.url,
+        )
+
+    def _verify_audit(self, expected: AuditHead | None) -> AuditVerification:
+        """Check the chain against ``expected``, else its head row (needs SELECT on it)."""
+        store = self.store()
+        head = expected or store.audit_chain_head()
+        return verify_lines(store.audit_lines(), head)
+
+    def _export_audit(self, target: Path) -> AuditHead | None:
+        store = self.store()
+        head = store.audit_chain_head()
+        lines = store.audit_lines()
+        write_export(target, lines)
+        return head
+
     def ping(self) -> None:
         """Run ``SELECT 1`` on a pooled connection."""
         try:
@@ -136,9 +168,10 @@ class PostgresDatabase:
             conn.rollback()
             return version
 
-    def migrate(self) -> list[Migration]:
-        """Apply the migrations the database lacks, in one transaction; return them."""
-        return self._check_schema(apply=True)
+    def migrate(self) -> int:
+        """Apply missing migrations; return the schema version."""
+        self._check_schema(apply=True)
+        return self.schema_version()
 
     def grant(self, role: str) -> None:
         """Give ``role`` what ``remediate serve`` needs: rows of the state tables, no DDL."""
@@ -161,7 +194,11 @@ class PostgresDatabase:
                 conn.execute(extra.format(ident))
 
     def _extra_grants(self) -> list[sql.SQL]:
-        return []
+        # The chain: INSERT only (the head row is read and moved by every append).
+        return [
+            sql.SQL("GRANT INSERT ON audit_chain TO {}"),
+            sql.SQL("GRANT SELECT, UPDATE ON audit_chain_head TO {}"),
+        ]
 
     def _errors(self, doing: str) -> _Translate:
         return _Translate(self.url, doing)

@@ -161,6 +161,30 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "the audit chain, appended in the transactions of the changes it records",
+        (
+            # One row per record: its canonical JSON line, exactly as the file sink writes it
+            # (``remediate audit export`` writes these lines).  The application is granted
+            # INSERT only: it can neither read, edit nor delete records.
+            """
+            CREATE TABLE audit_chain (
+                seq    BIGINT PRIMARY KEY,
+                record TEXT NOT NULL
+            )
+            """,
+            # The chain's head, locked by every append: records follow commit order.
+            """
+            CREATE TABLE audit_chain_head (
+                id   INTEGER PRIMARY KEY CHECK (id = 1),
+                seq  BIGINT NOT NULL,
+                hash TEXT NOT NULL
+            )
+            """,
+            "INSERT INTO audit_chain_head (id, seq, hash) VALUES (1, 0, repeat('0', 64))",
+        ),
+    ),
 )
 
 check_migrations(MIGRATIONS)

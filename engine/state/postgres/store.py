@@ -22,6 +22,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
+from engine.audit import AuditHead, seal_record, take_pending, writing_into
 from engine.errors import StateError
 from engine.outcomes import HostOutcome, Mode, RunStatus
 from engine.server.queue import (
@@ -116,16 +117,60 @@ class PostgresStore:
             raise StateError(f"{self.url}: state store cannot {doing}: {exc}") from exc
 
     def _run(self, doing: str, work: Callable[[Cursor], _T]) -> _T:
-        """Run ``work`` in one transaction (committed at the end); try again on a deadlock."""
+        """Run ``work`` in one transaction (committed at the end); try again on a deadlock.
+
+        Audit events of the caller's unit of work (:func:`engine.audit.audit_unit`), and
+        events emitted while ``work`` runs, are appended to the chain in this transaction,
+        last (every transaction locks the chain's head after its rows: no lock-order
+        deadlock): a rolled-back change leaves no record.
+        """
+        pending = take_pending()
         with self._errors(doing):
             for attempt in range(RETRIES):
                 try:
                     with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                        return work(cur)
+                        with writing_into(lambda members: _append_chain(cur, [members])[0]):
+                            result = work(cur)
+                        if pending:
+                            _append_chain(cur, pending)
+                        return result
                 except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
                     if attempt == RETRIES - 1:
                         raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- the audit chain
+
+    def append_audit(self, events: Sequence[Mapping[str, str]]) -> list[AuditHead]:
+        """Append events (canonical member texts) in a transaction of their own."""
+        return self._run("append to the audit chain", lambda cur: _append_chain(cur, events))
+
+    def audit_chain_head(self) -> AuditHead | None:
+        """The chain's last record, or None when it is empty."""
+
+        def work(cur: Cursor) -> AuditHead | None:
+            row = _must(cur.execute("SELECT seq, hash FROM audit_chain_head WHERE id = 1"))
+            return None if int(row[0]) == 0 else AuditHead(seq=int(row[0]), hash=str(row[1]))
+
+        return self._run("read the audit chain's head", work)
+
+    def audit_lines(self, *, batch: int = 5000) -> Iterator[bytes]:
+        """Every record of the chain as its JSON line (with the newline), in order."""
+        after = 0
+
+        def page(cur: Cursor) -> list[tuple[Any, ...]]:
+            return cur.execute(
+                "SELECT seq, record FROM audit_chain WHERE seq > %s ORDER BY seq LIMIT %s",
+                (after, batch),
+            ).fetchall()
+
+        while True:
+            rows = self._run("read the audit chain", page)
+            if not rows:
+                return
+            for seq, record in rows:
+                yield f"{record}\n".encode("ascii")
+                after = int(seq)
 
     def schema_version(self) -> int:
         """Return the highest migration applied to the database."""
@@ -601,17 +646,30 @@ class PostgresStore:
         return recorded
 
     def record_notifications(
-        self, notifications: Sequence[AlertBatch], *, now: datetime, hold_reason: str | None
+        self,
+        notifications: Sequence[AlertBatch],
+        *,
+        now: datetime,
+        hold_reason: str | None,
+        audit: Callable[[list[RecordedAlerts]], None] | None = None,
     ) -> list[RecordedAlerts]:
-        """Record several notifications in one transaction (group commit); one result each."""
+        """Record several notifications in one transaction (group commit); one result each.
+
+        ``audit`` is called with the results inside the transaction: its events are part
+        of the commit (or of nothing).
+        """
         _aware(now)
-        return self._run(
-            f"record {len(notifications)} alert notifications",
-            lambda cur: [
+
+        def work(cur: Cursor) -> list[RecordedAlerts]:
+            results = [
                 _record_batch(cur, batch.firing, batch.resolved, now, hold_reason)
                 for batch in notifications
-            ],
-        )
+            ]
+            if audit is not None:
+                audit(results)
+            return results
+
+        return self._run(f"record {len(notifications)} alert notifications", work)
 
     # -- the queue
 
@@ -932,6 +990,21 @@ class PostgresStore:
 
 
 # --------------------------------------------------------------------------- rows
+
+
+def _append_chain(cur: Cursor, events: Sequence[Mapping[str, str]]) -> list[AuditHead]:
+    """Seal ``events`` after the chain's head (locked to commit) and insert them."""
+    seq, prev = _must(cur.execute("SELECT seq, hash FROM audit_chain_head WHERE id = 1 FOR UPDATE"))
+    heads: list[AuditHead] = []
+    rows: list[tuple[int, str]] = []
+    for members in events:
+        seq += 1
+        line, prev = seal_record(members, seq, prev)
+        rows.append((seq, line))
+        heads.append(AuditHead(seq=seq, hash=prev))
+    cur.executemany("INSERT INTO audit_chain (seq, record) VALUES (%s, %s)", rows)
+    cur.execute("UPDATE audit_chain_head SET seq = %s, hash = %s WHERE id = 1", (seq, prev))
+    return heads
 
 
 def _must(found: Any) -> Sequence[Any]:

@@ -17,7 +17,7 @@ from typing import Self
 
 import structlog
 
-from engine.errors import StateError
+from engine.errors import ConfigError, StateError
 from engine.state.sqlite.store import SqliteAlertStore, SqliteStateStore
 
 __all__ = ["SqliteAlertStore", "SqliteDatabase", "SqliteStateStore"]
@@ -72,6 +72,22 @@ class SqliteDatabase:
         """Open the file and read its schema version."""
         with SqliteStateStore(self.path, clock=self._clock) as store:
             store.schema_version()
+
+    def audit_log(self) -> None:
+        """None: with SQLite the audit log is the JSON-lines file next to the database."""
+        return
+
+    def migrate(self) -> int:
+        """Apply missing migrations (opening a connection does); return the schema version."""
+        with SqliteStateStore(self.path, clock=self._clock) as store:
+            return store.schema_version()
+
+    def grant(self, role: str) -> None:
+        """SQLite has no roles: the file's permissions are its access control."""
+        raise ConfigError(
+            f"{self.path}: SQLite has no roles to grant {role!r} anything; "
+            "its file's permissions decide who may use it"
+        )
 
     def close(self) -> None:
         """Stop the checkpointer (waiting for a copy in progress)."""

@@ -993,11 +993,18 @@ class SqliteAlertStore(SqliteStateStore):
         return recorded
 
     def record_notifications(
-        self, notifications: Sequence[AlertBatch], *, now: datetime, hold_reason: str | None
+        self,
+        notifications: Sequence[AlertBatch],
+        *,
+        now: datetime,
+        hold_reason: str | None,
+        audit: Callable[[list[RecordedAlerts]], None] | None = None,
     ) -> list[RecordedAlerts]:
         """Record several notifications in one transaction (group commit); one result each.
 
         Each is recorded as :meth:`record_alerts` would, in order; all or none are committed.
+        ``audit`` is called with the results right after the commit (the audit log is a
+        file, synced on its own: not under the database's write lock).
         """
         stamp = _text(now)
         with self._transaction(f"record {len(notifications)} alert notifications") as db:
@@ -1005,6 +1012,8 @@ class SqliteAlertStore(SqliteStateStore):
                 _record_batch(db, batch.firing, batch.resolved, stamp, hold_reason)
                 for batch in notifications
             ]
+        if audit is not None:
+            audit(results)
         if self._after_commit is not None:
             self._after_commit(len(notifications))
         return results
