@@ -36,7 +36,8 @@ class Alertmanager:
         assert response.status_code == 200, response.text
 
 
-def _config(webhook_url: str, token: str, repeat_interval: str) -> str:
+def _config(webhook_url: str | list[str], token: str, repeat_interval: str) -> str:
+    urls = [webhook_url] if isinstance(webhook_url, str) else webhook_url
     return json.dumps(
         {
             "route": {
@@ -51,10 +52,11 @@ def _config(webhook_url: str, token: str, repeat_interval: str) -> str:
                     "name": "remediate",
                     "webhook_configs": [
                         {
-                            "url": webhook_url,
+                            "url": url,
                             "send_resolved": True,
                             "http_config": {"authorization": {"credentials": token}},
                         }
+                        for url in urls
                     ],
                 }
             ],
@@ -63,13 +65,15 @@ def _config(webhook_url: str, token: str, repeat_interval: str) -> str:
 
 
 @pytest.fixture
-def start_alertmanager(tmp_path: Path) -> Iterator[Callable[[str, str], Alertmanager]]:
-    """Start an Alertmanager notifying ``webhook_url`` with bearer ``token``; stopped after."""
+def start_alertmanager(
+    tmp_path: Path,
+) -> Iterator[Callable[[str | list[str], str], Alertmanager]]:
+    """Start an Alertmanager notifying ``webhook_url`` (or several), bearer ``token``."""
     if not Path(ALERTMANAGER).exists() or shutil.which("amtool") is None:
         pytest.skip("prometheus-alertmanager is not installed")
     started: list[Alertmanager] = []
 
-    def start(webhook_url: str, token: str) -> Alertmanager:
+    def start(webhook_url: str | list[str], token: str) -> Alertmanager:
         base = tmp_path / f"alertmanager{len(started)}"
         base.mkdir()
         config = base / "alertmanager.yml"
