@@ -11,7 +11,7 @@ import pytest
 from engine.audit import utc_now
 from engine.state import open_database
 from tests.support.alertmanager import Alertmanager
-from tests.support.postgres import PostgresServer, remove_postgres, start_postgres
+from tests.support.postgres import PostgresServer, remove_postgres, started_or_skip
 from tests.support.replicas import lines, mark, new_replica, project_for, states
 from tests.support.webhook import TOKEN, ServerProcess, wait_for
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of this test's own (it is restarted), durable like a real one."""
-    server = start_postgres(durable=True)
+    server = started_or_skip(durable=True)
     try:
         server.execute("CREATE DATABASE remediate")
         open_database(server.url("remediate"), clock=utc_now).close()

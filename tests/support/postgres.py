@@ -124,22 +124,38 @@ class PostgresServer:
         return self.url(name)
 
 
+class PostgresMissingError(RuntimeError):
+    """PostgreSQL cannot be started here (no binaries, or no user to run them as)."""
+
+
 def start_postgres(*, durable: bool = False) -> PostgresServer:
-    """Start a throw-away PostgreSQL (skips the test when its binaries are missing)."""
+    """Start a throw-away PostgreSQL (``durable``: fsync and synchronous commits on)."""
     bin_dir = postgres_bin()
     if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (/usr/lib/postgresql/*/bin/initdb)")
-    base = Path(tempfile.mkdtemp(prefix="remediate-pg-"))
+        raise PostgresMissingError("PostgreSQL is not installed (/usr/lib/postgresql/*/bin)")
+    owner = None
     if os.geteuid() == 0:
         try:
             owner = pwd.getpwnam(SUPERUSER)
-        except KeyError:
-            pytest.skip(f"no {SUPERUSER!r} system user to run PostgreSQL as (initdb refuses root)")
+        except KeyError as exc:
+            raise PostgresMissingError(
+                f"no {SUPERUSER!r} system user to run PostgreSQL as (initdb refuses root)"
+            ) from exc
+    base = Path(tempfile.mkdtemp(prefix="remediate-pg-"))
+    if owner is not None:
         os.chown(base, owner.pw_uid, owner.pw_gid)
     server = PostgresServer(bin_dir=bin_dir, base=base, port=free_port(), durable=durable)
     server.init()
     server.start()
     return server
+
+
+def started_or_skip(*, durable: bool = False) -> PostgresServer:
+    """:func:`start_postgres`, or skip the test saying why it cannot."""
+    try:
+        return start_postgres(durable=durable)
+    except PostgresMissingError as exc:
+        pytest.skip(str(exc))
 
 
 def remove_postgres(server: PostgresServer) -> None:
@@ -152,7 +168,7 @@ def remove_postgres(server: PostgresServer) -> None:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL for the session, with a migrated template database."""
-    server = start_postgres()
+    server = started_or_skip()
     try:
         server.execute(f"CREATE DATABASE {TEMPLATE}")
         open_database(server.url(TEMPLATE), clock=utc_now).close()
