@@ -700,6 +700,32 @@ def test_two_approvers_at_once_one_decision(backend: Backend) -> None:
     assert (record.status, record.decided_by) == (ApprovalStatus.APPLYING, won[0])
 
 
+def test_two_approvers_deciding_at_once_one_decides_the_other_is_told(
+    backend: Backend,
+) -> None:
+    """Eight people approve one approval at the same instant (claiming it): one applies it."""
+    with backend.store() as store:
+        store.add_approval(_approval("ap-1"))
+    stores = [backend.store() for _ in range(8)]
+    decided: list[str] = []
+    refused: list[str] = []
+
+    def approve(n: int) -> None:
+        try:
+            decide(stores[n], "ap-1", approver=f"p{n}", approve=True, now=T0, claim=True)
+        except ApprovalError as exc:
+            refused.append(str(exc))
+        else:
+            decided.append(f"p{n}")
+
+    _race(8, approve)
+    for store in stores:
+        store.close()
+    assert len(decided) == 1
+    assert len(refused) == 7
+    assert all("already applying" in r or "someone else" in r for r in refused)
+
+
 # --------------------------------------------------------------------------- schema
 
 
