@@ -661,10 +661,13 @@ class PostgresStore:
         _aware(now)
 
         def work(cur: Cursor) -> list[RecordedAlerts]:
-            results = [
-                _record_batch(cur, batch.firing, batch.resolved, now, hold_reason)
-                for batch in notifications
-            ]
+            if any(batch.resolved for batch in notifications):  # order matters: one by one
+                results = [
+                    _record_batch(cur, batch.firing, batch.resolved, now, hold_reason)
+                    for batch in notifications
+                ]
+            else:  # firings only (the common case): a few set-based statements for all
+                results = _record_firings(cur, notifications, now, hold_reason)
             if audit is not None:
                 audit(results)
             return results
@@ -1148,6 +1151,119 @@ def _reap(cur: Cursor, expired: Sequence[Lease]) -> list[Interruption]:
             )
         )
     return found
+
+
+def _record_firings(
+    cur: Cursor, notifications: Sequence[AlertBatch], now: datetime, hold_reason: str | None
+) -> list[RecordedAlerts]:
+    """Notifications of firing alerts only, recorded with one upsert and one queue insert.
+
+    The same as recording them one by one (:func:`_record_batch`): the first copy of a
+    firing in the group decides it (new, or seen before), every other copy is a duplicate.
+    """
+    first: dict[tuple[datetime, str], FiringInput] = {}
+    copies: dict[tuple[datetime, str], int] = {}
+    for batch in notifications:
+        for alert in batch.firing:
+            key = (alert.starts_at, alert.fingerprint)
+            first.setdefault(key, alert)
+            copies[key] = copies.get(key, 0) + 1
+    inserted: set[tuple[datetime, str]] = set()
+    if first:
+        columns: list[list[Any]] = [[], [], [], [], [], [], []]
+        # In key order: replicas upserting overlapping firings lock their rows in one order.
+        for key, alert in sorted(first.items(), key=lambda item: item[0]):
+            outcome, reason = alert.outcome, alert.reason
+            if hold_reason is not None and alert.routes:
+                outcome, reason = FiringOutcome.HELD, hold_reason
+            values = (
+                alert.fingerprint,
+                alert.starts_at,
+                alert.alertname,
+                _labels_json(alert.labels),
+                outcome.value,
+                reason,
+                copies[key],
+            )
+            for column, value in zip(columns, values, strict=True):
+                column.append(value)
+        rows = cur.execute(
+            "INSERT INTO alert_firings (fingerprint, starts_at, alertname, labels, status,"
+            " outcome, reason, received_at, last_seen_at, times_seen)"
+            " SELECT f, s, a, l, 'firing', o, r, %s, %s, c FROM unnest("
+            "%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[],"
+            " %s::int[]) AS t (f, s, a, l, o, r, c)"
+            " ON CONFLICT (starts_at, fingerprint) DO UPDATE"
+            " SET last_seen_at = excluded.last_seen_at,"
+            " times_seen = alert_firings.times_seen + excluded.times_seen"
+            " RETURNING starts_at, fingerprint, xmax = 0",
+            (now, now, *columns),
+        ).fetchall()
+        inserted = {(r[0], r[1]) for r in rows if r[2]}
+    state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
+    routes = [
+        (alert, route) for key, alert in first.items() if key in inserted for route in alert.routes
+    ]
+    item_ids: dict[tuple[datetime, str, str], int] = {}
+    if routes:
+        rows = cur.execute(
+            "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host, trigger_mode,"
+            " mode, state, reason, enqueued_at) SELECT f, s, rb, h, tm, m, %s, %s, %s FROM unnest("
+            "%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[])"
+            " AS t (f, s, rb, h, tm, m) RETURNING starts_at, fingerprint, runbook, item_id",
+            (
+                state.value,
+                hold_reason or "",
+                now,
+                [a.fingerprint for a, _ in routes],
+                [a.starts_at for a, _ in routes],
+                [r.runbook for _, r in routes],
+                [r.host for _, r in routes],
+                [r.trigger_mode for _, r in routes],
+                [r.mode.value for _, r in routes],
+            ),
+        ).fetchall()
+        item_ids = {(r[0], r[1], r[2]): int(r[3]) for r in rows}
+    results: list[RecordedAlerts] = []
+    decided: set[tuple[datetime, str]] = set()
+    for batch in notifications:
+        new: list[FiringKey] = []
+        dups: list[FiringKey] = []
+        queued: list[QueueItem] = []
+        for alert in batch.firing:
+            key = (alert.starts_at, alert.fingerprint)
+            firing_key = FiringKey(fingerprint=alert.fingerprint, starts_at=alert.starts_at)
+            if key not in inserted or key in decided:
+                dups.append(firing_key)
+                continue
+            decided.add(key)
+            new.append(firing_key)
+            queued += (
+                QueueItem(
+                    item_id=item_ids[(alert.starts_at, alert.fingerprint, route.runbook)],
+                    fingerprint=alert.fingerprint,
+                    starts_at=alert.starts_at,
+                    runbook=route.runbook,
+                    host=route.host,
+                    trigger_mode=route.trigger_mode,
+                    mode=route.mode,
+                    state=state,
+                    reason=hold_reason or "",
+                    enqueued_at=now,
+                )
+                for route in alert.routes
+            )
+        queued.sort(key=lambda item: item.item_id)
+        held = hold_reason is not None
+        results.append(
+            RecordedAlerts(
+                new=tuple(new),
+                deduplicated=tuple(dups),
+                queued=() if held else tuple(queued),
+                held=tuple(queued) if held else (),
+            )
+        )
+    return results
 
 
 def _record_batch(
