@@ -213,6 +213,8 @@ class WebhookServer:
         """Load the inventory and the breaker; start the workers, inventory and breaker watchers."""
         self.fleet.load()
         self.breaker.load(self.store)
+        # Alive before the first claim: a replica that dies right after it is still found.
+        self.store.heartbeat(self.owner, self.config.state.lease_ttl)
         self.pool.start()
         threading.Thread(
             target=self._watch_inventory, name="remediate-inventory", daemon=True
