@@ -84,7 +84,11 @@ class WebhookServer:
         self._owns_database = database is None
         if database is None:
             settings.state_dir.mkdir(parents=True, exist_ok=True)
-            database = open_database(settings.database_url(config.state.url), clock=clock)
+            database = open_database(
+                settings.database_url(config.state.url),
+                clock=clock,
+                connections=config.workers + 8,  # workers, intake, watchers, HTTP reads
+            )
         self.database: StateDatabase = database
         self.store: AlertStore = self.database.store(intake=True)
         self.metrics = ServerMetrics(self.store.queue_counts)

@@ -100,7 +100,9 @@ def serve(config_path: Path, settings: Settings) -> int:
 
 def _serve(config: ServerConfig, settings: Settings, stop: threading.Event) -> int:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    database = open_database(settings.database_url(config.state.url), clock=utc_now)
+    database = open_database(
+        settings.database_url(config.state.url), clock=utc_now, connections=config.workers + 8
+    )
     with contextlib.ExitStack() as stack:
         stack.callback(database.close)
         audit = database.audit_log() or AuditLog(

@@ -49,11 +49,13 @@ def open_database(
     *,
     clock: Callable[[], datetime],
     migrate: bool = True,
+    connections: int = 16,
 ) -> StateDatabase:
     """Open the database ``url`` names; its schema is migrated first unless ``migrate=False``.
 
     (SQLite migrates each connection as it opens; ``migrate=False`` asks PostgreSQL only to
-    check that the schema is current, for roles that may not change it.)
+    check that the schema is current, for roles that may not change it.)  ``connections``:
+    how many the process may hold at once (PostgreSQL's pool; SQLite opens one per store).
 
     Raises :class:`~engine.errors.ConfigError` for a URL no backend takes, and
     :class:`~engine.errors.StateError` when the database cannot be opened or is newer than
@@ -69,7 +71,7 @@ def open_database(
     if urlsplit(url).scheme in POSTGRES_SCHEMES:
         from engine.state.postgres import PostgresDatabase  # noqa: PLC0415 - needs psycopg
 
-        return PostgresDatabase(url, clock=clock, migrate=migrate)
+        return PostgresDatabase(url, clock=clock, migrate=migrate, pool_max=connections)
     raise ConfigError(
         f"state URL {redacted_url(url)!r}: expected sqlite:///PATH or postgresql://..."
     )
