@@ -23,6 +23,7 @@ A chain alone cannot tell a truncated tail from a shorter log: keep
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import errno
 import fcntl
@@ -31,13 +32,12 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from pathlib import Path, PurePath
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 from pydantic import BaseModel, ConfigDict
@@ -154,7 +154,206 @@ def _canonical_object(members: Mapping[str, str]) -> str:
     return "{" + ",".join(f"{_canonical(k)}:{members[k]}" for k in sorted(members)) + "}"
 
 
+def encode_event(
+    event: Mapping[str, object], secrets: Secrets = NO_SECRETS
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The event as JSON data, and each member's canonical text (encoded once, reused).
+
+    ``secrets`` are replaced wherever they occur in its values (looked for in the encoded
+    text, which costs far less than in each string of a large event).
+    """
+    body = _jsonable(event)
+    members = {key: _canonical(value) for key, value in body.items()}
+    if secrets:
+        for key, text in members.items():
+            if secrets.found_in(text):
+                body[key] = secrets.scrub_data(body[key])
+                members[key] = _canonical(body[key])
+    return body, members
+
+
+def seal_record(members: Mapping[str, str], seq: int, prev: str) -> tuple[str, str]:
+    """The record's line (canonical JSON, no newline) and hash, as number ``seq`` after ``prev``.
+
+    ``members`` are the event's canonical member texts (:func:`encode_event`); every sink
+    seals records this way, so a chain kept in a database exports to the very lines a file
+    holds, and :func:`verify_audit` checks either.
+    """
+    sealed = {**members, "seq": str(seq), "prev": _canonical(prev)}
+    digest = hashlib.sha256(_canonical_object(sealed).encode("ascii")).hexdigest()
+    sealed["hash"] = _canonical(digest)
+    return _canonical_object(sealed), digest
+
+
+def write_export(target: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``target`` (mode 0600) through a temporary file, then rename."""
+    partial = target.with_name(target.name + ".partial")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        partial.replace(target)
+    except OSError as exc:
+        raise AuditError(f"{target}: cannot write the export: {exc.strerror}") from exc
+
+
 # --------------------------------------------------------------------------- the log
+
+
+class AuditSink(Protocol):
+    """Where audited events go: the JSON-lines file, or a chain in the state database."""
+
+    def append(
+        self, event: Mapping[str, object], *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, Any]:
+        """Append ``event`` as the next record (or keep it for the open unit of work).
+
+        ``secrets`` are scrubbed from its values first (:func:`encode_event`).
+        """
+
+    def head(self) -> AuditHead | None:
+        """The last record's seq and hash, or None when there is none."""
+
+    def export(self, target: Path) -> AuditHead | None:
+        """Write the whole chain to ``target`` as JSON lines; return its head."""
+
+    def verify(self, expected_head: AuditHead | None = None) -> AuditVerification:
+        """Check the chain (and, with ``expected_head``, that its tail is all there)."""
+
+
+# --------------------------------------------------------------------------- units of work
+#
+# A backend that keeps the chain next to the state (PostgreSQL) appends an event in the same
+# transaction as the state change it records.  Inside ``audit_unit()`` its sink keeps the
+# events; the store's next transaction in the same context takes them (``take_pending``) and
+# appends them before it commits; what is left when the unit ends gets a transaction of its
+# own.  A store running a transaction sets a writer, and events emitted meanwhile (from a
+# hook the store calls inside it) are appended to that transaction directly.  The file sink
+# ignores both: it appends at once, as it always did.
+
+
+@dataclasses.dataclass
+class _Unit:
+    """Events kept for the next state change, and who writes them if none takes them."""
+
+    events: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    flush: Callable[[list[dict[str, str]]], None] | None = None
+
+
+_UNIT: contextvars.ContextVar[_Unit | None] = contextvars.ContextVar(
+    "remediate_audit_unit", default=None
+)
+_WRITER: contextvars.ContextVar[Callable[[dict[str, str]], AuditHead] | None] = (
+    contextvars.ContextVar("remediate_audit_writer", default=None)
+)
+
+
+@contextmanager
+def audit_unit() -> Iterator[None]:
+    """Keep the events emitted inside for the next state change (see above)."""
+    if _UNIT.get() is not None:  # nested: the outer unit keeps them
+        yield
+        return
+    unit = _Unit()
+    token = _UNIT.set(unit)
+    try:
+        yield
+    finally:
+        _UNIT.reset(token)
+        if unit.events and unit.flush is not None:
+            unit.flush(unit.events)
+
+
+def take_pending() -> list[dict[str, str]]:
+    """The events of the open unit of work not yet written (a store's transaction takes them)."""
+    unit = _UNIT.get()
+    if unit is None or not unit.events:
+        return []
+    taken = list(unit.events)
+    unit.events.clear()
+    return taken
+
+
+@contextmanager
+def writing_into(writer: Callable[[dict[str, str]], AuditHead]) -> Iterator[None]:
+    """Inside the block, events are appended by ``writer`` (a store's open transaction)."""
+    token = _WRITER.set(writer)
+    try:
+        yield
+    finally:
+        _WRITER.reset(token)
+
+
+class DatabaseAuditSink:
+    """The audit chain in the state database, appended with the state changes it records.
+
+    ``append_to_store(members)`` appends records in a transaction of their own (events with
+    no state change); ``read_head()`` and ``export_to(target)`` read the chain back.
+    """
+
+    def __init__(
+        self,
+        *,
+        append: Callable[[list[dict[str, str]]], list[AuditHead]],
+        read_head: Callable[[], AuditHead | None],
+        export: Callable[[Path], AuditHead | None],
+        verify: Callable[[AuditHead | None], AuditVerification],
+        where: str,
+    ) -> None:
+        self._verify = verify
+        self._append = append
+        self._read_head = read_head
+        self._export = export
+        self.where = where
+
+    def __repr__(self) -> str:
+        return f"DatabaseAuditSink({self.where!r})"
+
+    def append(
+        self, event: Mapping[str, object], *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, Any]:
+        """Append ``event`` into the open transaction, the open unit, or one of its own."""
+        clash = RESERVED_KEYS & event.keys()
+        if clash:
+            raise AuditError(
+                f"{self.where}: event {event.get('event')!r} uses reserved key(s) "
+                f"{', '.join(sorted(clash))}"
+            )
+        if "ts" not in event:
+            raise AuditError(f"{self.where}: event {event.get('event')!r} has no 'ts'")
+        body, members = encode_event(event, secrets)
+        writer = _WRITER.get()
+        if writer is not None:
+            head = writer(members)
+            return {**body, "seq": head.seq, "hash": head.hash}
+        unit = _UNIT.get()
+        if unit is not None:
+            unit.events.append(members)
+            unit.flush = self.flush
+            return body
+        (head,) = self._append([members])
+        return {**body, "seq": head.seq, "hash": head.hash}
+
+    def flush(self, pending: list[dict[str, str]]) -> None:
+        """Write events a unit kept but no transaction took, in one transaction."""
+        if pending:
+            self._append(pending)
+
+    def head(self) -> AuditHead | None:
+        """The chain's last record (read from the database)."""
+        return self._read_head()
+
+    def export(self, target: Path) -> AuditHead | None:
+        """Write the chain to ``target`` as the JSON lines ``audit verify FILE`` checks."""
+        return self._export(target)
+
+    def verify(self, expected_head: AuditHead | None = None) -> AuditVerification:
+        """Check the chain in the database against ``expected_head`` (default: its head row)."""
+        return self._verify(expected_head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,9 +393,8 @@ class AuditLog:
 
         ``event`` must carry ``ts`` (a datetime or an ISO-8601 string, normally
         set from the injected clock by the processor chain) and must not carry
-        ``seq``, ``prev`` or ``hash``.  ``secrets`` are replaced wherever they occur in
-        its values (looked for in the encoded text, which costs far less than in each
-        string of a large event).
+        ``seq``, ``prev`` or ``hash``.  ``secrets`` are scrubbed from its values first
+        (:func:`encode_event`).
         """
         clash = RESERVED_KEYS & event.keys()
         if clash:
@@ -206,15 +404,7 @@ class AuditLog:
             )
         if "ts" not in event:
             raise AuditError(f"{self.path}: event {event.get('event')!r} has no 'ts'")
-        body = _jsonable(event)
-        # Each member is encoded once, before the lock: the line and its hash are then put
-        # together from the same texts (see _canonical_object).
-        members = {key: _canonical(value) for key, value in body.items()}
-        if secrets:
-            for key, text in members.items():
-                if secrets.found_in(text):
-                    body[key] = secrets.scrub_data(body[key])
-                    members[key] = _canonical(body[key])
+        body, members = encode_event(event, secrets)
         try:
             fd = self._open()
         except OSError as exc:
@@ -223,10 +413,8 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX)
             head = self._head_under_lock(fd)
             seq, prev = (head.seq if head else 0) + 1, head.hash if head else GENESIS
-            members["seq"], members["prev"] = str(seq), _canonical(prev)
-            digest = hashlib.sha256(_canonical_object(members).encode("ascii")).hexdigest()
-            members["hash"] = _canonical(digest)
-            _write_all(fd, (_canonical_object(members) + "\n").encode("ascii"))
+            line, digest = seal_record(members, seq, prev)
+            _write_all(fd, (line + "\n").encode("ascii"))
             if event.get("event") not in self.unsynced_events:
                 os.fsync(fd)
             self._last = _Written(os.fstat(fd), AuditHead(seq=seq, hash=digest))
@@ -235,6 +423,21 @@ class AuditLog:
         finally:
             os.close(fd)  # also releases the flock
         return {**body, "seq": seq, "prev": prev, "hash": digest}
+
+    def verify(self, expected_head: AuditHead | None = None) -> AuditVerification:
+        """Check the file's chain (see :func:`verify_audit`)."""
+        return verify_audit(self.path, expected_head=expected_head)
+
+    def export(self, target: Path) -> AuditHead | None:
+        """Copy the log to ``target`` (the same JSON lines); return the head it ends with."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot read the audit log: {exc.strerror}") from exc
+        write_export(target, [data] if data else [])
+        return self.head()
 
     def _open(self) -> int:
         """Open the log for appending, creating it (and its folder) when missing."""
@@ -344,6 +547,11 @@ def verify_audit(path: Path, *, expected_head: AuditHead | None = None) -> Audit
         return _verify_lines(handle, expected_head)
 
 
+def verify_lines(lines: Iterable[bytes], expected_head: AuditHead | None) -> AuditVerification:
+    """Check records given as lines (each with its newline), as :func:`verify_audit` does."""
+    return _verify_lines(iter(lines), expected_head)
+
+
 def _verify_lines(lines: Iterator[bytes], expected_head: AuditHead | None) -> AuditVerification:
     prev = GENESIS
     count = 0
@@ -449,7 +657,9 @@ def redact_secrets(
 
 
 #: The secrets of the run whose events are emitted in this context (see audit_context).
-_RUN_SECRETS: ContextVar[Secrets] = ContextVar("remediate_run_secrets", default=NO_SECRETS)
+_RUN_SECRETS: contextvars.ContextVar[Secrets] = contextvars.ContextVar(
+    "remediate_run_secrets", default=NO_SECRETS
+)
 
 
 class _Stamp:
@@ -476,7 +686,7 @@ class _Append:
     and the run's own (:func:`audit_context`); what is passed on is what was written.
     """
 
-    def __init__(self, log: AuditLog, *, pass_on: bool, secrets: Secrets) -> None:
+    def __init__(self, log: AuditSink, *, pass_on: bool, secrets: Secrets) -> None:
         self._log = log
         self._pass_on = pass_on
         self._secrets = secrets
@@ -506,7 +716,7 @@ class _Append:
 
 
 def audit_processors(
-    log: AuditLog,
+    log: AuditSink,
     clock: Callable[[], datetime],
     *,
     then: Sequence[structlog.typing.Processor] = (),
@@ -531,7 +741,7 @@ def audit_processors(
 
 
 def configure_audit(
-    log: AuditLog,
+    log: AuditSink,
     *,
     clock: Callable[[], datetime] = utc_now,
     also_console: bool = False,

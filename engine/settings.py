@@ -22,6 +22,7 @@ class Settings(BaseModel):
     user: str
     secrets: Secrets = Field(default=NO_SECRETS, repr=False)
     """Values scrubbed from everything the engine keeps (see :mod:`engine.redaction`)."""
+    state_url: str | None = None  # --state-url / REMEDIATE_STATE_URL, when given
 
     @property
     def audit_path(self) -> Path:
@@ -32,6 +33,14 @@ class Settings(BaseModel):
     def db_path(self) -> Path:
         """The SQLite state store."""
         return self.state_dir / "state.db"
+
+    def database_url(self, configured: str | None = None) -> str:
+        """The state database's URL.
+
+        ``--state-url`` / ``REMEDIATE_STATE_URL``, else ``configured`` (the server
+        configuration's ``state:``), else the state directory's SQLite file.
+        """
+        return self.state_url or configured or f"sqlite:///{self.db_path}"
 
     @property
     def artifacts_dir(self) -> Path:
@@ -46,6 +55,7 @@ def load_settings(
     runbooks_dir: Path | None = None,
     playbooks_dir: Path | None = None,
     state_dir: Path | None = None,
+    state_url: str | None = None,
 ) -> Settings:
     """Settings from explicit options, then ``REMEDIATE_*`` variables, then the project layout.
 
@@ -66,6 +76,7 @@ def load_settings(
         state_dir=pick(state_dir, "REMEDIATE_STATE_DIR", cwd / ".remediate"),
         user=user,
         secrets=secrets_from_environment(environ),
+        state_url=state_url or environ.get("REMEDIATE_STATE_URL") or None,
     )
 
 

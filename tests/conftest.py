@@ -8,4 +8,6 @@ pytest_plugins: list[str] = [
     "tests.support.webhook",
     "tests.support.alertmanager",
     "tests.support.prometheus",
+    "tests.support.postgres",
+    "tests.support.stores",
 ]

@@ -28,7 +28,7 @@ from engine.pipeline import RunReport, RunRequest, Services, run_runbook
 from engine.probes import start_probe
 from engine.redaction import REDACTED
 from engine.runbooks import Runbook, load_runbook
-from engine.state import SqliteStateStore
+from engine.state.sqlite import SqliteStateStore
 from engine.targets import runbook_selection
 from tests.support.probing import Answer, device
 
@@ -219,7 +219,7 @@ def test_lock_held_by_another_run_skips_the_device(
     runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
 ) -> None:
     """A device locked by another run is skipped, at plan time and at act time."""
-    assert store.try_lock("a", "other-run", timedelta(minutes=5))
+    assert store.acquire_lease("a", "other-run", holder="ctl", ttl=timedelta(minutes=5)).lease
     executor = FakeExecutor(scripts={"a": device(SICK)})
     report = _run(runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, ["a"]))
     assert report.hosts[0].outcome is HostOutcome.SKIPPED

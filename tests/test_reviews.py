@@ -19,7 +19,7 @@ from engine.planfiles import check_applicable, load_plan, render_markdown, save_
 from engine.plans import HostPlan, PlannedStep
 from engine.redaction import Secrets
 from engine.runbooks import Runbook, load_runbook
-from engine.state import SqliteStateStore
+from engine.state.sqlite import SqliteStateStore
 from tests.support.probing import Answer, device
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -12,8 +12,8 @@ from engine.runbooks import load_runbooks
 from engine.runbooks.spec import TriggerMode
 from engine.server.alerts import Alert
 from engine.server.fleet import Fleet, load_fleet
+from engine.server.queue import FiringOutcome
 from engine.server.routing import Matcher, Mismatch, Router, run_mode, strip_port
-from engine.state import FiringOutcome
 from tests.support.webhook import (
     DISK_RUNBOOK,
     ENGINE_RUNBOOK,

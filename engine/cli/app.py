@@ -90,6 +90,13 @@ def _root(
         Path | None,
         typer.Option(help="State, audit log, artifacts [env REMEDIATE_STATE_DIR; ./.remediate]"),
     ] = None,
+    state_url: Annotated[
+        str | None,
+        typer.Option(
+            help="State database: sqlite:///PATH or postgresql://... "
+            "[env REMEDIATE_STATE_URL; STATE_DIR/state.db]"
+        ),
+    ] = None,
 ) -> None:
     """Remediation runbooks for balenaOS fleets."""
     if ctx.invoked_subcommand != "lab":
@@ -103,6 +110,7 @@ def _root(
         runbooks_dir=runbooks,
         playbooks_dir=playbooks,
         state_dir=state_dir,
+        state_url=state_url,
     )
     state.playbooks_explicit = playbooks is not None or bool(os.environ.get("REMEDIATE_PLAYBOOKS"))
     ctx.obj = state

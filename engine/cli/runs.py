@@ -343,7 +343,9 @@ def history(
             return
         record = store.get_run(run_id)
         if record is None:
-            raise InputError(f"no run {run_id!r} in {state.settings.db_path}")
+            from engine.state import redacted_url
+
+            raise InputError(f"no run {run_id!r} in {redacted_url(state.settings.database_url())}")
         hosts = store.host_records(run_id)
     if output is Output.JSON:
         data = record.model_dump(mode="json")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -20,10 +21,11 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
+    from engine.audit import AuditSink
     from engine.executors.ansible import AnsibleExecutor
     from engine.pipeline import Reporter, Services
     from engine.settings import Settings
-    from engine.state import StateStore
+    from engine.state import StateDatabase, StateStore
 
 
 def new_run_id() -> str:
@@ -101,19 +103,32 @@ def new_executor(settings: Settings) -> AnsibleExecutor:
 
 
 @contextmanager
-def open_store(settings: Settings) -> Iterator[StateStore]:
-    """The state store (its database owner-only), closed afterwards."""
+def open_database(settings: Settings, *, migrate: bool = True) -> Iterator[StateDatabase]:
+    """The state database (``--state-url``, else the state directory's file), closed after."""
     from engine.audit import utc_now
-    from engine.privacy import private_file
-    from engine.state import open_state
+    from engine.state import open_database as open_state_database
 
     private_state_dir(settings)
-    private_file(settings.db_path)  # SQLite gives its -wal and -shm files the database's mode
-    store = open_state(settings.db_path, clock=utc_now)
-    try:
-        yield store
-    finally:
-        store.close()
+    with open_state_database(settings.database_url(), clock=utc_now, migrate=migrate) as database:
+        yield database
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[StateStore]:
+    """The state store, closed afterwards."""
+    with open_database(settings) as database:
+        store = database.store()
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+def audit_sink(settings: Settings, database: StateDatabase) -> AuditSink:
+    """Where this invocation's audit records go: the database's chain, else the file."""
+    from engine.audit import PER_HOST_EVENTS, AuditLog
+
+    return database.audit_log() or AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
 
 
 @contextmanager
@@ -127,13 +142,14 @@ def open_services(
 
     ``executor``: the one that started the run's first probe, if any (else a new one).
     """
-    from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
+    from engine.audit import configure_audit, utc_now
     from engine.pipeline import NullReporter, Services
 
-    audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
-    configure_audit(audit, clock=utc_now, secrets=settings.secrets)
     executor = executor or new_executor(settings)
-    with open_store(settings) as store:
+    with open_database(settings) as database:
+        audit = audit_sink(settings, database)
+        configure_audit(audit, clock=utc_now, secrets=settings.secrets)
+        store = database.store()
         progress = (
             _progress(reporter_console)
             if reporter_console is not None and reporter_console.is_terminal
@@ -149,6 +165,7 @@ def open_services(
             sleep=time.sleep,
             reporter=reporter,
             secrets=settings.secrets,
+            holder=f"cli:{socket.gethostname()}:{os.getpid()}",
         )
         try:
             if progress is not None:
@@ -160,3 +177,4 @@ def open_services(
             head = audit.head()
             if head is not None:
                 store.save_audit_head(head.seq, head.hash)
+            store.close()

@@ -143,6 +143,28 @@ class Approvals(_Section):
         return self
 
 
+class State(_Section):
+    """Where the state lives (``state: URL`` is short for ``state: {url: URL}``)."""
+
+    url: str | None = Field(
+        default=None,
+        description="sqlite:///PATH or postgresql://...; --state-url and REMEDIATE_STATE_URL "
+        "win over it; default: the state directory's SQLite file.",
+    )
+
+    lease_ttl: Duration = Field(
+        default=timedelta(minutes=1),
+        description="Device leases and this server's heartbeat live this long unless renewed "
+        "(every third of it): a replica that dies loses its devices, and its running runs are "
+        "marked interrupted, this long after its last renewal.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_alone(cls, data: Any) -> Any:
+        return {"url": data} if isinstance(data, str) else data
+
+
 class ServerConfig(_Section):
     """The whole server configuration file."""
 
@@ -158,6 +180,7 @@ class ServerConfig(_Section):
     queue: Queue = Queue()
     breaker: Breaker = Breaker()
     approvals: Approvals = Approvals()
+    state: State = State()
     inventory_refresh: Duration = Field(
         default=timedelta(minutes=5),
         description="Re-read the inventory this often (and whenever its files change).",

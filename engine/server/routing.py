@@ -25,7 +25,7 @@ from engine.runbooks import Runbook
 from engine.runbooks.spec import Trigger, TriggerMode
 from engine.server.alerts import Alert
 from engine.server.fleet import Fleet, IndexKey
-from engine.state import FiringOutcome, QueueRoute
+from engine.server.queue import FiringOutcome, QueueRoute
 
 #: Inventory host names that select exactly that host as an Ansible ``--limit``.
 _PLAIN_HOST_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")

@@ -51,16 +51,24 @@ class ClientTls:
 
 
 class StartAlertmanager(Protocol):
-    """Start an Alertmanager notifying ``webhook_url`` with bearer ``token`` (and TLS)."""
+    """Start an Alertmanager notifying ``webhook_url`` (or several) with bearer ``token``."""
 
     def __call__(
-        self, webhook_url: str, token: str, *, shipped: bool = False, tls: ClientTls | None = None
+        self,
+        webhook_url: str | list[str],
+        token: str,
+        *,
+        shipped: bool = False,
+        tls: ClientTls | None = None,
     ) -> Alertmanager:
         """Start it and wait until it is ready."""
         ...
 
 
-def _config(webhook_url: str, token: str, repeat_interval: str, tls: ClientTls | None) -> str:
+def _config(
+    webhook_url: str | list[str], token: str, repeat_interval: str, tls: ClientTls | None
+) -> str:
+    urls = [webhook_url] if isinstance(webhook_url, str) else webhook_url
     http_config: dict[str, Any] = {"authorization": {"credentials": token}}
     if tls is not None:
         http_config["tls_config"] = {
@@ -82,10 +90,11 @@ def _config(webhook_url: str, token: str, repeat_interval: str, tls: ClientTls |
                     "name": "remediate",
                     "webhook_configs": [
                         {
-                            "url": webhook_url,
+                            "url": url,
                             "send_resolved": True,
                             "http_config": http_config,
                         }
+                        for url in urls
                     ],
                 }
             ],
@@ -108,20 +117,24 @@ def _shipped_config(webhook_url: str, token_file: Path) -> str:
 
 @pytest.fixture
 def start_alertmanager(tmp_path: Path) -> Iterator[StartAlertmanager]:
-    """Start an Alertmanager notifying ``webhook_url`` with bearer ``token``; stopped after."""
+    """Start an Alertmanager notifying ``webhook_url`` (or several), bearer ``token``."""
     if not Path(ALERTMANAGER).exists() or shutil.which("amtool") is None:
         pytest.skip("prometheus-alertmanager is not installed")
     started: list[Alertmanager] = []
 
     def start(
-        webhook_url: str, token: str, *, shipped: bool = False, tls: ClientTls | None = None
+        webhook_url: str | list[str],
+        token: str,
+        *,
+        shipped: bool = False,
+        tls: ClientTls | None = None,
     ) -> Alertmanager:
         base = tmp_path / f"alertmanager{len(started)}"
         base.mkdir()
         config = base / "alertmanager.yml"
         if shipped:
-            if tls is not None:
-                raise ValueError("the shipped Alertmanager config has no TLS client settings")
+            if tls is not None or not isinstance(webhook_url, str):
+                raise ValueError("the shipped config is tried with one URL and no client TLS")
             token_file = base / "remediate-token"
             token_file.write_text(token)
             config.write_text(_shipped_config(webhook_url, token_file))
