@@ -24,6 +24,10 @@ Everything Ansible-specific the engine depends on lives here:
   *group* that has exactly a requested host's name; it warns about such inventories.)
 * Events are consumed once, as they stream, by an event handler; only the per-host
   results are kept.  A host that never shows up in the events is reported ``failed``.
+* Every run finds the project's inventory plugins (``ANSIBLE_INVENTORY_PLUGINS``); when
+  ``ansible-playbook`` stops because the balena plugin failed, its one-line error is raised
+  as what it is (:func:`engine.balena.inventory_error`: the token, the API), not as a tool
+  failure.
 
 A device that fails is a result.  ansible-runner or ansible-playbook failing as a tool
 (bad playbook, missing binary, no final stats) raises :class:`ExecutorError`.
@@ -71,6 +75,8 @@ import psutil
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.ansible_plugins import inventory_plugins_env
+from engine.balena import carries_error, inventory_error
 from engine.errors import ExecutorError, InventoryError
 from engine.executors.base import (
     CommandResult,
@@ -345,6 +351,7 @@ class AnsibleExecutor:
             "ANSIBLE_NOCOLOR": "True",
             "ANSIBLE_FORCE_COLOR": "False",
             "NO_COLOR": "1",
+            **inventory_plugins_env(),
             **extra_env,
         }
         if settings.ssh_args is not None:
@@ -410,6 +417,9 @@ class AnsibleExecutor:
         if runner.status == "canceled":
             raise ExecutorError(f"{what}: cancelled (a signal, or the engine shutting down)")
         if watcher.stats is None and not watcher.no_hosts:
+            source_error = inventory_error(inventory, watcher.inventory_error)
+            if source_error is not None:  # the balena plugin said why (its token, its API)
+                raise source_error
             raise ExecutorError(
                 f"{what}: ansible-playbook did not finish "
                 f"(runner status {runner.status}, rc {runner.rc}): {watcher.error_text()}"
@@ -479,6 +489,7 @@ class _EventWatcher:
     def __init__(self) -> None:
         self.stats: dict[str, Any] | None = None
         self.no_hosts = False  # the limit matched no inventory host: nothing ran, not a fault
+        self.inventory_error = ""  # an inventory plugin's marked error line (engine.balena)
         self._tail: deque[str] = deque(maxlen=_ERROR_TAIL_LINES)
 
     def see(self, event: Mapping[str, Any]) -> None:
@@ -489,6 +500,8 @@ class _EventWatcher:
             if text:
                 self._tail.append(text)
                 self.no_hosts = self.no_hosts or _NO_HOSTS in text
+                if not self.inventory_error and carries_error(text):
+                    self.inventory_error = text
 
     def error_text(self) -> str:
         lines = [line for line in self._tail if not line.startswith("[WARNING]")]
