@@ -55,6 +55,12 @@ def control_dir() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def persisting(control_dir: Path) -> tuple[str, ...]:
+    """The ssh options of a ControlPersist master kept in ``control_dir``."""
+    return ("-o", "ControlMaster=auto", "-o", "ControlPersist=30s",
+            "-o", f"ControlPath={control_dir}/%C")  # fmt: skip
+
+
 def proxy_command(tunnel: TunnelHost, *extra: str, ca: bool = True) -> str:
     args = [
         str(HELPER),
@@ -147,18 +153,7 @@ def test_failures_reach_ssh_as_one_line(
     With ControlPersist, OpenSSH sends the ProxyCommand's stderr to /dev/null; the reason
     still arrives (the helper tells ssh in the SSH protocol).
     """
-    options = (
-        (
-            "-o",
-            "ControlMaster=auto",
-            "-o",
-            "ControlPersist=30s",
-            "-o",
-            f"ControlPath={control_dir}/%C",
-        )
-        if persist
-        else ()
-    )
+    options = persisting(control_dir) if persist else ()
     cases = [
         (
             run(ssh(tunnel, sshd, "true", options=options), token=WRONG),
@@ -202,14 +197,7 @@ def test_control_persist_shares_one_tunnel(
     tunnel: TunnelHost, sshd: SshServer, control_dir: Path
 ) -> None:
     """With ControlPersist, later sessions go through the master's one tunnel."""
-    control = (
-        "-o",
-        "ControlMaster=auto",
-        "-o",
-        "ControlPersist=30s",
-        "-o",
-        f"ControlPath={control_dir}/%C",
-    )
+    control = persisting(control_dir)
     try:
         first = run(ssh(tunnel, sshd, "echo one", options=control))
         assert (first.returncode, first.stdout) == (0, "one\n"), first.stderr
