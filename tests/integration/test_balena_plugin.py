@@ -196,11 +196,15 @@ def test_errors_reach_the_cli_as_one_line_with_their_exit_code(
 def test_unknown_fleets_and_nonsense_answers_fail_the_selection(
     api: FakeBalenaApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An unknown fleet slug is an input error; truncated JSON an unavailable source."""
+    """A misspelt option or an unknown fleet is an input error; truncated JSON a source fault."""
     monkeypatch.setenv("BALENA_API_KEY", TOKEN)
-    inventory = write_inventory(
-        tmp_path / "balena-cloud.yml", api, fleets=["myorg/gateways", "myorg/nope"]
-    )
+    inventory = write_inventory(tmp_path / "balena-cloud.yml", api, online_onyl=False)
+    with pytest.raises(
+        InventoryError, match=r"balena-cloud\.yml: unknown option\(s\) 'online_onyl'"
+    ):
+        select_hosts(inventory, "all")
+    assert api.requests == []  # refused before asking the API anything
+    write_inventory(tmp_path / "balena-cloud.yml", api, fleets=["myorg/gateways", "myorg/nope"])
     with pytest.raises(InventoryError, match=r"fleets: 'myorg/nope' not found on http://"):
         select_hosts(inventory, "all")
     write_inventory(inventory, api)

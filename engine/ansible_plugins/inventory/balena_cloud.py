@@ -170,8 +170,14 @@ class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):  # type: i
     def parse(self, inventory: Any, loader: Any, path: str, cache: bool = True) -> None:
         """Add the fleets' devices to ``inventory`` (from the cache when allowed and fresh)."""
         super().parse(inventory, loader, path, cache)
-        self._read_config_data(path)
+        given = self._read_config_data(path)
         try:
+            unknown = sorted(set(given) - set(self._options) - {"plugin"})
+            if unknown:  # Ansible would ignore a misspelt option silently
+                raise InventoryError(
+                    f"{path}: unknown option(s) {', '.join(map(repr, unknown))} "
+                    "(ansible-doc -t inventory balena_cloud lists them)"
+                )
             config = load_config({k: self.get_option(k) for k in _OPTIONS}, path)
             data = self._fleet_data(config, path, cache)
             actor = Actor(actor_type=data["actor_type"], username=data["username"])
