@@ -320,6 +320,7 @@ class NetNs:
         assert self._holder.stdout is not None
         if self._holder.stdout.readline().strip() != b"up":
             stop(self._holder)
+            self._holder.stdout.close()
             pytest.fail("could not create a network namespace (unshare --net)")
         self.path = f"/proc/{self._holder.pid}/ns/net"
 
@@ -352,6 +353,8 @@ class NetNs:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         stop(self._holder)
+        if self._holder.stdout is not None:
+            self._holder.stdout.close()
 
 
 class Relay:
