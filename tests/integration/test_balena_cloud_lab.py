@@ -157,7 +157,10 @@ def test_plan_and_apply_reach_lab_devices_through_the_tunnel(cloud: Cloud) -> No
     scratch = "/tmp/.remediate-probe.BalT01"  # the exact pattern the playbook accepts
     old = int(time.time()) - 3 * 3600
     cloud.berlin.sh(f"mkdir -p {scratch} && touch -d @{old} {scratch}")
-    plan = cloud.remediate("plan", "stale-probe-scratch", "-i", str(cloud.inventory), "-o", "json")
+    saved = cloud.root / "plan.json"
+    plan = cloud.remediate(
+        "plan", "stale-probe-scratch", "-i", str(cloud.inventory), "-o", "json", "--out", str(saved)
+    )
     assert plan.returncode == 1, plan.stderr  # the ghost device is unreachable
     hosts = {h["host"]: h for h in json.loads(plan.stdout)["hosts"]}
     assert set(hosts) == {"gateway-berlin-1", "gateway-paris", "ghost"}  # not the offline one
@@ -260,11 +263,12 @@ def test_the_token_is_in_no_file_the_runs_wrote(cloud: Cloud) -> None:
     """After the runs above, neither the token nor its Basic form is in any file they wrote.
 
     That is everything under the test's folder: the state dir (audit log, state store, saved
-    playbook artifacts with their job events, the work dir) and the server's log.
+    playbook artifacts with their job events, the work dir), the saved plan and the server's
+    log.
     """
     secrets = [TOKEN.encode(), base64.b64encode(f"{USERNAME}:{TOKEN}".encode())]
     files = [p for p in cloud.root.rglob("*") if p.is_file()]
-    assert any(p.name == "server.log" for p in files)
+    assert {"server.log", "plan.json"} <= {p.name for p in files}
     assert any("job_events" in p.parts for p in files)  # the playbook's events were kept
     assert any(p.name == "audit.jsonl" for p in files)
     leaked = [str(p) for p in files for s in secrets if s in p.read_bytes()]
