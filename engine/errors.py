@@ -13,6 +13,7 @@ with and for faults of the machinery itself::
     │   └── PlanFileError          a saved plan is edited, expired or stale
     └── FaultError                 the engine could not do its job (exit 3)
         ├── ExecutorError          ansible-runner (or the lab) failed as a tool, not a device
+        ├── InventorySourceError   an inventory's source (the balena API) is down or talks nonsense
         ├── StateError             the state store could not be read or written
         └── AuditError             the audit log could not be written or is corrupt
 """
@@ -85,6 +86,10 @@ class PlanFileError(InputError):
 
 class ExecutorError(FaultError):
     """The executor (ansible-runner) failed as a tool."""
+
+
+class InventorySourceError(FaultError):
+    """An inventory's source (an API such as balena's) is unavailable or answered nonsense."""
 
 
 class StateError(FaultError):

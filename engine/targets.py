@@ -15,6 +15,12 @@ it.  INI, YAML and plugin inventories, ``group_vars``/``host_vars`` and every pa
 * :func:`resolve_targets` (the webhook server, executors that cannot select) runs the file
   as a script in **one** child process of the Python that runs the engine.
 
+Every Ansible started here gets the project's inventory plugins on
+``ANSIBLE_INVENTORY_PLUGINS`` (:mod:`engine.ansible_plugins`: ``balena_cloud``), and an
+error the balena plugin reports becomes :class:`InventoryError` (exit 2) or
+:class:`~engine.errors.InventorySourceError` (exit 3) with its one line
+(:func:`engine.balena.inventory_error`).
+
 Two deliberate differences from a play's host list:
 
 * Ansible's *implicit* ``localhost`` (created when a pattern names ``localhost`` but the
@@ -34,6 +40,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from engine.ansible_plugins import inventory_plugins_env
+from engine.balena import inventory_error
 from engine.errors import InventoryError
 from engine.executors.base import Host, Selection
 from engine.runbooks import Runbook
@@ -124,7 +132,8 @@ def target_set(
 def select_hosts(inventory: Path, pattern: str, limit: str | None = None) -> tuple[Host, ...]:
     """The hosts ``pattern`` and ``limit`` select (maybe none), from one child process.
 
-    Raises :class:`InventoryError` when the inventory is missing or cannot be parsed.
+    Raises :class:`InventoryError` when the inventory is missing or cannot be parsed, and
+    :class:`~engine.errors.InventorySourceError` when its source (the balena API) is down.
     """
     if not inventory.exists():
         raise InventoryError(f"inventory {inventory}: no such file or directory")
@@ -136,13 +145,15 @@ def select_hosts(inventory: Path, pattern: str, limit: str | None = None) -> tup
             argv,
             capture_output=True,
             text=True,
-            env={**os.environ, **_CHILD_ENV},
+            env={**os.environ, **_CHILD_ENV, **inventory_plugins_env()},
             check=False,
         )
     except OSError as exc:
         raise InventoryError(f"inventory {inventory}: cannot run Ansible: {exc}") from exc
     if proc.returncode != 0:
-        raise InventoryError(f"inventory {inventory}: {_last_error(proc.stderr)}")
+        raise inventory_error(inventory, proc.stderr) or InventoryError(
+            f"inventory {inventory}: {_last_error(proc.stderr)}"
+        )
     try:
         return tuple(Host(name=name, vars=host_vars) for name, host_vars in json.loads(proc.stdout))
     except (ValueError, ValidationError) as exc:

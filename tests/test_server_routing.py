@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from engine.errors import InventorySourceError
 from engine.outcomes import Mode
 from engine.runbooks import load_runbooks
 from engine.runbooks.spec import TriggerMode
 from engine.server.alerts import Alert
-from engine.server.fleet import Fleet, load_fleet
+from engine.server.fleet import Fleet, FleetWatcher, load_fleet
 from engine.server.queue import FiringOutcome
 from engine.server.routing import Matcher, Mismatch, Router, run_mode, strip_port
+from engine.targets import TargetSet
 from tests.support.webhook import (
     DISK_RUNBOOK,
     ENGINE_RUNBOOK,
@@ -308,3 +310,31 @@ def test_the_first_device_label_the_alert_has_names_the_device(
     none = router.explain({k: v for k, v in alert.items() if k not in labels}, _fleet(router))
     assert none.routing.outcome is FiringOutcome.UNRESOLVED
     assert "none of the labels 'exported_instance', 'instance'" in none.routing.reason
+
+
+def test_fleet_keeps_the_last_good_snapshot_when_the_inventory_source_is_down() -> None:
+    """A refresh failing because the balena API is down keeps the devices routable."""
+    now = [NOW]
+    good = fake_resolver(FLEET)
+    down = [False]
+
+    def resolve(inventory: Path, pattern: str) -> TargetSet:
+        if down[0]:
+            raise InventorySourceError(f"inventory {inventory}: balena API unavailable: HTTP 503")
+        return good(inventory, pattern)
+
+    watcher = FleetWatcher(
+        Path("balena-cloud.yml"),
+        [("fleet", "balena_uuid")],
+        resolve=resolve,
+        clock=lambda: now[0],
+        refresh=timedelta(minutes=5),
+    )
+    loaded = watcher.load()
+    down[0] = True
+    now[0] = NOW + timedelta(minutes=6)
+    assert watcher.reload_if_due() is False
+    assert watcher.current is loaded
+    assert watcher.current.devices("fleet", "balena_uuid", FIXTURE_UUID) == ("dev-a",)
+    assert watcher.error is not None
+    assert "balena API unavailable" in watcher.error

@@ -29,6 +29,10 @@ Everything Ansible-specific the engine depends on lives here:
   writes it, every artifact file once the run is over; folders are ``0700``, files
   ``0600``.  ansible-playbook gets this process's environment (ansible-runner copies it)
   with the engine's own credentials blanked.
+* Every run finds the project's inventory plugins (``ANSIBLE_INVENTORY_PLUGINS``); when
+  ``ansible-playbook`` stops because the balena plugin failed, its one-line error is raised
+  as what it is (:func:`engine.balena.inventory_error`: the token, the API), not as a tool
+  failure.
 
 A device that fails is a result.  ansible-runner or ansible-playbook failing as a tool
 (bad playbook, missing binary, no final stats) raises :class:`ExecutorError`.
@@ -76,6 +80,8 @@ import psutil
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.ansible_plugins import inventory_plugins_env
+from engine.balena import carries_error, inventory_error
 from engine.errors import ExecutorError, InventoryError
 from engine.executors.base import (
     CommandResult,
@@ -368,6 +374,7 @@ class AnsibleExecutor:
             # ansible-runner hands ansible-playbook this process's whole environment: the
             # engine's own credentials (webhook, approvers) are blanked, no task needs them.
             **{name: "" for name in os.environ if is_engine_secret_env(name)},
+            **inventory_plugins_env(),
             **extra_env,
         }
         if settings.ssh_args is not None:
@@ -436,6 +443,9 @@ class AnsibleExecutor:
         if runner.status == "canceled":
             raise ExecutorError(f"{what}: cancelled (a signal, or the engine shutting down)")
         if watcher.stats is None and not watcher.no_hosts:
+            source_error = inventory_error(inventory, watcher.inventory_error)
+            if source_error is not None:  # the balena plugin said why (its token, its API)
+                raise source_error
             raise ExecutorError(
                 secrets.scrub(
                     f"{what}: ansible-playbook did not finish "
@@ -507,6 +517,7 @@ class _EventWatcher:
     def __init__(self) -> None:
         self.stats: dict[str, Any] | None = None
         self.no_hosts = False  # the limit matched no inventory host: nothing ran, not a fault
+        self.inventory_error = ""  # an inventory plugin's marked error line (engine.balena)
         self._tail: deque[str] = deque(maxlen=_ERROR_TAIL_LINES)
 
     def see(self, event: Mapping[str, Any]) -> None:
@@ -517,6 +528,8 @@ class _EventWatcher:
             if text:
                 self._tail.append(text)
                 self.no_hosts = self.no_hosts or _NO_HOSTS in text
+                if not self.inventory_error and carries_error(text):
+                    self.inventory_error = text
 
     def error_text(self) -> str:
         lines = [line for line in self._tail if not line.startswith("[WARNING]")]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import structlog
 
-from engine.errors import InventoryError
+from engine.errors import InventoryError, InventorySourceError
 from engine.targets import Host, TargetSet
 
 #: ``resolve_targets`` without a limit: (inventory, host pattern) → the selected hosts.
@@ -135,7 +135,10 @@ class FleetWatcher:
         return self._fleet
 
     def load(self) -> Fleet:
-        """Load now; raise :class:`InventoryError` when the inventory cannot be read."""
+        """Load now; raise :class:`InventoryError` when the inventory cannot be read.
+
+        :class:`InventorySourceError` when its source (the balena API) is down.
+        """
         with self._lock:
             signature = inventory_signature(self.inventory)
             fleet = load_fleet(self.inventory, self._keys, self._resolve, self._clock())
@@ -158,7 +161,7 @@ class FleetWatcher:
         try:
             self.load()
             self._tried = None
-        except InventoryError as exc:
+        except (InventoryError, InventorySourceError) as exc:  # the API down: keep the last
             self._tried = (now, signature)
             self.error = str(exc)
             structlog.get_logger().warning(
