@@ -29,7 +29,15 @@ import pytest
 from engine.lab import Device, Lab
 from tests.support.balena_api import USERNAME, FakeBalenaApi, FakeDevice, uuid_of
 from tests.support.lab import LabDevices
-from tests.support.tunnel import LabCa, NetNs, Relay, TunnelHost, stop, tunnel_skip_reason
+from tests.support.tunnel import (
+    LabCa,
+    NetNs,
+    Relay,
+    TunnelHost,
+    free_port,
+    stop,
+    tunnel_skip_reason,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 
@@ -193,13 +201,14 @@ def test_plan_and_apply_reach_lab_devices_through_the_tunnel(cloud: Cloud) -> No
 
 def test_serve_routes_an_alert_by_balena_uuid_to_a_plugin_host(cloud: Cloud) -> None:
     """`remediate serve` on the plugin's inventory maps an alert's balena_uuid to its device."""
-    port = 9095
+    port = free_port()
     config = cloud.root / "server.yml"
     config.write_text(
         f"listen: {{host: 127.0.0.1, port: {port}}}\ninventory: {cloud.inventory}\n"
         f"runbooks_dir: {ROOT / 'runbooks'}\nplaybooks_dir: {ROOT / 'playbooks'}\n"
         f"auth: {{token: {WEBHOOK_TOKEN}}}\nworkers: 1\n"
     )
+    config.chmod(0o600)  # it holds the webhook token
     log = cloud.root / "server.log"
     with log.open("wb") as out:
         server = subprocess.Popen(

@@ -225,7 +225,7 @@ def test_no_more_than_max_tunnels_are_open_at_once(
     """Five sessions with max_tunnels 2: all succeed, never more than two at a time."""
     log = tmp_path / "sessions.log"
     proxy = proxy_command(tunnel, "--max-tunnels", "2", "--slots-dir", str(tmp_path / "slots"))
-    command = f"echo start $(date +%s.%N) >> {log}; sleep 0.6; echo end $(date +%s.%N) >> {log}"
+    command = f"echo start $(date +%s.%N) >> {log}; sleep 2; echo end $(date +%s.%N) >> {log}"
     env = {**os.environ, "BALENA_API_KEY": TOKEN}
     sessions = [
         subprocess.Popen(ssh(tunnel, sshd, command, proxy=proxy), env=env) for _ in range(5)
