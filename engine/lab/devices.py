@@ -48,10 +48,10 @@ repair an ext4 error state as a reboot's fsck does (unmount, ``e2fsck``, mount a
 
 Teardown kills the device's PID 1 with SIGKILL: the kernel then kills every process of the
 device's PID namespace (engine, shims, containers, sshd), the device's mount and network
-namespaces vanish with their last process, and the loop device is detached.  What the kernel does not
-clean (cgroup directories) is removed by name, and :func:`find_leftovers` checks that nothing is
-left.  Lab state (PIDs with their start times, paths, addresses) is a JSON file in the lab dir,
-so ``down`` from another process stops exactly what ``up`` started.
+namespaces vanish with their last process, and the loop device is detached.  What the kernel
+does not clean (cgroup directories) is removed by name, and :func:`find_leftovers` checks that
+nothing is left.  Lab state (PIDs with their start times, paths, addresses) is a JSON file in
+the lab dir, so ``down`` from another process stops exactly what ``up`` started.
 """
 
 from __future__ import annotations

@@ -295,6 +295,7 @@ def make_orphan_layer(device: Device, size_mb: int = 8) -> str:
     if len(orphans) != 1:
         raise ExecutorError(f"lab: expected one orphaned layer on {device.name}, got {orphans}")
     _record(device, "orphans", orphans[0])
+    wait_supervisor_settled(device)
     return orphans[0]
 
 
@@ -344,6 +345,7 @@ def crash_engine(device: Device, times: int = 1) -> int:
             what=f"systemd to restart the engine of {device.name}",
         )
     device.wait_engine(timeout=60)
+    wait_supervisor_settled(device)
     return int(device.unit_property("NRestarts"))
 
 
@@ -557,6 +559,35 @@ def start_supervisor(device: Device) -> None:
     _forget(device, "supervisor-down")
 
 
+def wait_supervisor_settled(device: Device, timeout: float = 40) -> None:
+    """Wait until the Supervisor's unit is attached to the engine that runs now.
+
+    After an engine restart the engine starts the Supervisor's container again by itself
+    (restart policy always), but its unit's ``balena start --attach`` ended with the old engine;
+    systemd restarts the unit RestartSec (10 s) later, which stops and starts the container
+    once more.  A fault injected in between would be undone by that restart: faults that
+    restart the engine return only once it happened.  No wait when the engine or the unit is
+    not running.
+    """
+
+    def _settled() -> bool:
+        engine = device.unit_property("ExecMainStartTimestampMonotonic")
+        if device.unit_property("ActiveState") != "active":
+            return True
+        props = ("ActiveState", "SubState", "LoadState", "ExecMainStartTimestampMonotonic")
+        show = device.run(
+            ["systemctl", "show", *(f"--property={p}" for p in props), SUPERVISOR_UNIT]
+        ).stdout
+        unit = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
+        if unit.get("LoadState") != "loaded" or unit.get("SubState") in {"dead", "failed"}:
+            return True  # not installed, or stopped on purpose / given up: nothing will restart
+        return unit.get("SubState") == "running" and int(
+            unit.get("ExecMainStartTimestampMonotonic") or "0"
+        ) >= int(engine or "0")
+
+    wait_for(_settled, timeout=timeout, what=f"the Supervisor of {device.name} to settle")
+
+
 def _container_running(device: Device, name: str) -> bool:
     res = device.balena("inspect", "-f", "{{.State.Running}}", name, check=False)
     return res.returncode == 0 and res.stdout.strip() == "true"
@@ -765,7 +796,8 @@ def _wait_engine(device: Device) -> None:
 
 
 #: Fault -> its inject and clear, in the order :func:`clear_all` undoes them (a hung engine
-#: resumes and a pull stops before the data partition is repaired, which stops the engine).
+#: resumes and a pull stops before the data partition is repaired, which stops the engine;
+#: from engine-crash on, the undo needs the engine running: see ``_AFTER_ENGINE``).
 FAULTS: Mapping[Fault, FaultActions] = MappingProxyType(
     {
         Fault.ENGINE_HANG: FaultActions(
@@ -775,10 +807,6 @@ FAULTS: Mapping[Fault, FaultActions] = MappingProxyType(
         Fault.PULL: FaultActions(_inject_pull, stop_pull),
         Fault.DATA_RO: FaultActions(_inject_data_ro, make_data_writable),
         Fault.ENGINE_DOWN: FaultActions(_inject_engine_down, repair_engine),
-        Fault.ENGINE_CRASH: FaultActions(
-            lambda d, o: f"engine killed {o.times}x; NRestarts={crash_engine(d, o.times)}",
-            _wait_engine,
-        ),
         Fault.UPDATE_LOCK: FaultActions(
             lambda d, o: f"holding {hold_update_lock(d, o.app, o.service)}", _release_all_locks
         ),
@@ -789,6 +817,10 @@ FAULTS: Mapping[Fault, FaultActions] = MappingProxyType(
         Fault.OS_UPDATE: FaultActions(
             lambda d, o: f"host OS update in progress: {start_os_update(d, o.stage)}",
             finish_os_update,
+        ),
+        Fault.ENGINE_CRASH: FaultActions(
+            lambda d, o: f"engine killed {o.times}x; NRestarts={crash_engine(d, o.times)}",
+            _wait_engine,
         ),
         Fault.FILL: FaultActions(_inject_fill, clear_fill),
         Fault.ORPHAN_LAYER: FaultActions(
@@ -844,10 +876,17 @@ def clear_all(device: Device) -> None:
     running = device.balena("ps", "-q", "--filter", f"name=^{APP_CONTAINER}$").stdout.strip()
     if not running:
         device.balena("start", APP_CONTAINER)
+    wait_supervisor_settled(device)
 
 
 #: Faults whose undo needs a running engine: cleared by :func:`clear_all` once it runs.
-_AFTER_ENGINE = (Fault.FILL, Fault.ORPHAN_LAYER, Fault.SUPERVISOR_UNHEALTHY, Fault.SUPERVISOR_DOWN)
+_AFTER_ENGINE = (
+    Fault.ENGINE_CRASH,
+    Fault.FILL,
+    Fault.ORPHAN_LAYER,
+    Fault.SUPERVISOR_UNHEALTHY,
+    Fault.SUPERVISOR_DOWN,
+)
 
 
 def describe(device: Device) -> dict[str, object]:
