@@ -270,9 +270,11 @@ def test_read_only_data_partition_is_skipped_by_the_rw_guard(
     report = _apply(lab_inventory([lab_device]), tmp_path / "state")
     host = _by_host(report["hosts"])[lab_device.name]
     assert host["outcome"] == "skipped"
-    assert host["reason"].startswith("guard data_rw: the data partition is read-only")
+    assert host["reason"].startswith("guard data_rw: the data partition cannot be written")
     assert host["steps"] == []
     assert _planned(report, lab_device.name) == {}
+    evidence = _by_host(report["plan"]["hosts"])[lab_device.name]["evidence"]["data_rw"]
+    assert (evidence["writable"], evidence["reason"]) == (False, "mounted read-only (ro)")
     mounts = lab_device.sh("awk '$2 == \"/mnt/data\" {print $4}' /proc/mounts").stdout
     assert mounts.startswith("ro")
     assert _volume_sums(lab_device) == sums
