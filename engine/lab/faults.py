@@ -566,8 +566,9 @@ def wait_supervisor_settled(device: Device, timeout: float = 40) -> None:
     (restart policy always), but its unit's ``balena start --attach`` ended with the old engine;
     systemd restarts the unit RestartSec (10 s) later, which stops and starts the container
     once more.  A fault injected in between would be undone by that restart: faults that
-    restart the engine return only once it happened.  No wait when the engine or the unit is
-    not running.
+    restart the engine return only once it happened.  Rather than sit out RestartSec, a unit
+    waiting to restart is restarted at once (what systemd is about to do; its NRestarts is
+    zeroed, as by any manual restart).  No wait when the engine or the unit is not running.
     """
 
     def _settled() -> bool:
@@ -581,6 +582,9 @@ def wait_supervisor_settled(device: Device, timeout: float = 40) -> None:
         unit = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
         if unit.get("LoadState") != "loaded" or unit.get("SubState") in {"dead", "failed"}:
             return True  # not installed, or stopped on purpose / given up: nothing will restart
+        if unit.get("SubState") == "auto-restart":
+            device.run(["systemctl", "restart", SUPERVISOR_UNIT], check=False)
+            return False
         return unit.get("SubState") == "running" and int(
             unit.get("ExecMainStartTimestampMonotonic") or "0"
         ) >= int(engine or "0")
