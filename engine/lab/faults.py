@@ -684,8 +684,9 @@ def make_data_readonly(device: Device, form: DataRoForm = DataRoForm.RO) -> None
     trigger = Path(f"/sys/fs/ext4/{data_block_device(device)}/trigger_fs_error")
     _record(device, "data-ro", form.value)
     trigger.write_text("lab: data-ro fault (emergency_ro)\n")
+    # Kernels before 6.x remount the file system read-only instead (``ro`` in /proc/mounts).
     wait_for(
-        lambda: "emergency_ro" in data_mount_options(device),
+        lambda: bool({"emergency_ro", "ro"} & set(data_mount_options(device))),
         timeout=10,
         what=f"/mnt/data of {device.name} to show emergency_ro",
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ from engine.lab import Device
 from engine.lab import faults as lab_faults
 from engine.lab.device import wait_for
 from engine.lab.images import APP_CONTAINER, SUPERVISOR_CONTAINER, SUPERVISOR_UNIT
-from tests.support.cli import run_remediate
-from tests.support.lab import LabDevices, LabInventory
+from tests.support.cli import apply_runbook, report_of, run_remediate
+from tests.support.lab import LabInventory
 
 pytestmark = [pytest.mark.lab, pytest.mark.integration]
 
@@ -32,16 +32,8 @@ def _cli(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
     return run_remediate(args, state)
 
 
-def _report(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
-    report: dict[str, Any] = json.loads(proc.stdout)
-    return report
-
-
 def _apply(inventory: Path, state: Path, *extra: str) -> dict[str, Any]:
-    """``run --apply --yes -o json`` of the runbook; the report as data."""
-    args = ["run", RUNBOOK, "-i", str(inventory), "--apply", "--yes", "-o", "json", *extra]
-    return _report(_cli(args, state))
+    return apply_runbook(RUNBOOK, inventory, state, *extra)
 
 
 def _host(hosts: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -74,21 +66,11 @@ def _events(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((folder / "job_events").glob("*.json"))]
 
 
-@pytest.fixture
-def pair(lab_devices: LabDevices) -> Iterator[list[Device]]:
-    """Two shared devices with no faults; whatever a test injected is cleared afterwards."""
-    devices = lab_devices(2)
-    try:
-        yield devices
-    finally:
-        for dev in devices:
-            lab_faults.clear_all(dev)
-
-
 def test_unhealthy_supervisor_is_restarted_exactly_as_planned(
-    pair: list[Device], lab_inventory: LabInventory, tmp_path: Path
+    lab_pair: list[Device], lab_inventory: LabInventory, tmp_path: Path
 ) -> None:
     """/v1/healthy 500: planned, evidence saved, only the Supervisor's unit restarted, verified."""
+    pair = lab_pair
     sick, healthy = pair
     inventory = lab_inventory(pair)
     state = tmp_path / "state"
@@ -97,7 +79,7 @@ def test_unhealthy_supervisor_is_restarted_exactly_as_planned(
 
     plan_file = tmp_path / "plan.json"
     args = ["plan", RUNBOOK, "-i", str(inventory), *NO_SETTLE, "--out", str(plan_file)]
-    plan = {h["host"]: h for h in _report(_cli([*args, "-o", "json"], state))["plan"]["hosts"]}
+    plan = {h["host"]: h for h in report_of(_cli([*args, "-o", "json"], state))["plan"]["hosts"]}
     assert plan[sick.name]["outcome"] == "planned"
     evidence = plan[sick.name]["evidence"]["supervisor"]
     assert evidence["healthy_code"] == HTTP_ERROR
@@ -112,7 +94,7 @@ def test_unhealthy_supervisor_is_restarted_exactly_as_planned(
     assert plan[healthy.name]["outcome"] == "healthy"
     assert {dev.name: _snapshot(dev) for dev in pair} == before  # the dry run changed nothing
 
-    applied = _report(_cli(["apply", str(plan_file), "--yes", "-o", "json"], state))
+    applied = report_of(_cli(["apply", str(plan_file), "--yes", "-o", "json"], state))
     result = _host(applied["hosts"], sick.name)
     assert result["outcome"] == "fixed", result["reason"]
     assert [(s["step"], s["status"]) for s in result["steps"]] == [
