@@ -9,7 +9,7 @@
 #   age_s, the seconds since systemd last changed its state (-1: never);
 # - container: `balena ps` by name, balena_supervisor or (older OS) resin_supervisor; the
 #   engine is asked only when its unit is active (a probe must not socket-activate it) and
-#   gets 5 s (a healthy one answers in well under 1 s); "unknown" when it does not answer;
+#   gets 3 s (a healthy one answers in well under 1 s); "unknown" when it does not answer;
 # - API: exactly `curl -fsS --max-time 10 http://127.0.0.1:48484/v1/healthy` (no API key; 200
 #   healthy, 500 unhealthy): healthy_rc is curl's exit code, healthy_code the HTTP status (0:
 #   no answer); ping: GET /ping answered OK.
@@ -33,7 +33,7 @@ fi
 
 container="" state=unknown
 if systemctl is-active -q "$engine_unit" 2>/dev/null &&
-  names=$(timeout 5 "$cli" ps -a --format '{{.Names}} {{.State}}' 2>/dev/null); then
+  names=$(timeout 3 "$cli" ps -a --format '{{.Names}} {{.State}}' 2>/dev/null); then
   state=missing
   for name in balena_supervisor resin_supervisor; do
     found=$(printf '%s\n' "$names" | awk -v n="$name" '$1 == n {print $2; exit}' | word)
