@@ -1,4 +1,8 @@
-"""No runbook or playbook uses a command BALENA.md §4 forbids (volumes, purge, reset marker)."""
+"""No runbook or playbook uses a command BALENA.md §4 forbids (volumes, purge, reset marker).
+
+Nor anything that removes or re-creates the balena Supervisor or touches its database; and the
+supervisor-unhealthy runbook restarts nothing but the Supervisor's own unit.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,25 @@ FORBIDDEN = (
     ("remove_me_to_reset", re.compile(r"remove_me_to_reset")),
     ("rm in overlay2 (other than l/ links)", re.compile(r"\brm\b[^\n;|&]*overlay2/(?!l/)")),
     ("rm of volume data", re.compile(r"\brm\b[^\n;|&]*/volumes/")),
+    (
+        "remove the Supervisor's container",
+        re.compile(r"\b(rm|container\s+rm|container\s+prune)\b[^\n;|&]*(balena|resin)_supervisor"),
+    ),
+    ("remove the Supervisor's image", re.compile(r"\b(rmi|image\s+rm)\b[^\n;|&]*supervisor")),
+    (
+        "write to the Supervisor's database",
+        re.compile(
+            r"\b(rm|mv|cp|truncate|shred|chmod|chown|sqlite3|touch|mkdir|rmdir|ln|tee|dd)\b"
+            r"[^\n;|&]*resin-data|>>?\s*[\"']?/\S*resin-data"
+        ),
+    ),
 )
+#: What supervisor-unhealthy may run with systemctl: reads, and a restart of its own unit.
+SUPERVISOR_RUNBOOK = ROOT / "runbooks" / "supervisor-unhealthy.yml"
+_SYSTEMCTL = re.compile(
+    r"\bsystemctl[ \t]+(?:-\S+[ \t]+)*([a-z-]+)((?:[ \t]+[A-Za-z0-9@._\"$-]+)*)"
+)
+_READ_ONLY_VERBS = frozenset({"show", "status", "is-active", "is-failed", "is-enabled", "cat"})
 
 
 def _commands_of_runbook(path: Path) -> str:
@@ -36,6 +58,30 @@ def _commands_of_runbook(path: Path) -> str:
 
 def _without_comments(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+def _supervisor_runbook_commands() -> str:
+    """Everything supervisor-unhealthy can run: its checks and its steps' playbooks."""
+    text = _commands_of_runbook(SUPERVISOR_RUNBOOK)
+    data = yaml.safe_load(SUPERVISOR_RUNBOOK.read_text(encoding="utf-8"))
+    for step in data["steps"]:
+        playbook = ROOT / "playbooks" / step["playbook"]
+        text += _without_comments(playbook.read_text(encoding="utf-8"))
+    return text
+
+
+def systemctl_actions(text: str) -> set[str]:
+    """Every ``systemctl VERB UNIT...`` in ``text`` that is not a read, as 'verb unit...'.
+
+    Quotes and a ``.service`` suffix are dropped; plan lines count as much as commands.
+    """
+    found = set()
+    for verb, units in _SYSTEMCTL.findall(text):
+        if verb in _READ_ONLY_VERBS:
+            continue
+        names = [u.strip('"').removesuffix(".service") for u in units.split()]
+        found.add(" ".join([verb, *names]))
+    return found
 
 
 def _sources() -> list[tuple[str, str]]:
@@ -77,6 +123,10 @@ def test_no_forbidden_command(path: str, text: str) -> None:
         "rm -f /mnt/data/remove_me_to_reset",
         "rm -rf /var/lib/docker/overlay2/abc123",
         "rm -rf /var/lib/docker/volumes/app/_data/x",
+        "balena rm -f balena_supervisor",
+        'docker container rm "resin_supervisor"',
+        "balena rmi balena/amd64-supervisor:v14.11.3",
+        "rm -rf /mnt/data/resin-data/balena-supervisor/database.sqlite",
     ],
 )
 def test_scanner_catches_each_forbidden_command(command: str) -> None:
@@ -90,8 +140,36 @@ def test_scanner_catches_each_forbidden_command(command: str) -> None:
         "balena image prune -f",
         "rm -f /var/lib/docker/overlay2/l/ABCDEF",
         "balena volume ls",
+        "balena inspect balena_supervisor",
+        "balena stop balena_supervisor",
     ],
 )
 def test_scanner_allows_safe_commands(command: str) -> None:
     """Safe look-alikes are not flagged."""
     assert violations(command) == []
+
+
+def test_supervisor_runbook_restarts_only_the_supervisor_unit() -> None:
+    """supervisor-unhealthy changes nothing with systemctl but a restart of balena-supervisor."""
+    assert systemctl_actions(_supervisor_runbook_commands()) == {"restart balena-supervisor"}
+
+
+def test_supervisor_runbook_never_changes_containers_or_images() -> None:
+    """supervisor-unhealthy asks the engine only read-only things (ps, inspect)."""
+    text = _supervisor_runbook_commands()
+    verbs = re.findall(r'"\$(?:param_engine_)?cli" +([a-z]+)', text)
+    assert set(verbs) == {"ps", "inspect"}
+    assert not re.search(r"\b(balena|docker|balena-engine) +(?!ps\b|inspect\b)[a-z]+", text)
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("systemctl restart balena.service", {"restart balena"}),
+        ('systemctl -q stop "$unit" balena-supervisor', {"stop $unit balena-supervisor"}),
+        ('systemctl show -p NRestarts "$unit"; systemctl is-active -q x', set()),
+    ],
+)
+def test_systemctl_scan_is_not_vacuous(command: str, expected: set[str]) -> None:
+    """The systemctl scan finds state changes and lets reads through."""
+    assert systemctl_actions(command) == expected

@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from jsonschema import Draft202012Validator
 from ruamel.yaml import YAML
 
 from engine.errors import ParamError, RunbookError
-from engine.runbooks import load_runbook, load_runbooks, runbook_files
+from engine.runbooks import Runbook, load_runbook, load_runbooks, runbook_files
+from engine.runbooks.spec import ExprGuard, TriggerMode
 from engine.schema import SCHEMA_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,13 +148,69 @@ def test_runbooks_validate_against_the_committed_json_schema() -> None:
     schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
     validator = Draft202012Validator(schema)
     files = [*runbook_files([ROOT / "runbooks"]), DATA / "valid" / "base.yml"]
-    yaml = YAML(typ="safe", pure=True)
+    safe = YAML(typ="safe", pure=True)
     for path in files:
-        errors = [e.message for e in validator.iter_errors(yaml.load(path.read_text()))]
+        errors = [e.message for e in validator.iter_errors(safe.load(path.read_text()))]
         assert not errors, (path, errors)
-    base = yaml.load((DATA / "valid" / "base.yml").read_text())
+    base = safe.load((DATA / "valid" / "base.yml").read_text())
     for alertname, device_label in (("DiskFull", "instance"), (["A", "B"], ["a", "b"])):
         base["triggers"][0].update(alertname=alertname, device_label=device_label)
         assert not list(validator.iter_errors(base))
     base["triggers"][0]["device_label"] = ["bad-name"]
     assert list(validator.iter_errors(base))
+
+
+#: Bundled runbooks whose steps write to the data partition (/mnt/data, /var/lib/docker), or
+#: restart something that does.
+DATA_WRITERS = {
+    "data-partition-full",
+    "engine-unresponsive",
+    "orphaned-layers",
+    "supervisor-unhealthy",
+}
+
+
+def _guard(runbook: Runbook, guard_id: str) -> ExprGuard | None:
+    return next(
+        (g for g in runbook.spec.guards if isinstance(g, ExprGuard) and g.id == guard_id), None
+    )
+
+
+def _check_script(runbook: Runbook, check_id: str) -> str | None:
+    return next((c.run_file for c in runbook.spec.checks if c.id == check_id), None)
+
+
+def test_every_bundled_runbook_refuses_during_an_os_update() -> None:
+    """Each bundled runbook acts on devices, so each has the shared os_update check and guard."""
+    for runbook in load_runbooks([ROOT / "runbooks"], playbooks_dir=ROOT / "playbooks"):
+        guard = _guard(runbook, "os_update")
+        assert guard is not None, runbook.name
+        assert guard.expr == "checks.os_update | length == 0", runbook.name
+        assert _check_script(runbook, "os_update") == "checks/os-update.sh", runbook.name
+
+
+def test_runbooks_writing_to_the_data_partition_refuse_when_it_cannot_be_written() -> None:
+    """Runbooks that write to /mnt/data have the shared data_rw check and guard."""
+    runbooks = {
+        r.name: r for r in load_runbooks([ROOT / "runbooks"], playbooks_dir=ROOT / "playbooks")
+    }
+    for name in DATA_WRITERS:
+        guard = _guard(runbooks[name], "data_rw")
+        assert guard is not None, name
+        assert guard.expr == "checks.data_rw.writable", name
+        assert "repair the file system" in guard.message, name
+        assert _check_script(runbooks[name], "data_rw") == "checks/data-rw.sh", name
+
+
+def test_example_supervisor_alerts_start_the_supervisor_runbook() -> None:
+    """The example Prometheus rules' balena-supervisor group fires what the runbook triggers on."""
+    rules = yaml.safe_load((ROOT / "config" / "prometheus" / "balena-rules.yml").read_text())
+    (group,) = [g for g in rules["groups"] if g["name"] == "balena-supervisor"]
+    runbook = load_runbook(ROOT / "runbooks" / "supervisor-unhealthy.yml")
+    (trigger,) = runbook.spec.triggers
+    assert {rule["alert"] for rule in group["rules"]} == set(trigger.alertname)
+    assert (trigger.device_label, trigger.device_var, trigger.mode) == (
+        "balena_uuid",
+        "balena_uuid",
+        TriggerMode.APPROVE,
+    )

@@ -6,6 +6,8 @@ Usage (as root)::
     remediate lab status [--lab-dir DIR]
     remediate lab inject dev1 fill --percent 95 --kind json-log
     remediate lab inject dev2 engine-crash --times 3
+    remediate lab inject dev3 data-ro --form emergency-ro
+    remediate lab inject dev3 os-update --stage running
     remediate lab clear dev1 fill
     remediate lab down [--lab-dir DIR]
 
@@ -29,7 +31,10 @@ DEFAULT_LAB_DIR = Path("/var/tmp/remediate-lab")  # noqa: S108 - root-owned lab 
 
 app = typer.Typer(
     name="lab",
-    help="Simulated balenaOS devices (systemd, real Docker engine, sshd on 22222) for runbooks.",
+    help=(
+        "Simulated balenaOS devices (systemd, real Docker engine, a Supervisor stand-in, sshd"
+        " on 22222) for runbooks."
+    ),
     no_args_is_help=True,
 )
 
@@ -76,7 +81,7 @@ def down(lab_dir: LabDir = DEFAULT_LAB_DIR) -> None:
 
 @app.command()
 def status(lab_dir: LabDir = DEFAULT_LAB_DIR) -> None:
-    """Print each device's address, engine state and data-partition use (JSON lines)."""
+    """Print each device's address, engine and Supervisor state, data partition (JSON lines)."""
     try:
         lab = Lab.load(lab_dir)
         for dev in lab.devices:
@@ -98,15 +103,30 @@ def inject(
         faults.FillKind.VOLUME
     ),
     times: Annotated[int, typer.Option(help="engine-crash: how many crashes.")] = 1,
-    app_id: Annotated[str, typer.Option("--app", help="update-lock: app id.")] = APP_ID,
-    service: Annotated[str, typer.Option(help="update-lock: service name.")] = APP_SERVICE,
+    app_id: Annotated[str, typer.Option("--app", help="update-lock(-file): app id.")] = APP_ID,
+    service: Annotated[str, typer.Option(help="update-lock(-file): service name.")] = APP_SERVICE,
+    form: Annotated[
+        faults.DataRoForm, typer.Option(help="data-ro: remounted ro, or an ext4 error.")
+    ] = faults.DataRoForm.RO,
+    stage: Annotated[
+        faults.OsUpdateStage,
+        typer.Option(help="os-update: rollback breadcrumbs, or hostapp-update running."),
+    ] = faults.OsUpdateStage.ROLLBACK,
     lab_dir: LabDir = DEFAULT_LAB_DIR,
 ) -> None:
     """Inject a field fault into one device."""
     try:
         dev = Lab.load(lab_dir).device(device)
         msg = faults.inject(
-            dev, fault, percent=percent, kind=kind, times=times, app=app_id, service=service
+            dev,
+            fault,
+            percent=percent,
+            kind=kind,
+            times=times,
+            app=app_id,
+            service=service,
+            form=form,
+            stage=stage,
         )
     except EngineError as exc:
         raise _fail(exc) from exc
@@ -119,7 +139,11 @@ def clear(
     fault: Annotated[faults.Fault, typer.Argument(help="Fault to undo.")],
     lab_dir: LabDir = DEFAULT_LAB_DIR,
 ) -> None:
-    """Undo a fault on one device (engine-crash: NRestarts stays, as after a real crash)."""
+    """Undo a fault on one device (engine-crash: NRestarts stays, as after a real crash).
+
+    data-ro in its emergency-ro form is undone as a reboot would: the engine stopped, the data
+    partition unmounted, checked with e2fsck and mounted again.
+    """
     try:
         dev = Lab.load(lab_dir).device(device)
         typer.echo(faults.clear(dev, fault))

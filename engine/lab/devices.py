@@ -19,26 +19,39 @@ So ``systemctl``, ``journalctl -u balena.service -t balenad``, ``NRestarts`` and
 
 Each device is, from the host's point of view::
 
-    unshare -m (private)            loop-mounts data.img (ext4, label resin-data) on DEV/data
+    unshare -m (private)            attaches data.img (ext4, label resin-data) to a loop device
     └── systemd-nspawn -D DEV/root  /usr = overlay(host /usr, lab extras, DEV/usr-upper)
-        └── systemd (PID 1)         /run, /tmp private tmpfs; /mnt/data and /var/lib/docker bound
+        └── systemd (PID 1)         own network namespace (lo only); /run, /tmp private tmpfs
+            ├── lab-data.service    mounts /dev/resin-data on /mnt/data, binds /var/lib/docker
             ├── balena.service      dockerd -H unix:///var/run/balena.sock, overlay2
-            └── lab-sshd.service    sshd on 127.77.<slot>.<n>:22222, root, key auth only
+            ├── balena-supervisor   the Supervisor stand-in: container balena_supervisor,
+            │                       restart always, host network, 127.0.0.1:48484
+            └── lab-sshd.socket     127.77.<slot>.<n>:22222 in the HOST's namespace -> sshd
 
-Network: devices share the host's network namespace and each sshd listens on its own loopback
-address, so Ansible in the root namespace reaches them with no forwarder and no address outside
-127.0.0.0/8 is ever assigned.  Several engines in one network namespace do not collide: each has
-a private ``/run`` (containerd 1.6 keeps its socket and the shim sockets under
-``/run/balena-engine`` and ``/run/containerd/s``, both file sockets in the device's own ``/run``),
-``--bridge=none --iptables=false`` keeps the engines off the network stack, and containers run
-with ``--network none``.
+Network: every device has a network namespace of its own (``--private-network``, loopback
+only), as a balenaOS host has its own, so the Supervisor stand-in can answer on
+``127.0.0.1:48484`` exactly as the real one does (``--net=host`` containers share the
+device's namespace) and the runbooks' checks use the real URL; several devices, and the
+machine running the lab, each have their own 127.0.0.1.  (Binding the stand-in to the device's
+own address and making the URL a runbook parameter was the alternative: it would have put a
+lab detail into every runbook.)  Ansible still reaches every device on the host's loopback
+with no forwarder: the device's ``lab-sshd.socket`` binds ``127.77.<slot>.<n>:22222`` inside
+the host's network namespace (``NetworkNamespacePath=`` pointing at a bind mount of it) and
+hands the listening socket to sshd, which runs, with every session it starts, in the device's
+namespace.  No address outside 127.0.0.0/8 is ever assigned; engines run with
+``--bridge=none --iptables=false`` and app containers with ``--network none``.
+
+The data partition is mounted by the device itself (``lab-data.service``, which the engine
+requires), not bound in by nspawn: a mount nspawn made stays referenced for the device's
+lifetime, while one the device made is released when the device unmounts it, so the lab can
+repair an ext4 error state as a reboot's fsck does (unmount, ``e2fsck``, mount again).
 
 Teardown kills the device's PID 1 with SIGKILL: the kernel then kills every process of the
-device's PID namespace (engine, shims, containers, sshd), the device's mount namespaces vanish
-with their last process, and the loop device is released by autoclear.  What the kernel does not
-clean (cgroup directories) is removed by name, and :func:`find_leftovers` checks that nothing is
-left.  Lab state (PIDs with their start times, paths, addresses) is a JSON file in the lab dir,
-so ``down`` from another process stops exactly what ``up`` started.
+device's PID namespace (engine, shims, containers, sshd), the device's mount and network
+namespaces vanish with their last process, and the loop device is detached.  What the kernel
+does not clean (cgroup directories) is removed by name, and :func:`find_leftovers` checks that
+nothing is left.  Lab state (PIDs with their start times, paths, addresses) is a JSON file in
+the lab dir, so ``down`` from another process stops exactly what ``up`` started.
 """
 
 from __future__ import annotations
@@ -52,84 +65,69 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
 from ruamel.yaml import YAML
 
 from engine.errors import ConfigError, ExecutorError
+from engine.lab import images
+from engine.lab.device import (
+    HOST_PATH,
+    REQUIRED_TOOLS,
+    SSH_PORT,
+    Device,
+    DeviceState,
+    LabState,
+    host_tool,
+    proc_start,
+    run_command,
+)
 
-SSH_PORT = 22222
 DEFAULT_DATA_MB = 256
 STATE_FILE = "lab-state.json"
 INVENTORY_FILE = "inventory.yml"
 SLOT_DIR = Path("/run/remediate-lab")
-DEVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-REQUIRED_TOOLS: Mapping[str, str] = {
-    "systemd-nspawn": "systemd-container",
-    "dockerd": "docker.io",
-    "docker": "docker.io",
-    "sshd": "openssh-server",
-    "ssh": "openssh-client",
-    "ssh-keygen": "openssh-client",
-    "busybox": "busybox-static",
-    "mkfs.ext4": "e2fsprogs",
-    "unshare": "util-linux",
-    "nsenter": "util-linux",
-    "losetup": "util-linux",
-    "curl": "curl",
-}
-_ENABLED_UNITS = ("balena.service", "lab-cgroups.service", "lab-sshd.service")
+#: Where a device sees the host's network namespace (for its sshd socket; see the docstring).
+HOST_NETNS = "/run/lab-host-netns"
+#: Units the template enables, with the target that wants each.
+_ENABLED_UNITS: tuple[tuple[str, str], ...] = (
+    ("balena.service", "multi-user.target"),
+    ("lab-cgroups.service", "multi-user.target"),
+    ("lab-data.service", "multi-user.target"),
+    ("lab-sshd.socket", "sockets.target"),
+    ("lab-sshd.service", "multi-user.target"),
+)
+#: Units installed but enabled only once the device has its images (provisioning).
+_INSTALLED_UNITS = ("balena-supervisor.service",)
 _LAUNCH = r"""
 set -e
-cg="$1"; img="$2"; data="$3"; pidfile="$4"; shift 4
+cg="$1"; img="$2"; data="$3"; pidfile="$4"; hostnet="$5"; shift 5
 for h in systemd unified; do
   if [ -d "/sys/fs/cgroup/$h" ]; then
     mkdir -p "/sys/fs/cgroup/$h/$cg"
     echo $$ > "/sys/fs/cgroup/$h/$cg/cgroup.procs"
   fi
 done
-mount -o loop,errors=remount-ro "$img" "$data"
+: > "$hostnet"
+mount --bind /proc/self/ns/net "$hostnet"
+# The data partition's loop device (detached at teardown), laid out as balenaOS's resin-data;
+# the device mounts it itself (lab-data.service).  losetup -f races with other devices starting.
+for try in 1 2 3 4 5 6 7 8 9 10; do
+  loop=$(losetup -f --show "$img") && break
+  sleep 0.2
+done
+[ -n "$loop" ]
+mount -t ext4 "$loop" "$data"
 mkdir -p "$data/docker" "$data/resin-data"
 : > "$data/remove_me_to_reset"
+umount "$data"
 echo $$ > "$pidfile"
 export SYSTEMD_SECCOMP=0
-exec systemd-nspawn "$@"
+exec systemd-nspawn "--bind=$loop:/dev/resin-data" "$@"
 """
-
-
-class DeviceState(BaseModel):
-    """What ``up`` started for one device; enough for another process to stop it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    index: int
-    address: str
-    balena_uuid: str
-    cgroup: str
-    dir: str
-    nspawn_pid: int
-    nspawn_start: int
-    leader_pid: int
-    leader_start: int
-
-
-class LabState(BaseModel):
-    """The lab's state file: its directory, address slot, key, and devices."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    lab_dir: str
-    slot: int
-    data_mb: int
-    private_key: str
-    inventory: str
-    image_tar: str | None
-    devices: tuple[DeviceState, ...]
 
 
 def missing_requirements() -> list[str]:
@@ -138,182 +136,13 @@ def missing_requirements() -> list[str]:
     if os.geteuid() != 0:
         problems.append("the device lab needs root (namespaces, loop mounts, dockerd)")
     missing = sorted(
-        {pkg for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool, path=_HOST_PATH) is None}
+        {pkg for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool, path=HOST_PATH) is None}
     )
     if missing:
         problems.append("missing Debian packages: " + " ".join(missing))
     if not Path("/usr/bin/docker").exists():
         problems.append("missing the docker 20.10 client /usr/bin/docker (Debian docker.io)")
     return problems
-
-
-_HOST_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin"
-
-
-def _tool(name: str) -> str:
-    found = shutil.which(name, path=_HOST_PATH)
-    if found is None:
-        raise ExecutorError(f"lab: tool {name!r} not found (package {REQUIRED_TOOLS.get(name)})")
-    return found
-
-
-def _proc_start(pid: int) -> int | None:
-    """Start time (clock ticks after boot) of a live, non-zombie process, else None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in {"Z", "X"}:
-        return None
-    return int(fields[19])
-
-
-def _run(
-    args: Sequence[str],
-    *,
-    check: bool = True,
-    input_data: bytes | None = None,
-    timeout: float = 120,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    try:
-        proc = subprocess.run(
-            list(args),
-            input=input_data.decode() if input_data is not None else None,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            env=dict(env) if env is not None else None,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ExecutorError(f"lab: {' '.join(args)} failed: {exc}") from exc
-    if check and proc.returncode != 0:
-        raise ExecutorError(
-            f"lab: {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}"
-        )
-    return proc
-
-
-class Device:
-    """A running lab device; commands run inside it through its namespaces or over SSH."""
-
-    def __init__(self, state: DeviceState, lab_state: LabState) -> None:
-        self.state = state
-        self._lab = lab_state
-
-    @property
-    def name(self) -> str:
-        """Inventory host name (``dev1`` ...)."""
-        return self.state.name
-
-    @property
-    def address(self) -> str:
-        """Loopback address its sshd listens on (port 22222)."""
-        return self.state.address
-
-    @property
-    def balena_uuid(self) -> str:
-        """The device's 32-hex-digit balena UUID."""
-        return self.state.balena_uuid
-
-    def __repr__(self) -> str:
-        return f"Device({self.name!r}, {self.address})"
-
-    def path(self, inside: str) -> Path:
-        """Host path of a file as the device sees it (through ``/proc/<pid1>/root``)."""
-        return Path(f"/proc/{self.state.leader_pid}/root") / inside.lstrip("/")
-
-    def nsenter_args(self, args: Sequence[str]) -> list[str]:
-        """Argument list that runs ``args`` inside the device (all its namespaces, clean env)."""
-        return [
-            _tool("nsenter"),
-            "-t",
-            str(self.state.leader_pid),
-            "-a",
-            "env",
-            "-i",
-            f"PATH={DEVICE_PATH}",
-            "HOME=/root",
-            "LANG=C.UTF-8",
-            *args,
-        ]
-
-    def run(
-        self,
-        args: Sequence[str],
-        *,
-        check: bool = True,
-        input_data: bytes | None = None,
-        timeout: float = 120,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a command inside the device (as root, from the host) and return its result."""
-        return _run(self.nsenter_args(args), check=check, input_data=input_data, timeout=timeout)
-
-    def sh(self, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run a fixed POSIX sh script inside the device with positional arguments."""
-        return self.run(["sh", "-c", script, "sh", *args], check=check)
-
-    def ssh_args(self, command: str) -> list[str]:
-        """Argument list of an ``ssh root@device -p 22222 command`` with the lab key."""
-        return [
-            _tool("ssh"),
-            "-i",
-            self._lab.private_key,
-            "-p",
-            str(SSH_PORT),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=10",
-            f"root@{self.address}",
-            command,
-        ]
-
-    def ssh(self, command: str, *, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run a shell command on the device over SSH (as Ansible would); never raises on rc."""
-        return _run(self.ssh_args(command), check=False, timeout=timeout)
-
-    def engine_ping(self) -> bool:
-        """True when the engine answers ``_ping`` on ``/var/run/balena.sock`` within 2 s."""
-        sock_path = str(self.path("/run/balena.sock"))
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(2)
-                sock.connect(sock_path)
-                sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: localhost\r\n\r\n")
-                reply = sock.recv(4096)
-        except OSError:
-            return False
-        return reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n", 1)[0] + b" "
-
-    def wait_engine(self, timeout: float = 60) -> None:
-        """Wait until ``balena.service`` is active and the engine answers ``_ping``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.engine_ping() and self.unit_property("ActiveState") == "active":
-                return
-            time.sleep(0.2)
-        raise ExecutorError(f"lab: engine of {self.name} not healthy after {timeout:.0f} s")
-
-    def unit_property(self, prop: str, unit: str = "balena.service") -> str:
-        """Value of one ``systemctl show`` property of a unit inside the device."""
-        return self.run(["systemctl", "show", "-p", prop, "--value", unit]).stdout.strip()
-
-    def balena(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run the device's ``balena`` client inside it."""
-        return self.run(["balena", *args], check=check)
-
-    def is_alive(self) -> bool:
-        """True while the device's PID 1 is the process ``up`` started."""
-        return _proc_start(self.state.leader_pid) == self.state.leader_start
 
 
 class Lab:
@@ -347,8 +176,19 @@ class Lab:
         slot = _claim_slot(lab_dir)
         key = lab_dir / "id_ed25519"
         if not key.exists():
-            _run(
-                [_tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", "lab", "-f", str(key)]
+            run_command(
+                [
+                    host_tool("ssh-keygen"),
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "lab",
+                    "-f",
+                    str(key),
+                ]
             )
         state = LabState(
             lab_dir=str(lab_dir),
@@ -412,8 +252,6 @@ class Lab:
     # ----------------------------------------------------------------- devices
     def add_devices(self, count: int, *, cache_dir: Path | None = None) -> list[Device]:
         """Start ``count`` more devices in parallel, load the image set, update the inventory."""
-        from engine.lab import images  # noqa: PLC0415 - images builds on devices
-
         if count <= 0:
             return []
         first = max((d.index for d in self.state.devices), default=0) + 1
@@ -527,7 +365,7 @@ class Lab:
         address = f"127.77.{self.state.slot}.{index}"
         cgroup = f"lab{self.state.slot}-{name}"
         root = ddir / "root"
-        _run(["cp", "-a", str(lab_dir / "template" / "root"), str(root)])
+        run_command(["cp", "-a", str(lab_dir / "template" / "root"), str(root)])
         _personalise_root(root, name=name, address=address, cgroup=cgroup, lab_dir=lab_dir)
         upper = ddir / "usr-upper"
         upper.mkdir()
@@ -536,7 +374,7 @@ class Lab:
         img = ddir / "data.img"
         with img.open("wb") as fh:
             fh.truncate(self.state.data_mb * 1024 * 1024)
-        _run([_tool("mkfs.ext4"), "-q", "-F", "-L", "resin-data", str(img)])
+        run_command([host_tool("mkfs.ext4"), "-q", "-F", "-L", "resin-data", str(img)])
         pidfile = ddir / "nspawn.pid"
         log = (ddir / "console.log").open("wb")
         nspawn = [
@@ -549,12 +387,15 @@ class Lab:
             f"--hostname={name}",
             f"--directory={root}",
             f"--overlay=/usr:{lab_dir / 'template' / 'usr-extra'}:{upper}:/usr",
-            f"--bind={data}:/mnt/data",
-            f"--bind={data / 'docker'}:/var/lib/docker",
+            f"--bind-ro={ddir / 'host-netns'}:{HOST_NETNS}",
+            # nspawn shows no /sys/fs/ext4; a balenaOS host does (the data partition's
+            # error state).  The host's, read-only: it names every ext4, this device's included.
+            "--bind-ro=/sys/fs/ext4",
+            "--private-network",
             "--boot",
         ]
-        args = [_tool("unshare"), "-m", "--propagation", "private", "sh", "-c", _LAUNCH, "sh"]
-        args += [cgroup, str(img), str(data), str(pidfile), *nspawn]
+        args = [host_tool("unshare"), "-m", "--propagation", "private", "sh", "-c", _LAUNCH, "sh"]
+        args += [cgroup, str(img), str(data), str(pidfile), str(ddir / "host-netns"), *nspawn]
         proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -579,9 +420,9 @@ class Lab:
             cgroup=cgroup,
             dir=str(ddir),
             nspawn_pid=nspawn_pid,
-            nspawn_start=_proc_start(nspawn_pid) or 0,
+            nspawn_start=proc_start(nspawn_pid) or 0,
             leader_pid=leader,
-            leader_start=_proc_start(leader) or 0,
+            leader_start=proc_start(leader) or 0,
         )
 
 
@@ -646,8 +487,14 @@ def _build_template(lab_dir: Path) -> None:
     (root / "var" / "lib" / "balena-engine").symlink_to("docker")
     for link in ("bin", "sbin", "lib", "lib64"):
         (root / link).symlink_to(f"usr/{link}")
-    _run(["cp", "-a", "/etc", str(root / "etc")])
-    etc = root / "etc"
+    _write_etc(root / "etc")
+    _write_usr_extra(tdir / "usr-extra")
+    (tdir / "ready").write_text("ok\n")
+
+
+def _write_etc(etc: Path) -> None:
+    """The template's /etc: the host's, trimmed, with the lab's units and no root password."""
+    run_command(["cp", "-a", "/etc", str(etc)])
     for rel in ("os-release", "machine-id", "fstab", "hostname", "resolv.conf", "docker"):
         p = etc / rel
         if p.is_dir() and not p.is_symlink():
@@ -663,26 +510,30 @@ def _build_template(lab_dir: Path) -> None:
     system = etc / "systemd" / "system"
     for wants in list(system.glob("*.wants")) + list(system.glob("*.requires")):
         shutil.rmtree(wants)
-    multi = system / "multi-user.target.wants"
-    multi.mkdir()
-    for unit in _ENABLED_UNITS:
+    for unit, target in _ENABLED_UNITS:
         (system / unit).write_text((_files() / unit).read_text())
-        (multi / unit).symlink_to(f"/etc/systemd/system/{unit}")
+        wants = system / f"{target}.wants"
+        wants.mkdir(exist_ok=True)
+        (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
+    for unit in _INSTALLED_UNITS:
+        (system / unit).write_text((_files() / unit).read_text())
     shadow = etc / "shadow"
     lines = shadow.read_text().splitlines()
     fixed = [("root:*:" + ln.split(":", 2)[2]) if ln.startswith("root:") else ln for ln in lines]
     shadow.write_text("\n".join(fixed) + "\n")
-    _write_usr_extra(tdir / "usr-extra")
-    (tdir / "ready").write_text("ok\n")
 
 
 def _write_usr_extra(extra: Path) -> None:
-    """Extras over the host's /usr: the balena client, the healthcheck; hide Docker 28's client."""
+    """Extras over the host's /usr: balena client, healthcheck, Supervisor start script.
+
+    Docker 28's client in /usr/local/bin is hidden (the device uses Debian's 20.10 client).
+    """
     (extra / "bin").mkdir(parents=True)
     (extra / "lib" / "balena").mkdir(parents=True)
     for name, dest in (
         ("balena", extra / "bin" / "balena"),
         ("balena-healthcheck", extra / "lib" / "balena" / "balena-healthcheck"),
+        ("start-balena-supervisor", extra / "bin" / "start-balena-supervisor"),
     ):
         dest.write_text((_files() / name).read_text())
         dest.chmod(0o755)
@@ -697,10 +548,14 @@ def _personalise_root(root: Path, *, name: str, address: str, cgroup: str, lab_d
     (etc / "hostname").write_text(name + "\n")
     unit = (_files() / "balena.service").read_text().replace("@CGROUP_PARENT@", "/" + cgroup)
     (etc / "systemd" / "system" / "balena.service").write_text(unit)
+    socket_unit = (_files() / "lab-sshd.socket").read_text().replace("@ADDRESS@", address)
+    (etc / "systemd" / "system" / "lab-sshd.socket").write_text(socket_unit)
     sshd = (_files() / "sshd_config").read_text().replace("@ADDRESS@", address)
     (etc / "ssh" / "sshd_config").write_text(sshd)
     hostkey = etc / "ssh" / "ssh_host_ed25519_key"
-    _run([_tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(hostkey)])
+    run_command(
+        [host_tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(hostkey)]
+    )
     pub = (lab_dir / "id_ed25519.pub").read_text()
     auth = etc / "ssh" / "authorized_keys"
     auth.write_text(pub)
@@ -709,7 +564,7 @@ def _personalise_root(root: Path, *, name: str, address: str, cgroup: str, lab_d
 
 def _stop_device(dev: DeviceState, proc: subprocess.Popen[bytes] | None) -> None:
     """Kill the device's PID 1 (its whole PID namespace dies), then clean what remains."""
-    if _proc_start(dev.leader_pid) == dev.leader_start:
+    if proc_start(dev.leader_pid) == dev.leader_start:
         with contextlib.suppress(ProcessLookupError):
             os.kill(dev.leader_pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
@@ -717,11 +572,11 @@ def _stop_device(dev: DeviceState, proc: subprocess.Popen[bytes] | None) -> None
         if proc is not None:
             if proc.poll() is not None:
                 break
-        elif _proc_start(dev.nspawn_pid) != dev.nspawn_start:
+        elif proc_start(dev.nspawn_pid) != dev.nspawn_start:
             break
         time.sleep(0.05)
     else:
-        if _proc_start(dev.nspawn_pid) == dev.nspawn_start:
+        if proc_start(dev.nspawn_pid) == dev.nspawn_start:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(dev.nspawn_pid, signal.SIGKILL)
         if proc is not None:
@@ -733,11 +588,11 @@ def _stop_device(dev: DeviceState, proc: subprocess.Popen[bytes] | None) -> None
 def _detach_loops(img: Path) -> None:
     if not img.exists():
         return
-    out = _run([_tool("losetup"), "-j", str(img)], check=False).stdout
+    out = run_command([host_tool("losetup"), "-j", str(img)], check=False).stdout
     for line in out.splitlines():
         loop = line.split(":", 1)[0]
         if loop.startswith("/dev/loop"):
-            _run([_tool("losetup"), "-d", loop], check=False)
+            run_command([host_tool("losetup"), "-d", loop], check=False)
 
 
 def _cgroup_dirs(name: str) -> Iterator[Path]:
@@ -771,7 +626,7 @@ def find_leftovers(lab_dir: Path, slot: int, devices: Sequence[DeviceState]) -> 
     found: list[str] = []
     for dev in devices:
         for pid, start in ((dev.leader_pid, dev.leader_start), (dev.nspawn_pid, dev.nspawn_start)):
-            if _proc_start(pid) == start:
+            if proc_start(pid) == start:
                 found.append(f"process {pid} of {dev.name} still running")
         found.extend(f"cgroup {p}" for p in _cgroup_dirs(dev.cgroup))
     lab = str(lab_dir)
@@ -779,14 +634,14 @@ def find_leftovers(lab_dir: Path, slot: int, devices: Sequence[DeviceState]) -> 
         fields = line.split()
         if lab in fields[3] or lab in fields[4]:
             found.append(f"mount {fields[4]}")
-    out = _run([_tool("losetup"), "-a"], check=False).stdout
+    out = run_command([host_tool("losetup"), "-a"], check=False).stdout
     found.extend(f"loop device {ln}" for ln in out.splitlines() if lab in ln)
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
             cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if lab in cmdline and _proc_start(int(pid_dir.name)) is not None:
+            if lab in cmdline and proc_start(int(pid_dir.name)) is not None:
                 found.append(f"process {pid_dir.name}: {cmdline[:200]}")
     prefix = f"127.77.{slot}."
     tcp = Path("/proc/net/tcp").read_text().splitlines()[1:]
@@ -828,13 +683,3 @@ def _release_slot(slot: int, lab_dir: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.read_text().strip() == str(lab_dir):
             path.unlink()
-
-
-def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
-    """Poll a zero-argument predicate until it is true; ExecutorError naming ``what`` if not."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise ExecutorError(f"lab: timed out after {timeout:.0f} s waiting for {what}")

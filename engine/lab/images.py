@@ -14,10 +14,11 @@ import io
 import os
 import subprocess
 import tarfile
+from importlib import resources
 from pathlib import Path
 
 from engine.errors import ExecutorError
-from engine.lab.devices import Device
+from engine.lab.device import Device
 
 BUSYBOX = Path("/bin/busybox")
 APP_ID = "1234567"
@@ -45,7 +46,15 @@ RECIPES: tuple[tuple[str, str], ...] = (
         ),
     ),
 )
-IMAGES: tuple[str, ...] = ("lab/base:1", *(name for name, _ in RECIPES))
+#: Images built from a folder under ``engine/lab/files`` (its Dockerfile and files as the context).
+CONTEXT_RECIPES: tuple[tuple[str, str], ...] = (("lab/supervisor:1", "supervisor"),)
+IMAGES: tuple[str, ...] = (
+    "lab/base:1",
+    *(name for name, _ in RECIPES),
+    *(name for name, _ in CONTEXT_RECIPES),
+)
+SUPERVISOR_CONTAINER = "balena_supervisor"
+SUPERVISOR_UNIT = "balena-supervisor.service"
 
 
 def default_cache_dir() -> Path:
@@ -81,10 +90,26 @@ def busybox_rootfs_tar() -> bytes:
     return buf.getvalue()
 
 
+def _context_tar(folder: str) -> bytes:
+    """A build context: the files of ``engine/lab/files/<folder>`` in a tar (mode 0644)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for entry in sorted(
+            (resources.files("engine.lab") / "files" / folder).iterdir(), key=lambda e: e.name
+        ):
+            data = entry.read_bytes()
+            info = tarfile.TarInfo(entry.name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def _cache_key() -> str:
     digest = hashlib.sha256()
     digest.update(BUSYBOX.read_bytes())
     digest.update(repr(RECIPES).encode())
+    for _name, folder in CONTEXT_RECIPES:
+        digest.update(_context_tar(folder))
     digest.update(subprocess.run(["dockerd", "--version"], capture_output=True, check=False).stdout)
     return digest.hexdigest()[:16]
 
@@ -100,6 +125,9 @@ def ensure_image_tar(builder: Device, cache_dir: Path) -> Path:
     for name, dockerfile in RECIPES:
         build = ["balena", "build", "--network", "none", "-q", "-t", name, "-"]
         _pipe_in(builder, build, dockerfile.encode())
+    for name, folder in CONTEXT_RECIPES:
+        build = ["balena", "build", "--network", "none", "-q", "-t", name, "-"]
+        _pipe_in(builder, build, _context_tar(folder))
     tmp = tar.with_suffix(f".tmp{os.getpid()}")
     with tmp.open("wb") as out:
         proc = subprocess.run(
@@ -127,7 +155,10 @@ def _pipe_in(device: Device, args: list[str], data: bytes) -> None:
 
 
 def provision(device: Device, image_tar: Path) -> None:
-    """Load the image set into ``device`` (unless present) and start its app container."""
+    """Load the image set (unless present), start the app container and the Supervisor.
+
+    The Supervisor stand-in's unit is enabled and started; it creates its container.
+    """
     have = device.balena("images", "--format", "{{.Repository}}:{{.Tag}}").stdout.split()
     if not set(IMAGES) <= set(have):
         _pipe_in(device, ["balena", "load", "-q"], image_tar.read_bytes())
@@ -147,3 +178,5 @@ def provision(device: Device, image_tar: Path) -> None:
         f"{APP_VOLUME}:/data",
         "lab/app:1",
     )
+    device.run(["systemctl", "enable", "--now", "--quiet", SUPERVISOR_UNIT])
+    device.wait_supervisor(timeout=60)

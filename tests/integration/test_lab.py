@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +17,12 @@ from ruamel.yaml import YAML
 
 from engine.lab import Device, Lab
 from engine.lab import faults as lab_faults
-from engine.lab.images import APP_CONTAINER, IMAGES
+from engine.lab.images import APP_CONTAINER, IMAGES, SUPERVISOR_CONTAINER
 from tests.support.lab import LabDevices, LabInventory, lab_skip_reason
 
 pytestmark = [pytest.mark.lab, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
 
 REFERENCED = (
     "cat /var/lib/docker/image/overlay2/layerdb/sha256/*/cache-id"
@@ -232,6 +235,98 @@ def test_readonly_data_partition_shows_ro(lab_device: Device) -> None:
     assert lab_device.ssh("timeout 10 balena ps").returncode == 0
 
 
+def _curl(dev: Device, path: str) -> tuple[int, str]:
+    """(HTTP status or 0, body) of GET path on the device's 127.0.0.1:48484, asked over SSH."""
+    res = dev.ssh(f"curl -sS --max-time 5 -w ' %{{http_code}}' http://127.0.0.1:48484{path}")
+    body, _, code = res.stdout.rpartition(" ")
+    return int(code or "0"), body
+
+
+def test_supervisor_stand_in_answers_on_each_device_own_loopback(lab_devices: LabDevices) -> None:
+    """Each device's balena_supervisor answers /ping and /v1/healthy on its own 127.0.0.1."""
+    devices = lab_devices(2)
+    for dev in devices:
+        assert _curl(dev, "/ping") == (200, "OK")
+        assert _curl(dev, "/v1/healthy") == (200, "OK")
+        inspect = _ssh_out(
+            dev,
+            f"balena inspect -f '{{{{.HostConfig.RestartPolicy.Name}}}} "
+            f"{{{{.HostConfig.NetworkMode}}}} {{{{.State.Running}}}}' {SUPERVISOR_CONTAINER}",
+        )
+        assert inspect.split() == ["always", "host", "true"]
+        assert _ssh_out(dev, "systemctl is-active balena-supervisor").strip() == "active"
+    lab_faults.make_supervisor_unhealthy(devices[0])
+    try:
+        assert _curl(devices[0], "/v1/healthy") == (500, "Unhealthy")
+        assert _curl(devices[1], "/v1/healthy") == (200, "OK")  # a loopback of its own
+    finally:
+        lab_faults.clear_all(devices[0])
+    with socket.socket() as sock:  # and none of them on the machine running the lab
+        assert sock.connect_ex(("127.0.0.1", 48484)) != 0
+
+
+def test_supervisor_faults_and_their_undo(lab_device: Device) -> None:
+    """Unhealthy: 500 until its unit restarts it; down: unit inactive, container exited."""
+    lab_faults.make_supervisor_unhealthy(lab_device)
+    assert _ssh_out(lab_device, "systemctl is-active balena-supervisor").strip() == "active"
+    assert lab_device.ssh("systemctl restart balena-supervisor").returncode == 0
+    assert _curl(lab_device, "/v1/healthy") == (200, "OK")
+    lab_faults.stop_supervisor(lab_device)
+    assert lab_device.ssh("systemctl is-active balena-supervisor").stdout.strip() == "inactive"
+    state = f"balena inspect -f '{{{{.State.Status}}}}' {SUPERVISOR_CONTAINER}"
+    assert _ssh_out(lab_device, state).strip() == "exited"
+    assert _curl(lab_device, "/ping")[0] == 0
+    lab_faults.clear(lab_device, lab_faults.Fault.SUPERVISOR_DOWN)
+    assert _curl(lab_device, "/v1/healthy") == (200, "OK")
+
+
+def test_update_lock_file_exists_with_no_flock(lab_device: Device) -> None:
+    """update-lock-file: the lock file exists, owned by the Supervisor's uid, nobody flocks it."""
+    lock = lab_faults.place_update_lock_file(lab_device)
+    assert _ssh_out(lab_device, f"stat -c %u {lock}").strip() == "65534"
+    assert lab_device.ssh(f"flock -nx {lock} true").returncode == 0  # free to flock(1) ...
+    lab_faults.clear(lab_device, lab_faults.Fault.UPDATE_LOCK_FILE)
+    assert lab_device.ssh(f"test -e {lock}").returncode != 0  # ... held until it is gone
+
+
+def test_os_update_stages_as_the_check_script_sees_them(lab_device: Device) -> None:
+    """os-update: the rollback breadcrumbs, or a running hostapp-update, in checks/os-update.sh."""
+    script = shlex.quote((ROOT / "runbooks" / "checks" / "os-update.sh").read_text())
+    assert _ssh_out(lab_device, f"sh -c {script}") == ""
+    lab_faults.start_os_update(lab_device)
+    assert _ssh_out(lab_device, f"sh -c {script}").splitlines() == [
+        f"breadcrumb {crumb}" for crumb in lab_faults.BREADCRUMBS
+    ]
+    lab_faults.finish_os_update(lab_device)
+    lab_faults.start_os_update(lab_device, lab_faults.OsUpdateStage.RUNNING)
+    (line,) = _ssh_out(lab_device, f"sh -c {script}").splitlines()
+    assert line.startswith("process ")
+    assert line.endswith(f"/bin/sh {lab_faults.HOSTAPP_UPDATE}")
+    lab_faults.finish_os_update(lab_device)
+    assert _ssh_out(lab_device, f"sh -c {script}") == ""
+    assert lab_device.ssh("test -e /mnt/state").returncode != 0
+
+
+def test_emergency_ro_data_partition_and_its_fsck(lab_device: Device) -> None:
+    """An ext4 error keeps /mnt/data "rw" with emergency_ro; clearing it fscks and remounts."""
+    errors = "cat /sys/fs/ext4/$(basename $(readlink /sys/dev/block/$(awk"
+    errors += " '$5 == \"/mnt/data\" {print $3}' /proc/self/mountinfo)))/errors_count"
+    lab_faults.make_data_readonly(lab_device, lab_faults.DataRoForm.EMERGENCY_RO)
+    opts = _ssh_out(lab_device, "awk '($2==\"/mnt/data\"){print $4}' /proc/mounts").strip()
+    assert opts.split(",")[0] == "rw"
+    assert opts.split(",")[-1] == "emergency_ro"
+    assert _ssh_out(lab_device, errors).strip() == "1"
+    assert lab_device.ssh("touch /mnt/data/probe").returncode != 0
+    assert lab_device.ssh("timeout 10 balena ps").returncode == 0  # the engine keeps running
+    lab_faults.make_data_writable(lab_device)
+    opts = _ssh_out(lab_device, "awk '($2==\"/mnt/data\"){print $4}' /proc/mounts").strip()
+    assert "emergency_ro" not in opts
+    assert _ssh_out(lab_device, errors).strip() == "0"
+    assert lab_device.ssh("touch /mnt/data/probe && rm /mnt/data/probe").returncode == 0
+    assert lab_device.ssh("timeout 10 balena ps").returncode == 0
+    assert _curl(lab_device, "/v1/healthy") == (200, "OK")
+
+
 def test_teardown_leaves_nothing_behind(tmp_path: Path) -> None:
     """Down after faults leaves no process, mount, loop device, cgroup or listener."""
     reason = lab_skip_reason()
@@ -281,6 +376,7 @@ def test_cli_up_inject_down_across_processes(tmp_path: Path) -> None:
         assert run("inject", "dev7", "pull").returncode == 2
         status = run("status")
         assert '"locks"' in status.stdout
+        assert '"supervisor_healthy": 200' in status.stdout
         assert run("clear", "dev1", "update-lock").returncode == 0
     finally:
         down = run("down")

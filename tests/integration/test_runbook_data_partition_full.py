@@ -22,8 +22,8 @@ from engine.lab import Device
 from engine.lab import faults as lab_faults
 from engine.lab.faults import FillKind
 from engine.lab.images import APP_VOLUME
-from tests.support.cli import run_remediate
-from tests.support.lab import LabDevices, LabInventory
+from tests.support.cli import apply_runbook, report_of, run_remediate
+from tests.support.lab import LabInventory
 
 pytestmark = [pytest.mark.lab, pytest.mark.integration]
 
@@ -45,16 +45,9 @@ def _cli(args: list[str], state: Path) -> subprocess.CompletedProcess[str]:
     return run_remediate(args, state)
 
 
-def _report(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
-    report: dict[str, Any] = json.loads(proc.stdout)
-    return report
-
-
 def _apply(inventory: Path, state: Path, *extra: str) -> dict[str, Any]:
     """``run --apply --yes -o json``; the report (its plan included) as data."""
-    args = ["run", RUNBOOK, "-i", str(inventory), "--apply", "--yes", "-o", "json", *extra]
-    return _report(_cli(args, state))
+    return apply_runbook(RUNBOOK, inventory, state, *extra)
 
 
 def _by_host(hosts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -147,22 +140,12 @@ def _held_open(dev: Device) -> Iterator[str]:
         dev.sh('rm -f -- "$1"', HELD)
 
 
-@pytest.fixture
-def pair(lab_devices: LabDevices) -> Iterator[list[Device]]:
-    """Two shared devices with no faults; whatever a test injected is cleared afterwards."""
-    devices = lab_devices(2)
-    try:
-        yield devices
-    finally:
-        for dev in devices:
-            lab_faults.clear_all(dev)
-
-
 @pytest.mark.parametrize("kind", list(STEP_FOR), ids=lambda k: str(k.value))
 def test_fixable_fill_is_freed_exactly_as_planned(
-    kind: FillKind, pair: list[Device], lab_inventory: LabInventory, tmp_path: Path
+    kind: FillKind, lab_pair: list[Device], lab_inventory: LabInventory, tmp_path: Path
 ) -> None:
     """A fill the runbook can fix: the reviewed plan names it, apply touches only it, df agrees."""
+    pair = lab_pair
     full, healthy = pair
     inventory = lab_inventory(pair)
     state = tmp_path / "state"
@@ -172,7 +155,7 @@ def test_fixable_fill_is_freed_exactly_as_planned(
         before = {dev.name: _listing(dev) for dev in pair}
 
         plan_file = tmp_path / "plan.json"
-        plan = _report(
+        plan = report_of(
             _cli(
                 ["plan", RUNBOOK, "-i", str(inventory), "--out", str(plan_file), "-o", "json"],
                 state,
@@ -185,7 +168,7 @@ def test_fixable_fill_is_freed_exactly_as_planned(
         assert {f["path"]: f["open"] for f in evidence["engine_tmp"]["files"]}[held] is True
         assert {dev.name: _listing(dev) for dev in pair} == before  # the dry-run changed nothing
 
-        applied = _report(_cli(["apply", str(plan_file), "--yes", "-o", "json"], state))
+        applied = report_of(_cli(["apply", str(plan_file), "--yes", "-o", "json"], state))
         hosts = _by_host(applied["hosts"])
         assert hosts[full.name]["outcome"] == "fixed", hosts[full.name]["reason"]
         assert _ran(applied, full.name) == [(step, "ok"), ("report", None)]
@@ -270,9 +253,11 @@ def test_read_only_data_partition_is_skipped_by_the_rw_guard(
     report = _apply(lab_inventory([lab_device]), tmp_path / "state")
     host = _by_host(report["hosts"])[lab_device.name]
     assert host["outcome"] == "skipped"
-    assert host["reason"].startswith("guard data_rw: the data partition is read-only")
+    assert host["reason"].startswith("guard data_rw: the data partition cannot be written")
     assert host["steps"] == []
     assert _planned(report, lab_device.name) == {}
+    evidence = _by_host(report["plan"]["hosts"])[lab_device.name]["evidence"]["data_rw"]
+    assert (evidence["writable"], evidence["reason"]) == (False, "mounted read-only (ro)")
     mounts = lab_device.sh("awk '$2 == \"/mnt/data\" {print $4}' /proc/mounts").stdout
     assert mounts.startswith("ro")
     assert _volume_sums(lab_device) == sums

@@ -16,7 +16,7 @@ import pytest
 
 from engine.lab import Device
 from engine.lab import faults as lab_faults
-from engine.lab.images import APP_CONTAINER
+from engine.lab.images import APP_CONTAINER, SUPERVISOR_CONTAINER
 from tests.support.cli import run_remediate
 from tests.support.lab import LabDevices, LabInventory
 
@@ -107,6 +107,25 @@ def _events(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((folder / "job_events").glob("*.json"))]
 
 
+def _assert_ran_as_planned(run_dir: Path, hung: Device, hung_before: dict[str, str]) -> None:
+    """Exactly the planned playbooks ran, on exactly the planned host, evidence first."""
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "batch1-capture_evidence-0",
+        "batch1-restart-0",
+    ]
+    for folder in run_dir.iterdir():
+        hosts = {e["event_data"]["host"] for e in _events(folder) if "host" in e["event_data"]}
+        assert hosts == {hung.name}
+    evidence = "\n".join(
+        e["event_data"]["res"]["stdout"]
+        for e in _events(run_dir / "batch1-capture_evidence-0")
+        if e["event"] == "runner_on_ok"
+    )
+    assert "balenad[" in evidence  # journal lines of the engine
+    assert "State:\tT (stopped)" in evidence  # dockerd as the restart found it
+    assert f"MainPID={hung_before['MainPID']}" in evidence
+
+
 def test_hung_engine_is_restarted_exactly_as_planned(
     two_devices: list[Device], lab_inventory: LabInventory, tmp_path: Path
 ) -> None:
@@ -117,7 +136,7 @@ def test_hung_engine_is_restarted_exactly_as_planned(
     hung.balena(
         "run", "-d", "--name", ALWAYS, "--restart", "always", "--network", "none", "lab/sidecar:1"
     )
-    assert _running(hung) == {APP_CONTAINER, ALWAYS}
+    assert _running(hung) == {APP_CONTAINER, ALWAYS, SUPERVISOR_CONTAINER}
     lab_faults.hang_engine(hung)
     assert not _ps_answers(hung)
     hung_before, healthy_before = _engine(hung), _engine(healthy)
@@ -134,7 +153,8 @@ def test_hung_engine_is_restarted_exactly_as_planned(
     restart_line = plan[hung.name]["steps"][1]["plan"]
     # NRestarts is whatever earlier tests on this shared device left (crash faults keep it).
     assert re.match(rf"restart {UNIT} \(active, NRestarts \d+, balena ps rc 124", restart_line)
-    assert f"the engine starts again: {ALWAYS};" in restart_line
+    starts_again = restart_line.split("the engine starts again: ")[1].split(";")[0]
+    assert set(starts_again.split(", ")) == {ALWAYS, SUPERVISOR_CONTAINER}
     assert f"stay stopped (no restart policy): {APP_CONTAINER}" in restart_line
     assert plan[healthy.name]["outcome"] == "healthy"
     assert plan[healthy.name]["steps"] == []
@@ -158,26 +178,11 @@ def test_hung_engine_is_restarted_exactly_as_planned(
     assert hung_after["MainPID"] != hung_before["MainPID"]
     assert hung_after["ExecMainStartTimestamp"] != hung_before["ExecMainStartTimestamp"]
     assert _ps_answers(hung)
-    assert ALWAYS in _running(hung)
+    assert {ALWAYS, SUPERVISOR_CONTAINER} <= _running(hung)
+    assert hung.supervisor_code() == 200
     assert _engine(healthy) == healthy_before
 
-    # Exactly the planned playbooks ran, on exactly the planned host, evidence first.
-    run_dir = state / "artifacts" / report["plan"]["run_id"]
-    assert sorted(p.name for p in run_dir.iterdir()) == [
-        "batch1-capture_evidence-0",
-        "batch1-restart-0",
-    ]
-    for folder in run_dir.iterdir():
-        hosts = {e["event_data"]["host"] for e in _events(folder) if "host" in e["event_data"]}
-        assert hosts == {hung.name}
-    evidence = "\n".join(
-        e["event_data"]["res"]["stdout"]
-        for e in _events(run_dir / "batch1-capture_evidence-0")
-        if e["event"] == "runner_on_ok"
-    )
-    assert "balenad[" in evidence  # journal lines of the engine
-    assert "State:\tT (stopped)" in evidence  # dockerd as the restart found it
-    assert f"MainPID={hung_before['MainPID']}" in evidence
+    _assert_ran_as_planned(state / "artifacts" / report["plan"]["run_id"], hung, hung_before)
     audit = _cli(["audit", "verify"], state)
     assert audit.returncode == 0, audit.stdout + audit.stderr
 
@@ -225,6 +230,12 @@ def _lock_and_stop(dev: Device) -> None:
     _stop_engine(dev)
 
 
+def _lock_file_and_stop(dev: Device) -> None:
+    """A lock file no process holds flock on (as the Supervisor's own): held all the same."""
+    lab_faults.place_update_lock_file(dev)
+    _stop_engine(dev)
+
+
 def _pull_and_hang(dev: Device) -> None:
     lab_faults.start_pull(dev)
     lab_faults.hang_engine(dev)
@@ -244,12 +255,13 @@ def _crash_and_hang(dev: Device) -> None:
     ("inject", "guard", "message", "extra"),
     [
         (_lock_and_stop, "update_lock", "an app holds its update lock", NO_SETTLE),
+        (_lock_file_and_stop, "update_lock", "an app holds its update lock", NO_SETTLE),
         (_pull_and_hang, "pull", "a pull or image import is in progress", NO_SETTLE),
         (lab_faults.break_engine, "crash_loop", "the engine is crash-looping", NO_SETTLE),
         (_fill_and_stop, "data_space", "the data partition is nearly full", NO_SETTLE),
         (_crash_and_hang, "settling", "systemd is starting the engine or (re)started it", ()),
     ],
-    ids=["update-lock", "pull", "crash-loop", "data-full", "just-restarted"],
+    ids=["update-lock", "update-lock-file", "pull", "crash-loop", "data-full", "just-restarted"],
 )
 def test_guard_blocks_the_restart(
     device: Device,
@@ -291,9 +303,11 @@ def test_override_lock_restarts_despite_the_update_lock(
     ("inject", "refusal"),
     [
         (_lock_and_stop, "refusing: update lock held"),
+        (_lock_file_and_stop, "refusing: update lock held"),
         (lab_faults.start_pull, "refusing: pull or import in progress"),
+        (lab_faults.start_os_update, "refusing: host OS update in progress"),
     ],
-    ids=["update-lock", "pull"],
+    ids=["update-lock", "update-lock-file", "pull", "os-update"],
 )
 def test_restart_playbook_checks_the_device_again_before_acting(
     device: Device,
@@ -311,14 +325,45 @@ def test_restart_playbook_checks_the_device_again_before_acting(
         private_data_dir=str(private),
         playbook=str(ROOT / "playbooks" / "engine-restart.yml"),
         inventory=str(lab_inventory([device])),
-        extravars={"engine_unit": UNIT, "override_lock": "False"},
+        extravars={"engine_unit": UNIT, "override_lock": "False", "device_override_lock": "True"},
         quiet=True,
         envvars={"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])},
     )
     assert run.status == "failed"
     failed = [e for e in run.events if e.get("event") == "runner_on_failed"]
     assert [e["event_data"]["task"] for e in failed] == [
-        "Refuse when an update lock is held or a pull is in progress"
+        "Refuse when an update lock is held, a pull or OS update runs, or /mnt/data is unwritable"
     ]
     assert failed[0]["event_data"]["res"]["stdout"].startswith(refusal)
     assert _engine(device) == before
+
+
+def test_device_override_lock_counts_only_when_asked(
+    device: Device, lab_inventory: LabInventory, tmp_path: Path
+) -> None:
+    """The device's own SUPERVISOR_OVERRIDE_LOCK counts only with device_override_lock=true."""
+    inventory = lab_inventory([device])
+    _lock_file_and_stop(device)
+    config = device.path("/tmp/balena-supervisor/target-state-config")
+    config.write_text('{"HOST_CONFIG_gpu_mem":"16","SUPERVISOR_OVERRIDE_LOCK":"1"}')
+    try:
+        state = tmp_path / "state"
+        default = _apply(inventory, state, *NO_SETTLE)
+        result = _host(default, device.name)
+        assert result["outcome"] == "skipped"
+        assert result["reason"].startswith("guard update_lock: an app holds its update lock")
+        evidence = _host(default["plan"], device.name)["evidence"]["update_locks"]
+        assert evidence["override"] is True
+        assert evidence["override_setting"] == "SUPERVISOR_OVERRIDE_LOCK=1"
+        assert [lock["path"] for lock in evidence["held"]] == [lab_faults.update_lock_path()]
+        assert evidence["held"][0]["flocked"] is False
+        assert evidence["held"][0]["owner_uid"] == lab_faults.SUPERVISOR_LOCK_UID
+        assert _engine(device)["ActiveState"] == "inactive"
+
+        honoured = _apply(inventory, state, *NO_SETTLE, "-e", "device_override_lock=true")
+        result = _host(honoured, device.name)
+        assert result["outcome"] == "fixed", result["reason"]
+        assert _ps_answers(device)
+        assert device.path(lab_faults.update_lock_path()).exists()  # the lock itself untouched
+    finally:
+        config.unlink(missing_ok=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,3 +44,16 @@ def run_remediate(
         timeout=timeout,
         umask=-1 if umask is None else umask,
     )
+
+
+def report_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The JSON report a ``-o json`` run printed; it must have exited 0 or 1 (an outcome)."""
+    assert proc.returncode in (0, 1), proc.stdout + proc.stderr
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
+def apply_runbook(runbook: str, inventory: Path, state_dir: Path, *extra: str) -> dict[str, Any]:
+    """``remediate run RUNBOOK -i INVENTORY --apply --yes -o json EXTRA``: the report."""
+    args = ["run", runbook, "-i", str(inventory), "--apply", "--yes", "-o", "json", *extra]
+    return report_of(run_remediate(args, state_dir))

@@ -6,6 +6,7 @@
 * ``lab_devices`` (session): a factory; ``lab_devices(3)`` returns the first three shared
   devices (starting more when needed), each with every fault cleared.
 * ``lab_device`` (function): one shared device, faults cleared before and after the test.
+* ``lab_pair`` (function): the first two shared devices, faults cleared before and after.
 * ``lab_inventory`` (function): a factory writing an inventory for some devices into tmp_path.
 """
 
@@ -66,6 +67,17 @@ def lab_device(lab_devices: LabDevices) -> Iterator[Device]:
         yield dev
     finally:
         lab_faults.clear_all(dev)
+
+
+@pytest.fixture
+def lab_pair(lab_devices: LabDevices) -> Iterator[list[Device]]:
+    """Two shared devices with no faults; whatever the test injected is cleared afterwards."""
+    devices = lab_devices(2)
+    try:
+        yield devices
+    finally:
+        for dev in devices:
+            lab_faults.clear_all(dev)
 
 
 @pytest.fixture
