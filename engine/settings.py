@@ -59,15 +59,19 @@ def load_settings(
 ) -> Settings:
     """Settings from explicit options, then ``REMEDIATE_*`` variables, then the project layout.
 
+    Relative paths are taken from ``cwd`` and made absolute here: ansible-runner runs
+    playbooks from their own private directories, where a relative path means nothing.
     The secrets are those of the environment (:func:`secrets_from_environment`).
     """
 
     def pick(option: Path | None, var: str, default: Path) -> Path:
         if option is not None:
-            return option
-        if environ.get(var):
-            return Path(environ[var])
-        return default
+            chosen = option
+        elif environ.get(var):
+            chosen = Path(environ[var])
+        else:
+            chosen = default
+        return (cwd / chosen.expanduser()).resolve()
 
     user = environ.get("REMEDIATE_USER") or _login_name()
     return Settings(
