@@ -29,15 +29,8 @@ import pytest
 from engine.lab import Device, Lab
 from tests.support.balena_api import USERNAME, FakeBalenaApi, FakeDevice, uuid_of
 from tests.support.lab import LabDevices
-from tests.support.tunnel import (
-    LabCa,
-    NetNs,
-    Relay,
-    TunnelHost,
-    free_port,
-    stop,
-    tunnel_skip_reason,
-)
+from tests.support.ports import free_port
+from tests.support.tunnel import LabCa, NetNs, Relay, TunnelHost, stop, tunnel_skip_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 
