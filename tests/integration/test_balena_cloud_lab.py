@@ -220,7 +220,7 @@ def test_serve_routes_an_alert_by_balena_uuid_to_a_plugin_host(cloud: Cloud) -> 
     headers = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
     try:
         _wait(lambda: _answers(f"{url}/healthz"), server, log, "the server to start")
-        alert = {
+        alert: dict[str, Any] = {
             "status": "firing",
             "labels": {
                 "alertname": "NodeFilesystemAlmostOutOfSpace",
