@@ -311,6 +311,9 @@ class _Tunnel:
             raise TunnelError(
                 f"{self._where}: TLS certificate not trusted: {exc.verify_message}"
             ) from exc
+        except TimeoutError as exc:
+            raw.close()
+            raise TunnelError(f"{self._where}: no TLS answer within {self._timeout:g} s") from exc
         except (OSError, ssl.SSLError) as exc:
             raw.close()
             raise TunnelError(f"{self._where}: TLS failed: {_reason(exc)}") from exc

@@ -298,3 +298,16 @@ def test_errors_travel_through_ansible_as_one_marked_line() -> None:
     assert again.exit_code == 2
     assert inventory_error(Path("x"), "ERROR! Completely failed to parse") is None
     assert re.search(r"\(HTTP 401\)$", str(again))
+
+
+def test_the_shipped_example_and_its_commented_options_are_valid() -> None:
+    """inventories/balena-cloud.yml loads, and so does each option it shows commented out."""
+    example = Path(__file__).parents[1] / "inventories" / "balena-cloud.yml"
+    text = example.read_text()
+    given = yaml.safe_load(text)
+    assert given.pop("plugin") == "balena_cloud"
+    load_config(given, str(example))
+    shown = re.findall(r"^# ([a-z_]+): (.*?)[ \t]*(?:#.*)?$", text, re.MULTILINE)
+    options = {k: yaml.safe_load(v) for k, v in shown if k in InventoryConfig.model_fields}
+    assert {"api_url", "token_env", "connection", "max_tunnels", "ssh_user"} <= set(options)
+    load_config({**given, **options}, str(example))

@@ -28,6 +28,7 @@ from engine.server.routing import Router
 from engine.targets import resolve_targets
 from tests.support.alertmanager import StartAlertmanager
 from tests.support.lab import LabDevices
+from tests.support.ports import free_port
 from tests.support.prometheus import (
     Prometheus,
     StartPrometheus,
@@ -39,7 +40,7 @@ from tests.support.prometheus import (
     prometheus_config,
     scrape,
 )
-from tests.support.webhook import ROOT, TOKEN, Project, ServerProcess, free_port, wait_for
+from tests.support.webhook import ROOT, TOKEN, Project, ServerProcess, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.integration]
 

@@ -27,8 +27,9 @@ from engine.errors import ExecutorError, InventoryError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import HostStatus, PlaybookRequest, Selection
 from engine.targets import select_hosts
+from tests.support.ports import free_port
 from tests.support.processes import gone, processes_mentioning
-from tests.support.sshd import SshServer, free_port
+from tests.support.sshd import SshServer
 
 pytestmark = pytest.mark.integration
 

@@ -29,15 +29,8 @@ import pytest
 from engine.lab import Device, Lab
 from tests.support.balena_api import USERNAME, FakeBalenaApi, FakeDevice, uuid_of
 from tests.support.lab import LabDevices
-from tests.support.tunnel import (
-    LabCa,
-    NetNs,
-    Relay,
-    TunnelHost,
-    free_port,
-    stop,
-    tunnel_skip_reason,
-)
+from tests.support.ports import free_port
+from tests.support.tunnel import LabCa, NetNs, Relay, TunnelHost, stop, tunnel_skip_reason
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 
@@ -187,7 +180,7 @@ def test_plan_and_apply_reach_lab_devices_through_the_tunnel(cloud: Cloud) -> No
         "-i",
         str(cloud.inventory),
         "--limit",
-        "tag_site_*",
+        "fleet_lab_gateways:&tag_site_berlin",  # the issue's example: a fleet and a tag
         "--apply",
         "--yes",
         "-o",
@@ -195,18 +188,22 @@ def test_plan_and_apply_reach_lab_devices_through_the_tunnel(cloud: Cloud) -> No
     )
     assert run.returncode == 0, run.stdout + run.stderr
     outcomes = {h["host"]: h["outcome"] for h in json.loads(run.stdout)["hosts"]}
-    assert outcomes == {"gateway-berlin-1": "fixed", "gateway-paris": "healthy"}
+    assert outcomes == {"gateway-berlin-1": "fixed"}
     assert cloud.berlin.sh(f"test -e {scratch}", check=False).returncode == 1
 
 
 def test_serve_routes_an_alert_by_balena_uuid_to_a_plugin_host(cloud: Cloud) -> None:
-    """`remediate serve` on the plugin's inventory maps an alert's balena_uuid to its device."""
+    """`remediate serve` maps an alert's balena_uuid to its plugin host; an offline one is none.
+
+    The breaker opens on the first failed run here (``max_failures: 0``): the offline
+    device's alert is recorded unresolved, queues no run and leaves the breaker closed.
+    """
     port = free_port()
     config = cloud.root / "server.yml"
     config.write_text(
         f"listen: {{host: 127.0.0.1, port: {port}}}\ninventory: {cloud.inventory}\n"
         f"runbooks_dir: {ROOT / 'runbooks'}\nplaybooks_dir: {ROOT / 'playbooks'}\n"
-        f"auth: {{token: {WEBHOOK_TOKEN}}}\nworkers: 1\n"
+        f"auth: {{token: {WEBHOOK_TOKEN}}}\nworkers: 1\nbreaker: {{max_failures: 0}}\n"
     )
     config.chmod(0o600)  # it holds the webhook token
     log = cloud.root / "server.log"
@@ -223,7 +220,7 @@ def test_serve_routes_an_alert_by_balena_uuid_to_a_plugin_host(cloud: Cloud) -> 
     headers = {"Authorization": f"Bearer {WEBHOOK_TOKEN}"}
     try:
         _wait(lambda: _answers(f"{url}/healthz"), server, log, "the server to start")
-        alert = {
+        alert: dict[str, Any] = {
             "status": "firing",
             "labels": {
                 "alertname": "NodeFilesystemAlmostOutOfSpace",
@@ -236,6 +233,11 @@ def test_serve_routes_an_alert_by_balena_uuid_to_a_plugin_host(cloud: Cloud) -> 
             "generatorURL": "http://prometheus.example:9090/graph",
             "fingerprint": "b4l3n4c10ud00001",
         }
+        asleep = {
+            **alert,
+            "labels": {**alert["labels"], "balena_uuid": ASLEEP},
+            "fingerprint": "b4l3n4c10ud00002",
+        }
         body = {
             "version": "4",
             "groupKey": "{}:{}",
@@ -246,7 +248,7 @@ def test_serve_routes_an_alert_by_balena_uuid_to_a_plugin_host(cloud: Cloud) -> 
             "commonLabels": {},
             "commonAnnotations": {},
             "externalURL": "http://alertmanager.example:9093",
-            "alerts": [alert],
+            "alerts": [alert, asleep],
         }
         posted = httpx.post(f"{url}/webhook", json=body, headers=headers, timeout=10)
         assert posted.status_code == 202, posted.text
@@ -259,6 +261,13 @@ def test_serve_routes_an_alert_by_balena_uuid_to_a_plugin_host(cloud: Cloud) -> 
         assert item["host"] == "gateway-paris"
         assert item["runbook"] == "data-partition-full"
         assert item["run_status"] == "succeeded", log.read_text()[-3000:]
+        items = httpx.get(f"{url}/queue", headers=headers, timeout=10).json()["items"]
+        assert [i["host"] for i in items] == ["gateway-paris"]  # nothing for the offline one
+        unresolved = httpx.get(f"{url}/alerts?status=unresolved", headers=headers, timeout=10)
+        assert [a["fingerprint"] for a in unresolved.json()["alerts"]] == ["b4l3n4c10ud00002"]
+        health = httpx.get(f"{url}/healthz", timeout=10).json()
+        assert health["breaker"]["open"] is False
+        assert health["inventory"]["hosts"] == 3  # berlin, paris, ghost: not the offline one
     finally:
         relay.close()
         server.send_signal(signal.SIGTERM)

@@ -228,22 +228,28 @@ def _plain(host_vars: dict[str, Any]) -> dict[str, Any]:
     return {k: unwrap(v) for k, v in host_vars.items()}
 
 
-def test_plain_ansible_finds_the_plugin_from_the_checkout_or_the_export_line() -> None:
-    """From the repository root ansible.cfg names the plugin's folder; elsewhere the export does."""
+def test_plain_ansible_finds_the_plugin_from_the_checkout_or_the_export_line(
+    api: FakeBalenaApi, tmp_path: Path
+) -> None:
+    """As inventories/README.md says: from the checkout `ansible-inventory --graph` just works.
+
+    Elsewhere the line ``python -m engine.ansible_plugins`` prints names the plugin's folder.
+    """
     env = {k: v for k, v in os.environ.items() if k != "ANSIBLE_INVENTORY_PLUGINS"}
     root = Path(__file__).resolve().parents[2]
-    doc = subprocess.run(
-        [str(BIN / "ansible-doc"), "-t", "inventory", "balena_cloud"],
-        cwd=root,
-        env=env,
+    inventory = write_inventory(tmp_path / "balena-cloud.yml", api)
+    graph = subprocess.run(
+        [str(BIN / "ansible-inventory"), "-i", str(inventory), "--graph"],
+        cwd=root,  # ansible.cfg at the repository root names the plugin's folder
+        env={**env, "BALENA_API_KEY": TOKEN},
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert doc.returncode == 0, doc.stderr
-    assert f"({root}/engine/ansible_plugins/inventory/balena_cloud.py)" in doc.stdout
-    assert "token_env" in doc.stdout
+    assert graph.returncode == 0, graph.stderr
+    for group in ("@balena_fleet:", "@fleet_myorg_gateways:", "@tag_site_berlin:", "--cam-1"):
+        assert group in graph.stdout
     line = subprocess.run(
         [sys.executable, "-m", "engine.ansible_plugins"],
         env=env,

@@ -10,6 +10,7 @@ import base64
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -191,6 +192,24 @@ def test_a_missing_token_and_a_closed_tunnel_host_are_named(
     refused = run(ssh(tunnel, sshd, "true", proxy=closed))
     assert refused.returncode == 255
     assert "tunnel host localhost:9: cannot connect: Connection refused" in refused.stderr
+
+
+def test_a_silent_tunnel_host_or_device_ends_in_the_timeout(
+    tunnel: TunnelHost, sshd: SshServer
+) -> None:
+    """A tunnel host that never answers TLS, or a device that never sends a banner, is named."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (backlog), never speaks
+        port = silent.getsockname()[1]
+        quick = proxy_command(tunnel, "--timeout", "1")
+        host = quick.replace(f"localhost:{tunnel.port}", f"localhost:{port}")
+        no_tls = run(ssh(tunnel, sshd, "true", proxy=host))
+        assert no_tls.returncode == 255
+        assert f"tunnel host localhost:{port}: no TLS answer within 1 s" in no_tls.stderr
+        argv = ssh(tunnel, sshd, "true", proxy=quick)
+        argv[argv.index("-p") + 1] = str(port)  # the proxy reaches it; it never sends a banner
+        no_banner = run(argv)
+        assert no_banner.returncode == 255
+        assert f"{DEVICE}.balena: no SSH answer from the device within 1 s" in no_banner.stderr
 
 
 def test_control_persist_shares_one_tunnel(

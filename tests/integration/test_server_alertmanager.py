@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from tests.support.alertmanager import Alertmanager
+from tests.support.ports import free_port
 from tests.support.webhook import (
     MARK_PLAYBOOK,
     TOKEN,
     ServerProcess,
-    free_port,
     mark_runbook,
     now_text,
     wait_for,

@@ -13,13 +13,9 @@ from engine.audit import utc_now, verify_audit
 from engine.outcomes import RunStatus
 from engine.server.queue import QueueState
 from engine.state.sqlite import SqliteAlertStore, SqliteStateStore
+from tests.support.ports import free_port
 from tests.support.replicas import lines, mark, project_for, states
-from tests.support.webhook import (
-    TOKEN,
-    ServerProcess,
-    free_port,
-    wait_for,
-)
+from tests.support.webhook import TOKEN, ServerProcess, wait_for
 
 pytestmark = pytest.mark.integration
 

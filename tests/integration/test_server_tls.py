@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.support.alertmanager import ClientTls, StartAlertmanager
+from tests.support.ports import free_port
 from tests.support.tls import Authority, Issued, certificate_authority
 from tests.support.webhook import (
     ROOT,
@@ -28,7 +29,6 @@ from tests.support.webhook import (
     ServerProcess,
     alert,
     body,
-    free_port,
     mark_runbook,
     wait_for,
     write_project,

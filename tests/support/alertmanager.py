@@ -20,8 +20,9 @@ import httpx
 import pytest
 from ruamel.yaml import YAML
 
+from tests.support.ports import free_port
 from tests.support.processes import start_daemon, stop_daemon
-from tests.support.webhook import ROOT, free_port
+from tests.support.webhook import ROOT
 
 ALERTMANAGER = "/usr/bin/prometheus-alertmanager"
 SHIPPED = ROOT / "config" / "prometheus" / "alertmanager.yml"

@@ -26,7 +26,7 @@ import pytest
 
 from engine.audit import utc_now
 from engine.state import open_database
-from tests.support.webhook import free_port
+from tests.support.ports import free_port
 
 SUPERUSER = "postgres"
 TEMPLATE = "remediate_template"

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,8 +31,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
 from engine.lab import Device
+from tests.support.ports import free_port
 from tests.support.processes import start_daemon, stop_daemon
-from tests.support.webhook import ROOT, free_port, wait_for
+from tests.support.webhook import ROOT, wait_for
 
 PROMETHEUS = "/usr/bin/prometheus"
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
@@ -62,14 +62,6 @@ def dump_yaml(data: Any, path: Path) -> Path:
     with path.open("w", encoding="utf-8") as fh:
         _yaml().dump(data, fh)
     return path
-
-
-def free_port_on(address: str) -> int:
-    """A TCP port free on ``address`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
@@ -164,7 +156,7 @@ def exporter_container(
     Container and image are removed afterwards.
     """
     service = {k: v for k, v in compose_service().items() if k not in without}
-    port = free_port_on(device.address)
+    port = free_port(device.address)
     flags = list(service["command"] if command is None else command)
     flags.append(f"--web.listen-address={device.address}:{port}")
     tar = tmp_path / "node-exporter-image.tar"
@@ -207,7 +199,7 @@ def host_node_exporter(device: Device, flags: Sequence[str]) -> Iterator[str]:
     For what a container on the device's engine cannot see: the engine itself going down
     takes such a container with it.  Stopped (its whole process group) afterwards.
     """
-    port = free_port_on(device.address)
+    port = free_port(device.address)
     args = [NODE_EXPORTER, *flags, f"--web.listen-address={device.address}:{port}"]
     proc = subprocess.Popen(
         device.nsenter_args(args),

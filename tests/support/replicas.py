@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.support.ports import free_port
 from tests.support.webhook import (
     MARK_PLAYBOOK,
     TOKEN,
@@ -11,7 +12,6 @@ from tests.support.webhook import (
     ServerProcess,
     alert,
     body,
-    free_port,
     mark_runbook,
     write_project,
 )

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ports import free_port
+
 SSHD = Path("/usr/sbin/sshd")
 _PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start as root without it
 _START_DEADLINE_S = 15.0
@@ -32,14 +34,6 @@ class SshServer:
     port: int
     user: str
     key: Path  # private key file of the client
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _keygen(path: Path) -> None:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ports import free_port
+
 STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
 SQUID = shutil.which("squid") or "/usr/sbin/squid"
 SQUID_NCSA = Path("/usr/lib/squid/basic_ncsa_auth")
@@ -54,14 +56,6 @@ def tunnel_skip_reason() -> str | None:
         if not found
     ]
     return f"balena tunnel tests need: {', '.join(missing)}" if missing else None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:

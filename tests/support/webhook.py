@@ -11,7 +11,6 @@ import functools
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -252,14 +251,6 @@ def body(*alerts: dict[str, Any], status: str = "firing") -> dict[str, Any]:
         "groupKey": "{}:{}",
         "truncatedAlerts": 0,
     }
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
