@@ -7,7 +7,7 @@ import hmac
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +160,37 @@ def test_duplicates_and_resends_are_deduplicated_not_queued_again(
 
 
 def test_a_new_startsat_is_a_new_firing(make_server: ServerFactory) -> None:
-    """The same fingerprint firing again later (new startsAt) is a new firing and queues again."""
+    """The same fingerprint firing again later (new startsAt) is a new firing, never a duplicate.
+
+    While the first firing's run waits, the new one joins it; once that run is done, the next
+    one queues a run again.
+    """
     server, client = make_server()
     later = fixture_body("firing-single.json")
     later["alerts"][0]["startsAt"] = "2026-11-26T13:00:00.123456789Z"
     _post(client, fixture_body("firing-single.json"))
-    assert _post(client, later).json()["queued"] == 1
+    joined = _post(client, later).json()
+    assert (joined["new"], joined["queued"], joined["coalesced"]) == (1, 0, 1)
+    (item,) = server.store.list_queue()
+    claim = server.store.claim_queue_item(
+        "test",
+        now=item.enqueued_at,
+        max_age=timedelta(hours=1),
+        hold_reason=None,
+        new_run_id=lambda: "r1",
+    )
+    assert claim.item == item.model_copy(
+        update={
+            "state": QueueState.RUNNING,
+            "owner": "test",
+            "claimed_at": item.enqueued_at,
+            "run_id": "r1",
+        }
+    )
+    server.store.finish_queue_item(item.item_id, "test", QueueState.DONE, now=item.enqueued_at)
+    latest = fixture_body("firing-single.json")
+    latest["alerts"][0]["startsAt"] = "2026-11-26T14:00:00Z"
+    assert _post(client, latest).json()["queued"] == 1
     assert len(server.store.list_queue()) == 2
 
 
@@ -200,6 +225,42 @@ def test_resolved_after_firing_cancels_the_queued_run(
     assert resolved["outcome"] == "resolved"
     assert resolved["cancelled"] == queued["runs"]
     assert 'remediate_runs_total{outcome="cancelled"} 1.0' in client.get("/metrics").text
+
+
+def test_warning_and_critical_of_one_file_system_start_one_run(
+    make_server: ServerFactory, audit_path: Path
+) -> None:
+    """The node-mixin's warning and critical for one device: one run, both firings shown on it."""
+    _, client = make_server()
+    uuid = FLEET["dev-a"]["balena_uuid"]
+    labels = {"alertname": "NodeFilesystemAlmostOutOfSpace", "mountpoint": "/mnt/data"}
+    warning = alert({**labels, "balena_uuid": uuid, "severity": "warning"}, fingerprint="aa01")
+    critical = alert({**labels, "balena_uuid": uuid, "severity": "critical"}, fingerprint="aa02")
+    answer = _post(client, body(warning, critical)).json()
+    assert (answer["new"], answer["queued"], answer["coalesced"]) == (2, 1, 1)
+    (item,) = client.get("/queue", headers=AUTH).json()["items"]
+    assert [(f["fingerprint"], f["status"]) for f in item["firings"]] == [
+        ("aa01", "firing"),
+        ("aa02", "firing"),
+    ]
+    (coalesced,) = client.get("/alerts?status=coalesced", headers=AUTH).json()["alerts"]
+    assert coalesced["reason"] == f"joined queue item {item['item_id']} (queued)"
+    assert "remediate_alerts_coalesced_total 1.0" in client.get("/metrics").text
+    (received,) = [
+        json.loads(line)
+        for line in audit_path.read_text().splitlines()
+        if json.loads(line)["event"] == "alert.received"
+    ]
+    first, second = received["notifications"][0]["alerts"]
+    assert (first["outcome"], [r["item"] for r in first["runs"]]) == ("queued", [item["item_id"]])
+    assert second["outcome"] == "coalesced"
+    assert second["joined"] == [
+        {"item": item["item_id"], "runbook": "disk-full", "host": "dev-a", "state": "queued"}
+    ]
+    # Resolving one of the two leaves the run queued; resolving the other cancels it.
+    resolved = [dict(a, status="resolved") for a in (warning, critical)]
+    assert _post(client, body(resolved[0], status="resolved")).json()["cancelled"] == 0
+    assert _post(client, body(resolved[1], status="resolved")).json()["cancelled"] == 1
 
 
 def test_resolved_before_firing_makes_a_late_firing_a_duplicate(
@@ -541,8 +602,10 @@ def test_concurrent_notifications_are_group_committed_each_answered(
     ]
     with ThreadPoolExecutor(max_workers=12) as pool:
         results = list(pool.map(server.intake.record, messages))
-    assert [len(r.queued) for r in results] == [1] * 24
-    assert len(server.store.list_queue(limit=100)) == 24
+    # One run per device: the first firing of each queues it, the others join it.
+    assert [len(r.queued) + len(r.coalesced) for r in results] == [1] * 24
+    assert sum(len(r.queued) for r in results) == len(uuids)
+    assert len(server.store.list_queue(limit=100)) == len(uuids)
     records = [json.loads(line) for line in audit_path.read_text().splitlines()]
     notifications = [
         n for r in records if r["event"] == "alert.received" for n in r["notifications"]

@@ -9,7 +9,8 @@
                           draining or while the database does not answer.
 ``GET /metrics``          Prometheus text format.
 ``GET /alerts``           Recorded firings, newest first: ``?status=<outcome>&limit=N``.
-``GET /queue``            Queue items, newest first: ``?state=<state>&limit=N``.
+``GET /queue``            Queue items, newest first, each with the firings it runs for:
+                          ``?state=<state>&limit=N``.
 ``POST /breaker/reset``   Close the circuit breaker now.
 ``GET /approvals``        Approvals of plans from ``approve``-mode triggers: ``?status=``.
 ``GET /approvals/{id}``   One approval with its saved plan.
@@ -136,6 +137,7 @@ def _accepted(recorded: RecordedAlerts, alerts: int) -> dict[str, Any]:
         "deduplicated": len(recorded.deduplicated),
         "resolved": len(recorded.resolved),
         "queued": len(recorded.queued),
+        "coalesced": len({(j.fingerprint, j.starts_at) for j in recorded.coalesced}),
         "held": len(recorded.held),
         "cancelled": len(recorded.cancelled),
     }
@@ -269,8 +271,20 @@ class _Endpoints:
             limit = _limit(request.query_params)
         except _RequestError as exc:
             return _error(exc)
-        items = await anyio.to_thread.run_sync(self.server.store.list_queue, state, limit)
-        return JSONResponse({"items": [i.model_dump(mode="json") for i in items]})
+        store = self.server.store
+
+        def read() -> list[dict[str, Any]]:
+            items = store.list_queue(state, limit)
+            firings: dict[int, list[dict[str, Any]]] = {}
+            for firing in store.item_firings([i.item_id for i in items]):
+                firings.setdefault(firing.item_id, []).append(
+                    firing.model_dump(mode="json", exclude={"item_id"})
+                )
+            return [
+                {**i.model_dump(mode="json"), "firings": firings.get(i.item_id, [])} for i in items
+            ]
+
+        return JSONResponse({"items": await anyio.to_thread.run_sync(read)})
 
     def _approver(self, request: Request) -> str:
         """The configured approver whose bearer token the request carries."""
