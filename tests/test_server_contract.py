@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from engine.audit import AuditLog, configure_audit
+from engine.errors import StateError
 from engine.executors.fake import FakeExecutor
 from engine.outcomes import Mode
 from engine.server.alerts import parse_webhook
@@ -22,7 +24,9 @@ from engine.server.app import SIGNATURE_HEADER, create_app
 from engine.server.config import ServerConfig
 from engine.server.queue import FiringOutcome, QueueState
 from engine.server.runtime import WebhookServer
+from engine.state import StateDatabase, open_database
 from tests.support.probing import encode_records
+from tests.support.stores import FaultyDatabase
 from tests.support.webhook import (
     DISK_RUNBOOK,
     ENGINE_RUNBOOK,
@@ -96,7 +100,11 @@ def make_server(project: Project, audit_path: Path) -> Iterator[ServerFactory]:
     made: list[tuple[WebhookServer, AppClient]] = []
 
     def make(
-        *, workers: int = 0, executor: FakeExecutor | None = None, **fields: Any
+        *,
+        workers: int = 0,
+        executor: FakeExecutor | None = None,
+        database: StateDatabase | None = None,
+        **fields: Any,
     ) -> tuple[WebhookServer, AppClient]:
         fields.setdefault("auth", {"token": TOKEN})
         config = ServerConfig.model_validate(
@@ -108,6 +116,7 @@ def make_server(project: Project, audit_path: Path) -> Iterator[ServerFactory]:
             clock=Clock(),
             executor=executor or FakeExecutor(),
             resolve=fake_resolver(FLEET),
+            database=database,
         )
         server.start()
         client = AppClient(create_app(server))
@@ -611,3 +620,63 @@ def test_concurrent_notifications_are_group_committed_each_answered(
         n for r in records if r["event"] == "alert.received" for n in r["notifications"]
     ]
     assert len(notifications) == 24
+
+
+class _Fatal(BaseException):
+    """A fault no worker is meant to survive (as ``SystemExit`` is)."""
+
+
+def _faulty(project: Project, **faults: Any) -> FaultyDatabase:
+    database = open_database(project.settings().database_url(), clock=Clock())
+    return FaultyDatabase(database, **faults)
+
+
+def test_workers_survive_store_errors_and_faults_then_run_the_queue(
+    make_server: ServerFactory, project: Project
+) -> None:
+    """A worker whose store cannot open, then whose claim fails twice, backs off and runs on."""
+    faulty = _faulty(
+        project,
+        faults={
+            "claim_queue_item": [
+                StateError("state.db: state store cannot claim: database is locked"),
+                RuntimeError("a fault of the engine's own"),
+            ]
+        },
+        open_faults=[StateError("state.db: state store cannot open: disk I/O error")],
+    )
+    executor = FakeExecutor(scripts={"dev-a": _probe_answers})
+    with capture_logs() as events:
+        server, client = make_server(workers=1, executor=executor, database=faulty)
+        assert _post(client, fixture_body("firing-single.json")).json()["queued"] == 1
+        _wait_for_state(server, QueueState.DONE)
+    # The worker's store (the watchers' never claim).
+    assert [s.raised for s in faulty.stores if s.raised] == [["claim_queue_item"] * 2]
+    logged = [e for e in events if e["event"].startswith("worker.")]
+    assert [(e["event"], e["retry_in"]) for e in logged] == [
+        ("worker.state_error", 1.0),
+        ("worker.state_error", 2.0),
+        ("worker.error", 4.0),
+    ]
+    assert "disk I/O error" in logged[0]["error"]
+    assert logged[2]["exc_info"] is True  # the traceback is logged
+    health = client.get("/healthz")
+    assert health.status_code == 200
+    assert health.json()["workers"] == {"count": 1, "alive": 1, "failing": 0, "running": 0}
+    faulty.close()
+
+
+def test_healthz_is_503_when_no_configured_worker_is_alive(
+    make_server: ServerFactory, project: Project
+) -> None:
+    """Workers configured but none alive: /healthz says so with a 503 (firings would never run)."""
+    faulty = _faulty(project, faults={"claim_queue_item": [_Fatal("gone")]})
+    with capture_logs() as events:
+        server, client = make_server(workers=2, database=faulty)
+        wait_for("both workers ended", lambda: server.pool.alive == 0, timeout=30)
+    health = client.get("/healthz")
+    assert health.status_code == 503
+    assert health.json()["status"] == "no-workers"
+    assert health.json()["workers"] == {"count": 2, "alive": 0, "failing": 0, "running": 0}
+    assert [e["event"] for e in events if e["event"].startswith("worker.")] == ["worker.died"] * 2
+    faulty.close()

@@ -5,8 +5,9 @@
                           unauthenticated; 413 too large; 400 malformed (names the field);
                           503 draining or not recorded (Alertmanager retries 5xx).
 ``GET /healthz``          JSON: status, state database (URL without password, reachable),
-                          breaker, queue and firing counts, inventory, workers; 503 while
-                          draining or while the database does not answer.
+                          breaker, queue and firing counts, inventory, workers (configured,
+                          alive, failing, running); 503 while draining, while the database
+                          does not answer, or when no worker of those configured is alive.
 ``GET /metrics``          Prometheus text format.
 ``GET /alerts``           Recorded firings, newest first: ``?status=<outcome>&limit=N``.
 ``GET /queue``            Queue items, newest first, each with the firings it runs for:
@@ -223,10 +224,18 @@ class _Endpoints:
                 }
             except StateError as exc:
                 state = {**state, "reachable": False, "error": str(exc)}
+        workers = {
+            "count": server.config.workers,
+            "alive": server.pool.alive,
+            "failing": server.pool.failing,
+            "running": len(server.pool.running),
+        }
         if draining:
             status = "draining"
         elif not state["reachable"]:
             status = "state-unreachable"  # intake answers 503 until it can commit again
+        elif server.config.workers and not workers["alive"]:
+            status = "no-workers"  # firings are recorded, but nothing would ever run them
         else:
             status = "breaker-open" if breaker.open else "ok"
         return 200 if status in {"ok", "breaker-open"} else 503, {
@@ -240,7 +249,7 @@ class _Endpoints:
                 "loaded_at": fleet.loaded_at.isoformat() if fleet.loaded_at else None,
                 "error": server.fleet.error,
             },
-            "workers": {"count": server.config.workers, "running": len(server.pool.running)},
+            "workers": workers,
             "runbooks": sorted(server.router.runbooks),
         }
 
