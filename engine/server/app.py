@@ -50,6 +50,7 @@ from engine.approvals import ApprovalError, decide
 from engine.errors import StateError
 from engine.server.alerts import BodyError, parse_webhook
 from engine.server.config import Auth
+from engine.server.logs import operator_log
 from engine.server.queue import FiringOutcome, QueueState, RecordedAlerts
 from engine.server.runtime import WebhookServer
 from engine.state import ApprovalStatus
@@ -186,14 +187,25 @@ class _Endpoints:
     async def webhook(self, request: Request) -> Response:
         started = time.perf_counter()
         try:
-            response = await self._receive(request)
+            counts = await self._receive(request)
+            response: Response = JSONResponse(counts, status_code=202)
         except _RequestError as exc:
             response = _error(exc)
+            counts = {"error": exc.body.get("error"), "field": exc.body.get("field")}
+        took = time.perf_counter() - started
         self.metrics.webhook_requests.labels(str(response.status_code)).inc()
-        self.metrics.webhook_duration.observe(time.perf_counter() - started)
+        self.metrics.webhook_duration.observe(took)
+        # One line per notification, on stderr only (alert.received audits the alerts).
+        log = operator_log()
+        (log.warning if response.status_code >= HTTPStatus.BAD_REQUEST else log.info)(
+            "webhook",
+            status=response.status_code,
+            latency_ms=round(took * 1000, 2),
+            **{k: v for k, v in counts.items() if v not in (None, "recorded")},
+        )
         return response
 
-    async def _receive(self, request: Request) -> Response:
+    async def _receive(self, request: Request) -> dict[str, Any]:
         server = self.server
         if server.draining.is_set():
             raise _RequestError(503, "the server is shutting down; retry later")
@@ -206,7 +218,7 @@ class _Endpoints:
             recorded = await asyncio.wrap_future(server.intake.submit(message))
         except StateError as exc:
             raise _RequestError(503, f"not recorded: {exc}") from exc
-        return JSONResponse(_accepted(recorded, len(message.alerts)), status_code=202)
+        return _accepted(recorded, len(message.alerts))
 
     def _health(self) -> tuple[int, dict[str, Any]]:
         server = self.server

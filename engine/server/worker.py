@@ -291,7 +291,8 @@ class WorkerPool:
         started = time.monotonic()
         state, status, reason = self._execute(item, run_id, services)
         reason = services.secrets.scrub(reason)  # an error's text may quote one
-        self._metrics.run_duration.labels(item.runbook).observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        self._metrics.run_duration.labels(item.runbook).observe(took)
         self._metrics.runs.labels(status.value if status else state.value).inc()
         self._finish(store, item, state, status, reason)
         log.info(
@@ -299,6 +300,7 @@ class WorkerPool:
             state=state.value,
             status=status.value if status else None,
             reason=reason,
+            duration_s=round(took, 3),
         )
 
     def _finish(
