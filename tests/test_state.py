@@ -129,6 +129,24 @@ def test_list_runs_newest_first_and_by_runbook(store: AlertStore) -> None:
     assert [r.run_id for r in store.list_runs(runbook="fix-disk")] == ["run-3", "run-1"]
 
 
+def test_list_runs_filters_by_host_status_time_and_short_id(store: AlertStore) -> None:
+    """Filters combine: runs that reached a host, ended so, started since, or end in an id."""
+    for n in range(4):
+        store.start_run(_run(f"run-{n}-abc{n}", started_at=T0 + timedelta(minutes=n)))
+        store.record_host(_host(f"run-{n}-abc{n}", f"dev-{n % 2}", HostOutcome.PLANNED))
+        store.finish_run(f"run-{n}-abc{n}", RunStatus.SUCCEEDED if n else RunStatus.ERROR, {})
+
+    def ids(runs: list[RunRecord]) -> list[str]:
+        return [r.run_id[:5] for r in runs]
+
+    assert ids(store.list_runs(host="dev-1")) == ["run-3", "run-1"]
+    assert ids(store.list_runs(status=RunStatus.ERROR)) == ["run-0"]
+    assert ids(store.list_runs(since=T0 + timedelta(minutes=2))) == ["run-3", "run-2"]
+    assert ids(store.list_runs(host="dev-0", since=T0 + timedelta(minutes=1))) == ["run-2"]
+    assert ids(store.list_runs(id_suffix="abc2")) == ["run-2"]
+    assert store.list_runs(id_suffix="zzz") == []
+
+
 def test_record_errors_name_the_db(store: AlertStore, backend: Backend) -> None:
     """A duplicate run, a host of an unknown run or finishing an unknown run is a StateError."""
     store.start_run(_run())

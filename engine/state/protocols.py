@@ -62,8 +62,21 @@ class StateStore(Protocol):
     def record_host(self, record: HostRecord, *, lease: Lease | None = None) -> bool:
         """Record (or replace) one host's outcome in a started run; whether it was written."""
 
-    def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
-        """Return the most recent runs first, optionally of one runbook only."""
+    def list_runs(
+        self,
+        limit: int = 50,
+        runbook: str | None = None,
+        *,
+        host: str | None = None,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+        id_suffix: str | None = None,
+    ) -> list[RunRecord]:
+        """Return the most recent runs first, optionally only those matching every filter.
+
+        ``host``: runs that recorded an outcome for it; ``since``: started then or later;
+        ``id_suffix``: whose id ends so (a short run id).
+        """
 
     def get_run(self, run_id: str) -> RunRecord | None:
         """Return one run, or None if no run has that id."""

@@ -273,9 +273,33 @@ class PostgresStore:
                 ) from exc
             raise
 
-    def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
-        """Return the most recent runs first, optionally of one runbook only."""
-        where, params = ("WHERE runbook = %s", (runbook,)) if runbook is not None else ("", ())
+    def list_runs(
+        self,
+        limit: int = 50,
+        runbook: str | None = None,
+        *,
+        host: str | None = None,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+        id_suffix: str | None = None,
+    ) -> list[RunRecord]:
+        """Return the most recent runs first, optionally only those matching every filter."""
+        found = [
+            (clause, value)
+            for clause, value in (
+                ("runbook = %s", runbook),
+                ("run_id IN (SELECT run_id FROM host_results WHERE host = %s)", host),
+                ("status = %s", status.value if status is not None else None),
+                ("started_at >= %s", _aware(since) if since is not None else None),
+            )
+            if value is not None
+        ]
+        clauses = [c for c, _ in found]
+        params: list[object] = [v for _, v in found]
+        if id_suffix is not None:
+            clauses.append("right(run_id, %s) = %s")
+            params += [len(id_suffix), id_suffix]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
 
         def work(cur: Cursor) -> list[RunRecord]:
             rows = cur.execute(

@@ -323,9 +323,33 @@ class SqliteStateStore:
             raise
         return True
 
-    def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
-        """Return the most recent runs first, optionally of one runbook only."""
-        where, params = ("WHERE runbook = ?", (runbook,)) if runbook is not None else ("", ())
+    def list_runs(
+        self,
+        limit: int = 50,
+        runbook: str | None = None,
+        *,
+        host: str | None = None,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+        id_suffix: str | None = None,
+    ) -> list[RunRecord]:
+        """Return the most recent runs first, optionally only those matching every filter."""
+        found = [
+            (clause, value)
+            for clause, value in (
+                ("runbook = ?", runbook),
+                ("run_id IN (SELECT run_id FROM host_results WHERE host = ?)", host),
+                ("status = ?", status.value if status is not None else None),
+                ("started_at >= ?", _text(since) if since is not None else None),
+            )
+            if value is not None
+        ]
+        clauses = [c for c, _ in found]
+        params: list[object] = [v for _, v in found]
+        if id_suffix is not None:
+            clauses.append("substr(run_id, -?) = ?")
+            params += [len(id_suffix), id_suffix]
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._guard, self._sqlite_errors("list runs"):
             rows = self._db.execute(
                 f"{_RUN_SELECT} {where} ORDER BY started_at DESC, rowid DESC LIMIT ?",
