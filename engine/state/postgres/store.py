@@ -53,6 +53,7 @@ from engine.state.records import (
     LeaseGrant,
     RunRecord,
     lease_expired_reason,
+    run_filters,
 )
 
 _T = TypeVar("_T")
@@ -284,22 +285,15 @@ class PostgresStore:
         id_suffix: str | None = None,
     ) -> list[RunRecord]:
         """Return the most recent runs first, optionally only those matching every filter."""
-        found = [
-            (clause, value)
-            for clause, value in (
-                ("runbook = %s", runbook),
-                ("run_id IN (SELECT run_id FROM host_results WHERE host = %s)", host),
-                ("status = %s", status.value if status is not None else None),
-                ("started_at >= %s", _aware(since) if since is not None else None),
-            )
-            if value is not None
-        ]
-        clauses = [c for c, _ in found]
-        params: list[object] = [v for _, v in found]
-        if id_suffix is not None:
-            clauses.append("right(run_id, %s) = %s")
-            params += [len(id_suffix), id_suffix]
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = run_filters(
+            "%s",
+            runbook=runbook,
+            host=host,
+            status=status,
+            since=_aware(since) if since is not None else None,
+            id_suffix=id_suffix,
+            suffix_sql="right(run_id, %s)",
+        )
 
         def work(cur: Cursor) -> list[RunRecord]:
             rows = cur.execute(

@@ -51,6 +51,7 @@ from engine.state.records import (
     LeaseGrant,
     RunRecord,
     lease_expired_reason,
+    run_filters,
 )
 from engine.state.sqlite.migrations import MIGRATIONS
 
@@ -334,22 +335,15 @@ class SqliteStateStore:
         id_suffix: str | None = None,
     ) -> list[RunRecord]:
         """Return the most recent runs first, optionally only those matching every filter."""
-        found = [
-            (clause, value)
-            for clause, value in (
-                ("runbook = ?", runbook),
-                ("run_id IN (SELECT run_id FROM host_results WHERE host = ?)", host),
-                ("status = ?", status.value if status is not None else None),
-                ("started_at >= ?", _text(since) if since is not None else None),
-            )
-            if value is not None
-        ]
-        clauses = [c for c, _ in found]
-        params: list[object] = [v for _, v in found]
-        if id_suffix is not None:
-            clauses.append("substr(run_id, -?) = ?")
-            params += [len(id_suffix), id_suffix]
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, params = run_filters(
+            "?",
+            runbook=runbook,
+            host=host,
+            status=status,
+            since=_text(since) if since is not None else None,
+            id_suffix=id_suffix,
+            suffix_sql="substr(run_id, -?)",
+        )
         with self._guard, self._sqlite_errors("list runs"):
             rows = self._db.execute(
                 f"{_RUN_SELECT} {where} ORDER BY started_at DESC, rowid DESC LIMIT ?",
