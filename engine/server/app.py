@@ -201,7 +201,7 @@ class _Endpoints:
             "webhook",
             status=response.status_code,
             latency_ms=round(took * 1000, 2),
-            **{k: v for k, v in counts.items() if v not in (None, "recorded")},
+            **{k: v for k, v in counts.items() if k != "status" and v is not None},
         )
         return response
 
