@@ -17,7 +17,7 @@ from pathlib import Path
 import structlog
 from pydantic import ValidationError
 
-from engine.errors import EngineError, InputError
+from engine.errors import EngineError, InputError, StateError
 from engine.pipeline import RunReport, Services, apply_saved_plan
 from engine.planfiles import SavedPlan, check_applicable
 from engine.runbooks import Runbook
@@ -168,7 +168,12 @@ def apply_approved(
     *,
     now: datetime,
 ) -> RunReport:
-    """Apply an approval in ``applying`` state; mark it applied (or failed, with why)."""
+    """Apply an approval in ``applying`` state; mark it applied, or failed with why.
+
+    Whatever stops it (an engine error, a fault of the engine's own, Ctrl-C) ends the
+    approval ``failed`` with the reason before the exception goes on; a fault that is not an
+    :class:`~engine.errors.EngineError` is logged with its traceback.
+    """
     log = structlog.get_logger()
     try:
         saved = saved_plan(record)
@@ -181,15 +186,8 @@ def apply_approved(
             trigger=f"approval:{record.approval_id}",
             approve=lambda _plan: True,  # approved already, by decided_by
         )
-    except EngineError as exc:
-        store.transition_approval(
-            record.approval_id,
-            from_status=ApprovalStatus.APPLYING,
-            to_status=ApprovalStatus.FAILED,
-            at=now,
-            reason=str(exc),
-        )
-        log.warning("approval.failed", approval_id=record.approval_id, error=str(exc))
+    except BaseException as exc:  # recorded as the approval's end, then raised on
+        _record_failure(store, record, services, now, exc)
         raise
     store.transition_approval(
         record.approval_id,
@@ -205,3 +203,31 @@ def apply_approved(
         status=report.status.value,
     )
     return report
+
+
+def _record_failure(
+    store: StateStore, record: ApprovalRecord, services: Services, now: datetime, exc: BaseException
+) -> None:
+    """End the approval ``failed`` with why ``exc`` stopped it; log it (with the traceback)."""
+    if isinstance(exc, EngineError):
+        reason = str(exc)
+    elif isinstance(exc, Exception):
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+    else:  # Ctrl-C, SIGTERM
+        reason = f"interrupted ({type(exc).__name__})"
+    reason = services.secrets.scrub(reason)  # an error's text may quote one
+    log = structlog.get_logger()
+    try:
+        store.transition_approval(
+            record.approval_id,
+            from_status=ApprovalStatus.APPLYING,
+            to_status=ApprovalStatus.FAILED,
+            at=now,
+            reason=reason,
+        )
+    except StateError as state:  # the database is away: it stays applying, said here
+        log.warning("approval.fail_unrecorded", approval_id=record.approval_id, error=str(state))
+    if isinstance(exc, EngineError) or not isinstance(exc, Exception):
+        log.warning("approval.failed", approval_id=record.approval_id, error=reason)
+    else:
+        log.error("approval.failed", approval_id=record.approval_id, error=reason, exc_info=exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import count
@@ -10,7 +11,15 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from engine.approvals import ApprovalError, decide, expire_approvals, request_approval, saved_plan
+from engine.approvals import (
+    ApprovalError,
+    apply_approved,
+    decide,
+    expire_approvals,
+    request_approval,
+    saved_plan,
+)
+from engine.errors import EngineError, StateError
 from engine.executors.fake import FakeExecutor
 from engine.outcomes import HostOutcome, Mode
 from engine.pipeline import RunRequest, Services, apply_saved_plan, run_runbook
@@ -19,6 +28,7 @@ from engine.runbooks import Runbook, load_runbook
 from engine.state import ApprovalStatus
 from engine.state.sqlite import SqliteStateStore
 from tests.support.probing import Answer, device
+from tests.support.stores import FaultyStore
 
 DATA = Path(__file__).resolve().parent / "data"
 SICK: dict[str, Answer] = {"free": "5", "rw": "true", "junk": "/junk/a\n"}
@@ -147,3 +157,37 @@ def test_tampered_stored_plan_is_refused(
     plan["expires_at"] = "2030-01-01T00:00:00Z"
     with pytest.raises(ApprovalError, match="edited"):
         saved_plan(record.model_copy(update={"plan": plan}))
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (RuntimeError("the disk controller caught fire"), "internal error: RuntimeError"),
+        (StateError("state.db: state store cannot start run: disk I/O error"), "disk I/O error"),
+    ],
+)
+def test_an_approval_that_fails_to_apply_ends_failed_with_the_reason(
+    runbook: Runbook,
+    store: SqliteStateStore,
+    tmp_path: Path,
+    fault: Exception,
+    reason: str,
+) -> None:
+    """Whatever breaks while applying, the approval ends failed, with why; the traceback is kept."""
+    approval_id, services, executor = _pending(runbook, store, tmp_path)
+    record = decide(store, approval_id, approver="bob", approve=True, now=NOW, claim=True)
+    faulty = FaultyStore(store, {"start_run": [fault]})
+    with capture_logs() as events, pytest.raises(type(fault)):
+        apply_approved(
+            faulty, record, runbook, dataclasses.replace(services, store=faulty), now=NOW
+        )
+    assert faulty.raised == ["start_run"]
+    failed = store.get_approval(approval_id)
+    assert failed is not None
+    assert failed.status is ApprovalStatus.FAILED
+    assert reason in failed.reason
+    (event,) = [e for e in events if e["event"] == "approval.failed"]
+    assert reason in event["error"]
+    if not isinstance(fault, EngineError):  # an engine fault, not an expected failure: why
+        assert event["exc_info"] is fault
+    assert executor.playbook_calls == []

@@ -7,14 +7,16 @@ import hmac
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 
 from engine.audit import AuditLog, configure_audit
+from engine.errors import StateError
 from engine.executors.fake import FakeExecutor
 from engine.outcomes import Mode
 from engine.server.alerts import parse_webhook
@@ -22,7 +24,9 @@ from engine.server.app import SIGNATURE_HEADER, create_app
 from engine.server.config import ServerConfig
 from engine.server.queue import FiringOutcome, QueueState
 from engine.server.runtime import WebhookServer
+from engine.state import StateDatabase, open_database
 from tests.support.probing import encode_records
+from tests.support.stores import FaultyDatabase
 from tests.support.webhook import (
     DISK_RUNBOOK,
     ENGINE_RUNBOOK,
@@ -96,7 +100,11 @@ def make_server(project: Project, audit_path: Path) -> Iterator[ServerFactory]:
     made: list[tuple[WebhookServer, AppClient]] = []
 
     def make(
-        *, workers: int = 0, executor: FakeExecutor | None = None, **fields: Any
+        *,
+        workers: int = 0,
+        executor: FakeExecutor | None = None,
+        database: StateDatabase | None = None,
+        **fields: Any,
     ) -> tuple[WebhookServer, AppClient]:
         fields.setdefault("auth", {"token": TOKEN})
         config = ServerConfig.model_validate(
@@ -108,6 +116,7 @@ def make_server(project: Project, audit_path: Path) -> Iterator[ServerFactory]:
             clock=Clock(),
             executor=executor or FakeExecutor(),
             resolve=fake_resolver(FLEET),
+            database=database,
         )
         server.start()
         client = AppClient(create_app(server))
@@ -160,12 +169,37 @@ def test_duplicates_and_resends_are_deduplicated_not_queued_again(
 
 
 def test_a_new_startsat_is_a_new_firing(make_server: ServerFactory) -> None:
-    """The same fingerprint firing again later (new startsAt) is a new firing and queues again."""
+    """The same fingerprint firing again later (new startsAt) is a new firing, never a duplicate.
+
+    While the first firing's run waits, the new one joins it; once that run is done, the next
+    one queues a run again.
+    """
     server, client = make_server()
     later = fixture_body("firing-single.json")
     later["alerts"][0]["startsAt"] = "2026-11-26T13:00:00.123456789Z"
     _post(client, fixture_body("firing-single.json"))
-    assert _post(client, later).json()["queued"] == 1
+    joined = _post(client, later).json()
+    assert (joined["new"], joined["queued"], joined["coalesced"]) == (1, 0, 1)
+    (item,) = server.store.list_queue()
+    claim = server.store.claim_queue_item(
+        "test",
+        now=item.enqueued_at,
+        max_age=timedelta(hours=1),
+        hold_reason=None,
+        new_run_id=lambda: "r1",
+    )
+    assert claim.item == item.model_copy(
+        update={
+            "state": QueueState.RUNNING,
+            "owner": "test",
+            "claimed_at": item.enqueued_at,
+            "run_id": "r1",
+        }
+    )
+    server.store.finish_queue_item(item.item_id, "test", QueueState.DONE, now=item.enqueued_at)
+    latest = fixture_body("firing-single.json")
+    latest["alerts"][0]["startsAt"] = "2026-11-26T14:00:00Z"
+    assert _post(client, latest).json()["queued"] == 1
     assert len(server.store.list_queue()) == 2
 
 
@@ -200,6 +234,42 @@ def test_resolved_after_firing_cancels_the_queued_run(
     assert resolved["outcome"] == "resolved"
     assert resolved["cancelled"] == queued["runs"]
     assert 'remediate_runs_total{outcome="cancelled"} 1.0' in client.get("/metrics").text
+
+
+def test_warning_and_critical_of_one_file_system_start_one_run(
+    make_server: ServerFactory, audit_path: Path
+) -> None:
+    """The node-mixin's warning and critical for one device: one run, both firings shown on it."""
+    _, client = make_server()
+    uuid = FLEET["dev-a"]["balena_uuid"]
+    labels = {"alertname": "NodeFilesystemAlmostOutOfSpace", "mountpoint": "/mnt/data"}
+    warning = alert({**labels, "balena_uuid": uuid, "severity": "warning"}, fingerprint="aa01")
+    critical = alert({**labels, "balena_uuid": uuid, "severity": "critical"}, fingerprint="aa02")
+    answer = _post(client, body(warning, critical)).json()
+    assert (answer["new"], answer["queued"], answer["coalesced"]) == (2, 1, 1)
+    (item,) = client.get("/queue", headers=AUTH).json()["items"]
+    assert [(f["fingerprint"], f["status"]) for f in item["firings"]] == [
+        ("aa01", "firing"),
+        ("aa02", "firing"),
+    ]
+    (coalesced,) = client.get("/alerts?status=coalesced", headers=AUTH).json()["alerts"]
+    assert coalesced["reason"] == f"joined queue item {item['item_id']} (queued)"
+    assert "remediate_alerts_coalesced_total 1.0" in client.get("/metrics").text
+    (received,) = [
+        json.loads(line)
+        for line in audit_path.read_text().splitlines()
+        if json.loads(line)["event"] == "alert.received"
+    ]
+    first, second = received["notifications"][0]["alerts"]
+    assert (first["outcome"], [r["item"] for r in first["runs"]]) == ("queued", [item["item_id"]])
+    assert second["outcome"] == "coalesced"
+    assert second["joined"] == [
+        {"item": item["item_id"], "runbook": "disk-full", "host": "dev-a", "state": "queued"}
+    ]
+    # Resolving one of the two leaves the run queued; resolving the other cancels it.
+    resolved = [dict(a, status="resolved") for a in (warning, critical)]
+    assert _post(client, body(resolved[0], status="resolved")).json()["cancelled"] == 0
+    assert _post(client, body(resolved[1], status="resolved")).json()["cancelled"] == 1
 
 
 def test_resolved_before_firing_makes_a_late_firing_a_duplicate(
@@ -541,10 +611,72 @@ def test_concurrent_notifications_are_group_committed_each_answered(
     ]
     with ThreadPoolExecutor(max_workers=12) as pool:
         results = list(pool.map(server.intake.record, messages))
-    assert [len(r.queued) for r in results] == [1] * 24
-    assert len(server.store.list_queue(limit=100)) == 24
+    # One run per device: the first firing of each queues it, the others join it.
+    assert [len(r.queued) + len(r.coalesced) for r in results] == [1] * 24
+    assert sum(len(r.queued) for r in results) == len(uuids)
+    assert len(server.store.list_queue(limit=100)) == len(uuids)
     records = [json.loads(line) for line in audit_path.read_text().splitlines()]
     notifications = [
         n for r in records if r["event"] == "alert.received" for n in r["notifications"]
     ]
     assert len(notifications) == 24
+
+
+class _Fatal(BaseException):
+    """A fault no worker is meant to survive (as ``SystemExit`` is)."""
+
+
+def _faulty(project: Project, **faults: Any) -> FaultyDatabase:
+    database = open_database(project.settings().database_url(), clock=Clock())
+    return FaultyDatabase(database, **faults)
+
+
+def test_workers_survive_store_errors_and_faults_then_run_the_queue(
+    make_server: ServerFactory, project: Project
+) -> None:
+    """A worker whose store cannot open, then whose claim fails twice, backs off and runs on."""
+    faulty = _faulty(
+        project,
+        faults={
+            "claim_queue_item": [
+                StateError("state.db: state store cannot claim: database is locked"),
+                RuntimeError("a fault of the engine's own"),
+            ]
+        },
+        open_faults=[StateError("state.db: state store cannot open: disk I/O error")],
+    )
+    executor = FakeExecutor(scripts={"dev-a": _probe_answers})
+    with capture_logs() as events:
+        server, client = make_server(workers=1, executor=executor, database=faulty)
+        assert _post(client, fixture_body("firing-single.json")).json()["queued"] == 1
+        _wait_for_state(server, QueueState.DONE)
+    # The worker's store (the watchers' never claim).
+    assert [s.raised for s in faulty.stores if s.raised] == [["claim_queue_item"] * 2]
+    logged = [e for e in events if e["event"].startswith("worker.")]
+    assert [(e["event"], e["retry_in"]) for e in logged] == [
+        ("worker.state_error", 1.0),
+        ("worker.state_error", 2.0),
+        ("worker.error", 4.0),
+    ]
+    assert "disk I/O error" in logged[0]["error"]
+    assert logged[2]["exc_info"] is True  # the traceback is logged
+    health = client.get("/healthz")
+    assert health.status_code == 200
+    assert health.json()["workers"] == {"count": 1, "alive": 1, "failing": 0, "running": 0}
+    faulty.close()
+
+
+def test_healthz_is_503_when_no_configured_worker_is_alive(
+    make_server: ServerFactory, project: Project
+) -> None:
+    """Workers configured but none alive: /healthz says so with a 503 (firings would never run)."""
+    faulty = _faulty(project, faults={"claim_queue_item": [_Fatal("gone")]})
+    with capture_logs() as events:
+        server, client = make_server(workers=2, database=faulty)
+        wait_for("both workers ended", lambda: server.pool.alive == 0, timeout=30)
+    health = client.get("/healthz")
+    assert health.status_code == 503
+    assert health.json()["status"] == "no-workers"
+    assert health.json()["workers"] == {"count": 2, "alive": 0, "failing": 0, "running": 0}
+    assert [e["event"] for e in events if e["event"].startswith("worker.")] == ["worker.died"] * 2
+    faulty.close()

@@ -78,12 +78,19 @@ def test_rebuilding_the_alert_tables_keeps_rows_ids_and_references(tmp_path: Pat
     """Migration 4 (start time first) keeps firings, queue rows, the id counter, dedup, cascade."""
     path = tmp_path / "state.db"
     with SqliteAlertStore(path, clock=lambda: T0, migrations=MIGRATIONS[:3]) as old:
-        old.record_alerts(
-            [_firing("a1", "dev-a"), _firing("a2", "dev-b"), _firing("a3", "dev-c")],
-            [],
-            now=T0,
-            hold_reason=None,
-        )
+        stamp = T0.isoformat(timespec="microseconds")
+        for fingerprint, host in (("a1", "dev-a"), ("a2", "dev-b"), ("a3", "dev-c")):
+            old._db.execute(  # what the engine of migration 3 wrote
+                "INSERT INTO alert_firings VALUES (?, ?, 'X', '{}', 'firing', 'queued', '',"
+                " ?, ?, 1, NULL)",
+                (fingerprint, stamp, stamp, stamp),
+            )
+            old._db.execute(
+                "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host, trigger_mode,"
+                " mode, state, reason, enqueued_at)"
+                " VALUES (?, ?, 'engine-down', ?, 'apply', 'apply', 'queued', '', ?)",
+                (fingerprint, stamp, host, stamp),
+            )
         firings, items = old.list_firings(), old.list_queue()
     with contextlib.closing(sqlite3.connect(path)) as raw, raw:
         raw.execute("DELETE FROM alert_queue WHERE item_id = ?", (items[0].item_id,))

@@ -28,6 +28,7 @@ from engine.server.queue import (
     QueueItem,
     QueueRoute,
     QueueState,
+    RecordedAlerts,
     ResolvedInput,
 )
 from engine.state import (
@@ -126,6 +127,24 @@ def test_list_runs_newest_first_and_by_runbook(store: AlertStore) -> None:
     assert [r.run_id for r in store.list_runs()] == ["run-4", "run-3", "run-2", "run-1", "run-0"]
     assert [r.run_id for r in store.list_runs(limit=2)] == ["run-4", "run-3"]
     assert [r.run_id for r in store.list_runs(runbook="fix-disk")] == ["run-3", "run-1"]
+
+
+def test_list_runs_filters_by_host_status_time_and_short_id(store: AlertStore) -> None:
+    """Filters combine: runs that reached a host, ended so, started since, or end in an id."""
+    for n in range(4):
+        store.start_run(_run(f"run-{n}-abc{n}", started_at=T0 + timedelta(minutes=n)))
+        store.record_host(_host(f"run-{n}-abc{n}", f"dev-{n % 2}", HostOutcome.PLANNED))
+        store.finish_run(f"run-{n}-abc{n}", RunStatus.SUCCEEDED if n else RunStatus.ERROR, {})
+
+    def ids(runs: list[RunRecord]) -> list[str]:
+        return [r.run_id[:5] for r in runs]
+
+    assert ids(store.list_runs(host="dev-1")) == ["run-3", "run-1"]
+    assert ids(store.list_runs(status=RunStatus.ERROR)) == ["run-0"]
+    assert ids(store.list_runs(since=T0 + timedelta(minutes=2))) == ["run-3", "run-2"]
+    assert ids(store.list_runs(host="dev-0", since=T0 + timedelta(minutes=1))) == ["run-2"]
+    assert ids(store.list_runs(id_suffix="abc2")) == ["run-2"]
+    assert store.list_runs(id_suffix="zzz") == []
 
 
 def test_record_errors_name_the_db(store: AlertStore, backend: Backend) -> None:
@@ -467,6 +486,137 @@ def test_a_resolved_alert_cancels_its_queued_runs(store: AlertStore) -> None:
     assert len(again.deduplicated) == 1
 
 
+def test_warning_and_critical_in_one_notification_queue_one_run(store: AlertStore) -> None:
+    """Two firings of one symptom in one notification: one run, the second firing joins it."""
+    recorded = store.record_alerts(
+        [
+            _firing("warn", "dev-a", "disk-full"),
+            _firing("crit", "dev-a", "disk-full"),
+            _firing("other", "dev-a", "engine-down"),  # another runbook: a run of its own
+            _firing("elsewhere", "dev-b", "disk-full"),  # another device: a run of its own
+        ],
+        [],
+        now=T0,
+        hold_reason=None,
+    )
+    assert [(i.fingerprint, i.runbook, i.host) for i in recorded.queued] == [
+        ("warn", "disk-full", "dev-a"),
+        ("other", "engine-down", "dev-a"),
+        ("elsewhere", "disk-full", "dev-b"),
+    ]
+    item = recorded.queued[0]
+    (joined,) = recorded.coalesced
+    assert (joined.fingerprint, joined.item_id, joined.state) == (
+        "crit",
+        item.item_id,
+        QueueState.QUEUED,
+    )
+    outcomes = {f.fingerprint: (f.outcome, f.reason) for f in store.list_firings()}
+    assert outcomes["warn"] == (FiringOutcome.QUEUED, "")
+    assert outcomes["crit"] == (
+        FiringOutcome.COALESCED,
+        f"joined queue item {item.item_id} (queued)",
+    )
+    assert store.firing_counts()[FiringOutcome.COALESCED] == 1
+    assert len(store.list_queue()) == 3
+    firings = store.item_firings([item.item_id, recorded.queued[1].item_id])
+    assert [(f.item_id, f.fingerprint, f.status) for f in firings] == [
+        (item.item_id, "warn", "firing"),
+        (item.item_id, "crit", "firing"),
+        (recorded.queued[1].item_id, "other", "firing"),
+    ]
+    assert store.item_firings([]) == []
+
+
+def test_a_queued_run_is_cancelled_only_when_its_last_firing_resolves(store: AlertStore) -> None:
+    """A resolved firing cancels its queued run only once no firing it runs for still fires."""
+    queued = store.record_alerts(
+        [_firing("warn", "dev-a"), _firing("crit", "dev-a")], [], now=T0, hold_reason=None
+    ).queued
+    first = store.record_alerts([], [_resolved("warn")], now=T0, hold_reason=None)
+    assert (len(first.resolved), first.cancelled) == (1, ())
+    assert [i.state for i in store.list_queue()] == [QueueState.QUEUED]
+    assert store.count_alerting_devices(T0, stop_at=10) == 1  # crit still fires on dev-a
+    last = store.record_alerts([], [_resolved("crit")], now=T0, hold_reason=None)
+    assert [(i.item_id, i.state) for i in last.cancelled] == [
+        (queued[0].item_id, QueueState.CANCELLED)
+    ]
+    assert "resolved before the run started" in last.cancelled[0].reason
+    assert store.count_alerting_devices(T0, stop_at=10) == 0
+
+
+def test_a_firing_joins_a_running_run_which_resolving_never_cuts_short(
+    store: AlertStore,
+) -> None:
+    """A firing while the run is running joins it; resolving every firing leaves it running."""
+    store.record_alerts([_firing("warn", "dev-a")], [], now=T0, hold_reason=None)
+    running = _claim(store, run_id="r1")
+    assert running is not None
+    recorded = store.record_alerts([_firing("crit", "dev-a")], [], now=T0, hold_reason=None)
+    assert recorded.queued == ()
+    assert [(j.item_id, j.state) for j in recorded.coalesced] == [
+        (running.item_id, QueueState.RUNNING)
+    ]
+    (crit,) = store.list_firings(FiringOutcome.COALESCED)
+    assert crit.reason == f"joined queue item {running.item_id} (running)"
+    done = store.record_alerts([], [_resolved("warn"), _resolved("crit")], now=T0, hold_reason=None)
+    assert done.cancelled == ()
+    assert [i.state for i in store.list_queue()] == [QueueState.RUNNING]
+    assert _claim(store, run_id="r2") is None  # nothing else was queued
+
+
+def test_a_firing_after_the_run_finished_queues_a_new_run(store: AlertStore) -> None:
+    """Once the run is done, the next firing of the symptom queues a run again."""
+    store.record_alerts([_firing("warn", "dev-a")], [], now=T0, hold_reason=None)
+    first = _claim(store, run_id="r1")
+    assert first is not None
+    assert store.finish_queue_item(first.item_id, "me", QueueState.DONE, now=T0)
+    again = store.record_alerts([_firing("crit", "dev-a")], [], now=T0, hold_reason=None)
+    assert [i.fingerprint for i in again.queued] == ["crit"]
+    assert again.coalesced == ()
+    assert again.queued[0].item_id != first.item_id
+
+
+def test_held_runs_are_never_joined(store: AlertStore) -> None:
+    """While the breaker holds runs each firing is held on its own; later ones are not joined."""
+    held = store.record_alerts(
+        [_firing("warn", "dev-a"), _firing("crit", "dev-a")], [], now=T0, hold_reason="storm"
+    )
+    assert (len(held.held), held.coalesced) == (2, ())
+    after = store.record_alerts([_firing("again", "dev-a")], [], now=T0, hold_reason=None)
+    assert [i.fingerprint for i in after.queued] == ["again"]
+    assert after.coalesced == ()
+
+
+def test_two_stores_receiving_two_firings_of_one_symptom_at_once_queue_one_run(
+    backend: Backend,
+) -> None:
+    """Two replicas each record one firing of a symptom at the same instant: one run, joined."""
+    stores = [backend.store() for _ in range(2)]
+    results: list[RecordedAlerts] = []
+    for round_ in range(5):  # several rounds: the race must come out right every time
+
+        def record(n: int, round_: int = round_) -> None:
+            firing = _firing(f"f{round_}-{n}", f"dev-{round_}")
+            results.append(stores[n].record_alerts([firing], [], now=T0, hold_reason=None))
+
+        _race(2, record)
+    for store in stores:
+        store.close()
+    with backend.store() as store:
+        items = store.list_queue()
+        firings = store.item_firings([i.item_id for i in items])
+    assert sorted(i.host for i in items) == [f"dev-{n}" for n in range(5)]
+    assert sum(len(r.queued) for r in results) == 5
+    assert sum(len(r.coalesced) for r in results) == 5
+    assert len(firings) == 10
+    for item in items:
+        assert {f.fingerprint for f in firings if f.item_id == item.item_id} == {
+            f"f{item.host[-1]}-0",
+            f"f{item.host[-1]}-1",
+        }
+
+
 def test_claims_oldest_first_one_run_per_device_at_a_time(store: AlertStore) -> None:
     """Workers get the oldest item whose device has no run in progress."""
     store.record_alerts(
@@ -600,7 +750,7 @@ def test_latest_queued_per_host_reads_the_items_added_since(store: AlertStore) -
     last, latest = store.latest_queued_per_host(0)
     assert latest == {"dev-a": T0, "dev-b": T0}
     later = T0 + timedelta(minutes=1)
-    store.record_alerts([_firing("a2", "dev-a")], [], now=later, hold_reason=None)
+    store.record_alerts([_firing("a2", "dev-a", "other")], [], now=later, hold_reason=None)
     last2, latest2 = store.latest_queued_per_host(last)
     assert (last2 > last, latest2) == (True, {"dev-a": later})
     assert store.latest_queued_per_host(last2) == (last2, {})
@@ -751,6 +901,70 @@ def test_a_database_newer_than_the_engine_is_refused(backend: Backend) -> None:
     with pytest.raises(StateError, match="newer than this engine") as info:
         open_database(backend.url, clock=Clock()).store().close()
     assert "upgrade remediate" in str(info.value)
+
+
+#: Rows an engine before coalescing wrote: three runs queued for one symptom of dev-a (the
+#: second running), one for dev-b (``T0`` stands for the time).
+_T0_TEXT = "'2025-03-01T12:00:00.000000+00:00'"
+_BEFORE_COALESCING = (
+    (
+        "INSERT INTO alert_firings (fingerprint, starts_at, alertname, labels, status, outcome,"
+        " reason, received_at, last_seen_at, times_seen)"
+        " SELECT column1, T0, 'DiskFull', '{}', 'firing', 'queued', '', T0, T0, 1 FROM (VALUES"
+        " ('a1'), ('a2'), ('a3'), ('b1')) AS f"
+    ),
+    (
+        "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host, trigger_mode, mode, state,"
+        " reason, enqueued_at) SELECT column1, T0, 'disk-full', column2, 'apply', 'apply', column3,"
+        " '', T0"
+        " FROM (VALUES ('a1', 'dev-a', 'queued'), ('a2', 'dev-a', 'running'),"
+        " ('a3', 'dev-a', 'queued'), ('b1', 'dev-b', 'queued')) AS q ORDER BY column1"
+    ),
+)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_runs_queued_side_by_side_before_coalescing_are_joined_by_the_upgrade(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Upgrading keeps the running run of a symptom; the others' firings join it, they cancel."""
+    if kind == "sqlite":
+        url = sqlite_url(tmp_path / "state.db")
+        with SqliteStateStore(tmp_path / "state.db", clock=Clock(), migrations=MIGRATIONS[:5]):
+            pass
+        with sqlite3.connect(tmp_path / "state.db") as raw:
+            for statement in _BEFORE_COALESCING:
+                raw.execute(statement.replace("T0", _T0_TEXT))
+        raw.close()
+    else:
+        server = request.getfixturevalue("postgres_server")
+        name = f"before_coalescing_{id(tmp_path)}"
+        server.execute(f"CREATE DATABASE {name}")
+        url = server.url(name)
+        PostgresDatabase(url, clock=Clock(), migrations=PG[:2]).close()
+        for statement in _BEFORE_COALESCING:
+            server.execute(statement.replace("T0", f"{_T0_TEXT}::timestamptz"), dbname=name)
+    with open_database(url, clock=Clock()) as database, database.store() as store:
+        items = {i.fingerprint: i for i in store.list_queue()}
+        assert {fp: i.state for fp, i in items.items()} == {
+            "a1": QueueState.CANCELLED,
+            "a2": QueueState.RUNNING,
+            "a3": QueueState.CANCELLED,
+            "b1": QueueState.QUEUED,
+        }
+        running = items["a2"].item_id
+        assert items["a1"].reason == f"coalesced into queue item {running} by the schema upgrade"
+        joined = store.item_firings([running, items["b1"].item_id])
+        assert [(f.item_id, f.fingerprint) for f in joined] == [
+            (running, "a2"),
+            (running, "a1"),
+            (running, "a3"),
+            (items["b1"].item_id, "b1"),
+        ]
+        later = store.record_alerts(
+            [_firing("a4", "dev-a", "disk-full")], [], now=T0, hold_reason=None
+        )
+        assert [j.item_id for j in later.coalesced] == [running]
 
 
 # --------------------------------------------------------------------------- SQLite's own

@@ -22,19 +22,42 @@ app.add_typer(approvals_app, name="approvals")
 IdArg = Annotated[str, typer.Argument(help="Approval id (ap-...)")]
 
 
-def _table(records: list[ApprovalRecord]) -> Table:
+def _table(records: list[ApprovalRecord], *, wide: bool = False, width: int = 80) -> Table:
     from rich.table import Table
     from rich.text import Text
 
+    from engine.cli.render import compact_table, compact_time
+
+    def hosts(record: ApprovalRecord) -> Text:
+        planned = [h["host"] for h in record.plan["plan"]["hosts"] if h["outcome"] == "planned"]
+        return Text(", ".join(planned))
+
+    if not wide:
+        return compact_table(
+            "Approvals (times UTC)",
+            ("id", "runbook", "hosts", "expires", "status", "decided by"),
+            [
+                (
+                    r.approval_id,
+                    Text(r.runbook),
+                    hosts(r),
+                    compact_time(r.expires_at),
+                    r.status.value,
+                    Text(r.decided_by or ""),
+                )
+                for r in records
+            ],
+            width=width,
+            shorten=("runbook", "hosts", "decided by"),
+        )
     table = Table(title="Approvals", title_justify="left")
     for column in ("id", "runbook", "hosts", "requested by", "expires", "status", "decided by"):
         table.add_column(column, overflow="fold")
     for record in records:
-        hosts = [h["host"] for h in record.plan["plan"]["hosts"] if h["outcome"] == "planned"]
         table.add_row(
             record.approval_id,
-            record.runbook,
-            Text(", ".join(hosts)),
+            Text(record.runbook),
+            hosts(record),
             Text(record.requested_by),
             f"{record.expires_at:%Y-%m-%d %H:%M} UTC",
             record.status.value,
@@ -47,6 +70,9 @@ def _table(records: list[ApprovalRecord]) -> Table:
 def list_approvals(
     ctx: typer.Context,
     all_: Annotated[bool, typer.Option("--all", help="Include decided approvals")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Also who asked; full times (wider than 80)")
+    ] = False,
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Pending approvals (expired ones are closed first)."""
@@ -62,7 +88,7 @@ def list_approvals(
     if output is Output.JSON:
         print_json(state.console, [r.model_dump(mode="json", exclude={"plan"}) for r in records])
     else:
-        state.console.print(_table(records))
+        state.console.print(_table(records, wide=wide, width=state.console.width))
 
 
 @approvals_app.command("show")

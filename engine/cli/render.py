@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
@@ -53,11 +55,34 @@ def runbook_summary(runbook: Runbook) -> dict[str, Any]:
     }
 
 
-def runbooks_table(runbooks: Sequence[Runbook]) -> Table:
-    """The table ``remediate list`` prints."""
+def runbooks_table(runbooks: Sequence[Runbook], *, wide: bool = False, width: int = 80) -> Table:
+    """The table ``remediate list`` prints: one line per runbook, or every trigger with ``wide``."""
+    if not wide:
+        rows = []
+        for runbook in runbooks:
+            spec = runbook.spec
+            alerts = sum(len(t.alertname) for t in spec.triggers)
+            modes = "/".join(dict.fromkeys(t.mode.value for t in spec.triggers))
+            plural = "s" if alerts != 1 else ""
+            rows.append(
+                (
+                    Text(spec.metadata.name, style="bold"),
+                    Text(spec.metadata.severity.value),
+                    Text(str(len(spec.steps))),
+                    Text(f"{alerts} alert{plural} ({modes})" if alerts else "-"),
+                    Text(spec.metadata.title),
+                )
+            )
+        return compact_table(
+            "Runbooks",
+            ("name", "severity", "steps", "triggers", "title"),
+            rows,
+            width=width,
+            shorten=("title",),
+        )
     table = Table(title="Runbooks", title_justify="left")
     for column in ("name", "title", "severity", "triggers", "steps"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for runbook in runbooks:
         spec = runbook.spec
         triggers = "\n".join(f"{', '.join(t.alertname)} ({t.mode.value})" for t in spec.triggers)
@@ -258,23 +283,114 @@ def report_view(report: RunReport) -> Group:
     return Group(*parts)
 
 
-def history_table(runs: Sequence[RunRecord]) -> Table:
-    """Past runs, newest first."""
-    table = Table(title="Runs", title_justify="left")
-    for column in ("run", "runbook", "mode", "trigger", "started", "status", "hosts"):
-        table.add_column(column, overflow="fold")
-    for run in runs:
-        hosts = ", ".join(f"{n} {o}" for o, n in sorted(run.summary.items()))
-        table.add_row(
-            run.run_id,
-            run.runbook,
-            run.mode.value,
-            Text(run.trigger),
-            run.started_at.strftime("%Y-%m-%d %H:%M:%S"),
-            _outcome(run.status.value),
-            hosts,
-        )
+#: How many characters of a run id's end name it (its random part): what tables show.
+SHORT_ID = 6
+
+#: Host outcomes in a compact count, what was done or went wrong first ("2 fixed 1 failed").
+_COUNT_ORDER = (
+    "fixed",
+    "failed",
+    "not_fixed",
+    "unreachable",
+    "error",
+    "planned",
+    "skipped",
+    "nothing_to_do",
+    "healthy",
+)
+
+
+def short_run_id(run_id: str) -> str:
+    """The end of a run id that tables show (``history <short id>`` finds the run)."""
+    return run_id[-SHORT_ID:]
+
+
+def compact_time(moment: datetime) -> str:
+    """``12-03 14:56`` (UTC): month, day, hours and minutes."""
+    return f"{moment.astimezone(UTC):%m-%d %H:%M}"
+
+
+def outcome_counts(summary: Mapping[str, int]) -> str:
+    """Host outcome counts, what was done or went wrong first: ``2 fixed 1 failed``."""
+    order = {name: n for n, name in enumerate(_COUNT_ORDER)}
+    ranked = sorted(summary.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
+    return " ".join(f"{count} {outcome}" for outcome, count in ranked if count)
+
+
+#: The narrowest a shortened column gets (it ends with an ellipsis).
+_MIN_SHORTENED = 8
+
+
+def compact_table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str | Text]],
+    *,
+    width: int,
+    shorten: Sequence[str],
+) -> Table:
+    """A table of one line per row, without borders, that fits ``width`` columns.
+
+    When too wide, the ``shorten`` columns are cut (with an ellipsis), widest first, never
+    the others.
+    """
+    cells = [[c if isinstance(c, Text) else Text(c) for c in row] for row in rows]
+    widths = [
+        max([len(name), *(row[n].cell_len for row in cells)]) for n, name in enumerate(columns)
+    ]
+    budget = width - 3 * (len(columns) - 1)  # a space of padding each side, a space between
+    cuttable = [columns.index(name) for name in shorten]
+    while sum(widths) > budget:
+        widest = max(cuttable, key=lambda n: widths[n])
+        floor = max(len(columns[widest]), _MIN_SHORTENED)
+        if widths[widest] <= floor:
+            break  # as narrow as it gets: let it be wider than the terminal
+        widths[widest] -= 1
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False
+    )
+    for name, size in zip(columns, widths, strict=True):
+        table.add_column(name, width=size, no_wrap=True, overflow="ellipsis")
+    for row in cells:
+        table.add_row(*row)
     return table
+
+
+def history_table(runs: Sequence[RunRecord], *, wide: bool = False, width: int = 80) -> Table:
+    """Past runs, newest first: one line each at 80 columns, or every field with ``wide``."""
+    if wide:
+        table = Table(title="Runs", title_justify="left")
+        for column in ("run", "runbook", "mode", "trigger", "started", "status", "hosts"):
+            table.add_column(column, overflow="fold")
+        for run in runs:
+            table.add_row(
+                run.run_id,
+                Text(run.runbook),
+                run.mode.value,
+                Text(run.trigger),
+                f"{run.started_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC",
+                _outcome(run.status.value),
+                outcome_counts(run.summary),
+            )
+        return table
+    rows = [
+        (
+            short_run_id(run.run_id),
+            compact_time(run.started_at),
+            Text(run.runbook),
+            run.mode.value,
+            _outcome(run.status.value),
+            outcome_counts(run.summary),
+        )
+        for run in runs
+    ]
+    return compact_table(
+        "Runs (times UTC)",
+        ("run", "started", "runbook", "mode", "status", "hosts"),
+        rows,
+        width=width,
+        shorten=("runbook", "hosts"),
+    )
 
 
 def host_records_table(hosts: Sequence[HostRecord]) -> Table:

@@ -75,8 +75,14 @@ def _playbooks_for(state: CliState, paths: Sequence[Path] | None) -> Path | None
 
 
 @app.command("list")
-def list_(ctx: typer.Context, output: OutputOpt = Output.TABLE) -> None:
-    """List the runbooks: name, title, severity, triggers."""
+def list_(
+    ctx: typer.Context,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every trigger's alert names, titles unabridged")
+    ] = False,
+    output: OutputOpt = Output.TABLE,
+) -> None:
+    """List the runbooks: name, severity, steps, triggers, title."""
     from engine.cli.render import runbook_summary, runbooks_table
     from engine.runbooks import load_runbooks
 
@@ -87,7 +93,7 @@ def list_(ctx: typer.Context, output: OutputOpt = Output.TABLE) -> None:
     if output is Output.JSON:
         print_json(state.console, [runbook_summary(r) for r in runbooks])
     else:
-        state.console.print(runbooks_table(runbooks))
+        state.console.print(runbooks_table(runbooks, wide=wide, width=state.console.width))
 
 
 @app.command()

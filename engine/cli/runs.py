@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -24,7 +25,7 @@ from engine.cli.app import (
     print_json,
 )
 from engine.errors import InputError
-from engine.outcomes import Mode
+from engine.outcomes import Mode, RunStatus
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from engine.probes import PendingProbe
     from engine.runbooks import Runbook
     from engine.settings import Settings
+    from engine.state import RunRecord, StateStore
 
 
 class PlanFormat(StrEnum):
@@ -322,10 +324,23 @@ def show_plan(
 def history(
     ctx: typer.Context,
     run_id: Annotated[
-        str | None, typer.Argument(help="Show one run's hosts instead of the list")
+        str | None,
+        typer.Argument(help="Show one run's hosts instead of the list (full or short id)"),
     ] = None,
     runbook: Annotated[str | None, typer.Option(help="Only runs of this runbook")] = None,
-    limit: Annotated[int, typer.Option("--last", help="How many runs")] = 20,
+    host: Annotated[str | None, typer.Option(help="Only runs that reached this host")] = None,
+    status: Annotated[RunStatus | None, typer.Option(help="Only runs that ended so")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Only runs started since: a duration back from now (30m, 2h, 7d) or a time "
+            "(2026-12-01T08:00Z)"
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "--last", min=1, help="How many runs")] = 20,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Full run ids, triggers and times (wider than 80)")
+    ] = False,
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Past runs, newest first; or the hosts of one run."""
@@ -335,22 +350,59 @@ def history(
     state = cli_state(ctx)
     with open_store(state.settings) as store:
         if run_id is None:
-            runs = store.list_runs(limit=limit, runbook=runbook)
+            runs = store.list_runs(
+                limit=limit,
+                runbook=runbook,
+                host=host,
+                status=status,
+                since=_since(since) if since is not None else None,
+            )
             if output is Output.JSON:
                 print_json(state.console, [r.model_dump(mode="json") for r in runs])
             else:
-                state.console.print(history_table(runs))
+                state.console.print(history_table(runs, wide=wide, width=state.console.width))
             return
-        record = store.get_run(run_id)
-        if record is None:
-            from engine.state import redacted_url
-
-            raise InputError(f"no run {run_id!r} in {redacted_url(state.settings.database_url())}")
-        hosts = store.host_records(run_id)
+        record = _one_run(store, run_id, state.settings)
+        hosts = store.host_records(record.run_id)
     if output is Output.JSON:
         data = record.model_dump(mode="json")
         data["hosts"] = [h.model_dump(mode="json") for h in hosts]
         print_json(state.console, data)
     else:
-        state.console.print(history_table([record]))
+        state.console.print(history_table([record], wide=True))
         state.console.print(host_records_table(hosts))
+
+
+def _since(text: str) -> datetime:
+    """``--since``: a duration back from now, or an ISO-8601 time (UTC when it has no zone)."""
+    from engine.durations import parse_duration
+
+    try:
+        return datetime.now(UTC) - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{text!r}: give a duration (30m, 2h, 7d) or a time (2026-12-01T08:00Z)",
+            param_hint="--since",
+        ) from exc
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _one_run(store: StateStore, run_id: str, settings: Settings) -> RunRecord:
+    """The run ``run_id`` names: its full id, or the end of one (the short id tables show)."""
+    record = store.get_run(run_id)
+    if record is not None:
+        return record
+    found = store.list_runs(limit=2, id_suffix=run_id) if run_id else []
+    if len(found) == 1:
+        return found[0]
+    from engine.state import redacted_url
+
+    where = redacted_url(settings.database_url())
+    if found:
+        ids = ", ".join(r.run_id for r in found)
+        raise InputError(f"run id {run_id!r} is ambiguous in {where}: {ids}, ...; give more of it")
+    raise InputError(f"no run {run_id!r} in {where}")

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from engine.cli.app import app, cli_state
+from engine.logopts import LogFormat, LogLevel
 
 
 @app.command()
@@ -16,11 +17,41 @@ def serve(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="Server configuration (YAML), see docs/server.md")
     ],
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            help="stderr lines: console (for a person), json (one object a line), auto: "
+            "console on a terminal, else json.",
+        ),
+    ] = LogFormat.AUTO,
+    log_level: Annotated[
+        LogLevel,
+        typer.Option(
+            "--log-level",
+            help="Least level shown on stderr; debug adds each run's pipeline events "
+            "(the audit log keeps every event whatever the level).",
+        ),
+    ] = LogLevel.INFO,
+    access_log: Annotated[
+        bool,
+        typer.Option("--access-log", help="Also uvicorn's access log (a line per request)."),
+    ] = False,
 ) -> None:
-    """Receive Alertmanager webhooks and turn firing alerts into runbook runs."""
+    """Receive Alertmanager webhooks and turn firing alerts into runbook runs.
+
+    Logs to stderr: each notification (status, counts, latency), runs started and finished,
+    breaker, inventory reloads, worker errors with tracebacks; never a secret.
+    """
     from engine.server.serve import serve as run_server
 
-    code = run_server(config, cli_state(ctx).settings)
+    code = run_server(
+        config,
+        cli_state(ctx).settings,
+        log_format=log_format,
+        log_level=log_level,
+        access_log=access_log,
+    )
     if code:
         raise typer.Exit(code)
 

@@ -5,11 +5,13 @@
                           unauthenticated; 413 too large; 400 malformed (names the field);
                           503 draining or not recorded (Alertmanager retries 5xx).
 ``GET /healthz``          JSON: status, state database (URL without password, reachable),
-                          breaker, queue and firing counts, inventory, workers; 503 while
-                          draining or while the database does not answer.
+                          breaker, queue and firing counts, inventory, workers (configured,
+                          alive, failing, running); 503 while draining, while the database
+                          does not answer, or when no worker of those configured is alive.
 ``GET /metrics``          Prometheus text format.
 ``GET /alerts``           Recorded firings, newest first: ``?status=<outcome>&limit=N``.
-``GET /queue``            Queue items, newest first: ``?state=<state>&limit=N``.
+``GET /queue``            Queue items, newest first, each with the firings it runs for:
+                          ``?state=<state>&limit=N``.
 ``POST /breaker/reset``   Close the circuit breaker now.
 ``GET /approvals``        Approvals of plans from ``approve``-mode triggers: ``?status=``.
 ``GET /approvals/{id}``   One approval with its saved plan.
@@ -48,6 +50,7 @@ from engine.approvals import ApprovalError, decide
 from engine.errors import StateError
 from engine.server.alerts import BodyError, parse_webhook
 from engine.server.config import Auth
+from engine.server.logs import operator_log
 from engine.server.queue import FiringOutcome, QueueState, RecordedAlerts
 from engine.server.runtime import WebhookServer
 from engine.state import ApprovalStatus
@@ -136,6 +139,7 @@ def _accepted(recorded: RecordedAlerts, alerts: int) -> dict[str, Any]:
         "deduplicated": len(recorded.deduplicated),
         "resolved": len(recorded.resolved),
         "queued": len(recorded.queued),
+        "coalesced": len({(j.fingerprint, j.starts_at) for j in recorded.coalesced}),
         "held": len(recorded.held),
         "cancelled": len(recorded.cancelled),
     }
@@ -183,14 +187,25 @@ class _Endpoints:
     async def webhook(self, request: Request) -> Response:
         started = time.perf_counter()
         try:
-            response = await self._receive(request)
+            counts = await self._receive(request)
+            response: Response = JSONResponse(counts, status_code=202)
         except _RequestError as exc:
             response = _error(exc)
+            counts = {"error": exc.body.get("error"), "field": exc.body.get("field")}
+        took = time.perf_counter() - started
         self.metrics.webhook_requests.labels(str(response.status_code)).inc()
-        self.metrics.webhook_duration.observe(time.perf_counter() - started)
+        self.metrics.webhook_duration.observe(took)
+        # One line per notification, on stderr only (alert.received audits the alerts).
+        log = operator_log()
+        (log.warning if response.status_code >= HTTPStatus.BAD_REQUEST else log.info)(
+            "webhook",
+            status=response.status_code,
+            latency_ms=round(took * 1000, 2),
+            **{k: v for k, v in counts.items() if k != "status" and v is not None},
+        )
         return response
 
-    async def _receive(self, request: Request) -> Response:
+    async def _receive(self, request: Request) -> dict[str, Any]:
         server = self.server
         if server.draining.is_set():
             raise _RequestError(503, "the server is shutting down; retry later")
@@ -203,7 +218,7 @@ class _Endpoints:
             recorded = await asyncio.wrap_future(server.intake.submit(message))
         except StateError as exc:
             raise _RequestError(503, f"not recorded: {exc}") from exc
-        return JSONResponse(_accepted(recorded, len(message.alerts)), status_code=202)
+        return _accepted(recorded, len(message.alerts))
 
     def _health(self) -> tuple[int, dict[str, Any]]:
         server = self.server
@@ -221,10 +236,18 @@ class _Endpoints:
                 }
             except StateError as exc:
                 state = {**state, "reachable": False, "error": str(exc)}
+        workers = {
+            "count": server.config.workers,
+            "alive": server.pool.alive,
+            "failing": server.pool.failing,
+            "running": len(server.pool.running),
+        }
         if draining:
             status = "draining"
         elif not state["reachable"]:
             status = "state-unreachable"  # intake answers 503 until it can commit again
+        elif server.config.workers and not workers["alive"]:
+            status = "no-workers"  # firings are recorded, but nothing would ever run them
         else:
             status = "breaker-open" if breaker.open else "ok"
         return 200 if status in {"ok", "breaker-open"} else 503, {
@@ -238,7 +261,7 @@ class _Endpoints:
                 "loaded_at": fleet.loaded_at.isoformat() if fleet.loaded_at else None,
                 "error": server.fleet.error,
             },
-            "workers": {"count": server.config.workers, "running": len(server.pool.running)},
+            "workers": workers,
             "runbooks": sorted(server.router.runbooks),
         }
 
@@ -269,8 +292,20 @@ class _Endpoints:
             limit = _limit(request.query_params)
         except _RequestError as exc:
             return _error(exc)
-        items = await anyio.to_thread.run_sync(self.server.store.list_queue, state, limit)
-        return JSONResponse({"items": [i.model_dump(mode="json") for i in items]})
+        store = self.server.store
+
+        def read() -> list[dict[str, Any]]:
+            items = store.list_queue(state, limit)
+            firings: dict[int, list[dict[str, Any]]] = {}
+            for firing in store.item_firings([i.item_id for i in items]):
+                firings.setdefault(firing.item_id, []).append(
+                    firing.model_dump(mode="json", exclude={"item_id"})
+                )
+            return [
+                {**i.model_dump(mode="json"), "firings": firings.get(i.item_id, [])} for i in items
+            ]
+
+        return JSONResponse({"items": await anyio.to_thread.run_sync(read)})
 
     def _approver(self, request: Request) -> str:
         """The configured approver whose bearer token the request carries."""

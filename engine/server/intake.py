@@ -2,9 +2,10 @@
 
 The store commit comes first (the HTTP answer depends on it); then one audit event,
 ``alert.received``, lists each notification committed together and every alert in it with
-its ``outcome`` (``queued``, ``held``, ``unmatched``, ``unresolved``, ``resolved`` or
-``deduplicated``), the labels of new ones, the runs each queued, held or cancelled (item,
-runbook, host, modes) and the reason when a route found no host or the breaker held them.
+its ``outcome`` (``queued``, ``coalesced``, ``held``, ``unmatched``, ``unresolved``,
+``resolved`` or ``deduplicated``), the labels of new ones, the runs each queued, held or
+cancelled (item, runbook, host, modes), the runs it ``joined`` (item, runbook, host, state)
+and the reason when a route found no host, the breaker held them, or the firing joined runs.
 
 (An event per alert, or per kind of outcome, would cost an append and an fsync each.)
 """
@@ -29,9 +30,11 @@ from engine.server.queue import (
     AlertBatch,
     FiringInput,
     FiringOutcome,
+    JoinedItem,
     QueueItem,
     RecordedAlerts,
     ResolvedInput,
+    joined_reason,
 )
 from engine.server.routing import Router
 from engine.state import AlertStore
@@ -199,6 +202,10 @@ class Intake:
             metrics.alerts_received.labels("resolved").inc(len(batch.resolved))
         if recorded.deduplicated:
             metrics.alerts_deduplicated.inc(len(recorded.deduplicated))
+        if recorded.coalesced:
+            metrics.alerts_coalesced.inc(
+                len({(j.fingerprint, j.starts_at) for j in recorded.coalesced})
+            )
         new = {(k.fingerprint, k.starts_at) for k in recorded.new}
         unrouted = Counter(
             firing.outcome.value
@@ -262,6 +269,7 @@ def _outcomes(
     runs = _runs_by_firing(recorded.queued)
     held = _runs_by_firing(recorded.held)
     cancelled = _runs_by_firing(recorded.cancelled)
+    joined = _joined_by_firing(recorded.coalesced)
     entries: list[dict[str, object]] = []
     for alert in message.alerts:
         key = (alert.fingerprint, alert.starts_at)
@@ -286,9 +294,34 @@ def _outcomes(
                 entry["reason"] = decided.reason
             if key in runs:
                 entry["runs"] = runs[key]
+            if key in joined:
+                entry["joined"] = [_joined_entry(j) for j in joined[key]]
+                if key not in runs:  # it joined on every route
+                    entry.update(
+                        outcome=FiringOutcome.COALESCED.value, reason=joined_reason(joined[key])
+                    )
         fresh.discard(key)  # a second copy in the same notification is a duplicate
         entries.append(entry)
     return entries
+
+
+def _joined_by_firing(
+    joined: tuple[JoinedItem, ...],
+) -> dict[tuple[str, datetime], list[JoinedItem]]:
+    by_firing: dict[tuple[str, datetime], list[JoinedItem]] = {}
+    for item in joined:
+        by_firing.setdefault((item.fingerprint, item.starts_at), []).append(item)
+    return by_firing
+
+
+def _joined_entry(item: JoinedItem) -> dict[str, object]:
+    """A run a firing joined, as the audit log names it."""
+    return {
+        "item": item.item_id,
+        "runbook": item.runbook,
+        "host": item.host,
+        "state": item.state.value,
+    }
 
 
 def _runs_by_firing(

@@ -50,6 +50,11 @@ class ServerMetrics:
             "Alerts already recorded (a re-sent or duplicated notification).",
             registry=r,
         )
+        self.alerts_coalesced = Counter(
+            "remediate_alerts_coalesced",
+            "New firings that joined a run queued or running for their runbook and device.",
+            registry=r,
+        )
         self.alerts_unmatched = Counter(
             "remediate_alerts_unmatched",
             "New firings that start no run: no matching trigger, or no single device.",

@@ -2,14 +2,15 @@
 
 The server's part of the state store: one row per alert *firing* (fingerprint + startsAt,
 so a re-sent or duplicated notification is recognised), a durable queue of alert-triggered
-runs, and the fleet-wide circuit breaker.  Label values are untrusted data: every backend
-stores them as JSON and never uses them to build a statement.  The stores
-(:mod:`engine.state`) take and return these values; they hold no logic.
+runs (at most one queued or running per runbook, device and trigger mode: firings that come
+while it is there join it), and the fleet-wide circuit breaker.  Label values are untrusted
+data: every backend stores them as JSON and never uses them to build a statement.  The
+stores (:mod:`engine.state`) take and return these values; they hold no logic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -27,6 +28,7 @@ class FiringOutcome(StrEnum):
     """What the server decided for one alert firing."""
 
     QUEUED = "queued"  # at least one runbook run was queued
+    COALESCED = "coalesced"  # every run it wants was queued or running already: it joined them
     HELD = "held"  # runs were recorded but the circuit breaker was open: not run
     UNMATCHED = "unmatched"  # no runbook trigger matches the alert
     UNRESOLVED = "unresolved"  # a trigger matches, but the device is not exactly one host
@@ -40,7 +42,7 @@ class QueueState(StrEnum):
     RUNNING = "running"  # claimed by a worker of the server process named by ``owner``
     DONE = "done"  # the run finished; ``run_status`` says how
     FAILED = "failed"  # the run could not be completed (engine error); ``reason`` says why
-    CANCELLED = "cancelled"  # the alert resolved before the run started
+    CANCELLED = "cancelled"  # every alert it was queued for resolved before the run started
     HELD = "held"  # not run: the circuit breaker was open
     EXPIRED = "expired"  # not run: it waited longer than the queue's max age
     INTERRUPTED = "interrupted"  # the server stopped while the run was in progress
@@ -136,8 +138,33 @@ class QueueItem(_Record):
 
 
 @dataclass(frozen=True, slots=True)
+class JoinedItem:
+    """A new firing that joined a run already queued or running (same runbook, device, mode)."""
+
+    fingerprint: str
+    starts_at: datetime  # timezone-aware
+    item_id: int
+    state: QueueState  # the item's when the firing joined it: queued | running
+    runbook: str
+    host: str
+
+
+#: Why a queued item was cancelled (every backend's words).
+CANCELLED_REASON = "every alert it was queued for resolved before the run started"
+
+
+def joined_reason(joined: Sequence[JoinedItem]) -> str:
+    """Why a firing was recorded ``coalesced`` (every backend's words)."""
+    return "; ".join(f"joined queue item {j.item_id} ({j.state.value})" for j in joined)
+
+
+@dataclass(frozen=True, slots=True)
 class RecordedAlerts:
-    """What one notification changed in the store."""
+    """What one notification changed in the store.
+
+    ``coalesced``: the runs new firings joined instead of queueing another (a firing whose
+    runbook had a run queued or running for the device, in the same trigger mode).
+    """
 
     new: tuple[FiringKey, ...] = ()
     deduplicated: tuple[FiringKey, ...] = ()
@@ -145,6 +172,17 @@ class RecordedAlerts:
     queued: tuple[QueueItem, ...] = ()
     held: tuple[QueueItem, ...] = ()
     cancelled: tuple[QueueItem, ...] = ()
+    coalesced: tuple[JoinedItem, ...] = ()
+
+
+class ItemFiring(_Record):
+    """A firing a queue item runs for: the one that queued it, or one that joined it later."""
+
+    item_id: int
+    fingerprint: str
+    starts_at: AwareDatetime
+    alertname: str
+    status: str  # firing | resolved
 
 
 class QueueClaim(_Record):

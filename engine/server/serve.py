@@ -30,12 +30,14 @@ from types import FrameType
 
 import uvicorn
 
-from engine.audit import PER_HOST_EVENTS, AuditLog, AuditSink, configure_audit, utc_now
+from engine.audit import PER_HOST_EVENTS, AuditLog, AuditSink, utc_now
 from engine.errors import ConfigError, StateError
+from engine.logopts import LogFormat, LogLevel
 from engine.privacy import PRIVATE_UMASK, private_state_dir
 from engine.redaction import inventory_secrets
 from engine.server.app import create_app
 from engine.server.config import ServerConfig, load_server_config
+from engine.server.logs import configure_server_logs, operator_log
 from engine.server.runtime import WebhookServer
 from engine.server.tls import UvicornTls, check_tls
 from engine.settings import Settings
@@ -83,8 +85,19 @@ def _listen(config: ServerConfig) -> socket.socket:
     return sock
 
 
-def serve(config_path: Path, settings: Settings) -> int:
+def serve(
+    config_path: Path,
+    settings: Settings,
+    *,
+    log_format: LogFormat = LogFormat.AUTO,
+    log_level: LogLevel = LogLevel.INFO,
+    access_log: bool = False,
+) -> int:
     """Run the webhook server until SIGTERM/SIGINT; return the exit code.
+
+    What it does is logged to stderr (``log_format``, from ``log_level`` up; see
+    :mod:`engine.server.logs`) and audited; uvicorn's access log only with ``access_log``
+    (the server's own line per notification replaces it).
 
     Raises :class:`~engine.errors.EngineError` subclasses for start-up problems (bad
     configuration, runbooks or inventory; another server on the state directory).
@@ -106,7 +119,7 @@ def serve(config_path: Path, settings: Settings) -> int:
         tightened = private_state_dir(settings.state_dir)
         if tightened is not None:
             sys.stderr.write(f"remediate serve: {tightened.warning()}\n")
-        return _serve(config, settings, stop, tls)
+        return _serve(config, settings, stop, tls, (log_format, log_level, access_log))
     finally:
         os.umask(umask)
         for sig, handler in previous.items():
@@ -114,7 +127,11 @@ def serve(config_path: Path, settings: Settings) -> int:
 
 
 def _serve(
-    config: ServerConfig, settings: Settings, stop: threading.Event, tls: UvicornTls | None
+    config: ServerConfig,
+    settings: Settings,
+    stop: threading.Event,
+    tls: UvicornTls | None,
+    logs: tuple[LogFormat, LogLevel, bool],
 ) -> int:
     database = open_database(
         settings.database_url(config.state.url), clock=utc_now, connections=config.workers + 8
@@ -124,12 +141,14 @@ def _serve(
         audit = database.audit_log() or AuditLog(
             settings.audit_path, unsynced_events=PER_HOST_EVENTS
         )
-        configure_audit(audit, clock=utc_now, secrets=settings.secrets)
+        configure_server_logs(
+            audit, clock=utc_now, secrets=settings.secrets, fmt=logs[0], level=logs[1]
+        )
         if database.single_server:
             stack.enter_context(server_lock(settings.state_dir))
         server = WebhookServer(config, settings, clock=utc_now, database=database)
         stack.callback(server.close)
-        return _run(server, config, audit, stop, tls)
+        return _run(server, config, audit, stop, tls, access_log=logs[2])
 
 
 def _run(
@@ -138,6 +157,8 @@ def _run(
     audit: AuditSink,
     stop: threading.Event,
     tls: UvicornTls | None,
+    *,
+    access_log: bool = False,
 ) -> int:
     """Recover, start, listen until stopped, drain; return the exit code."""
     server.recover()
@@ -146,8 +167,8 @@ def _run(
         uvicorn.Config(
             create_app(server),
             log_config=None,
-            log_level="warning",
-            access_log=False,
+            log_level="info" if access_log else "warning",
+            access_log=access_log,
             lifespan="off",
             timeout_graceful_shutdown=10,
             ssl_certfile=tls.ssl_certfile if tls else None,
@@ -171,14 +192,14 @@ def _run(
     )
     thread.start()
     host, port = sock.getsockname()[:2]
-    scheme = "https" if tls else "http"
-    sys.stderr.write(f"remediate serve: listening on {scheme}://{host}:{port}\n")
+    log = operator_log()
+    log.info("server.listening", url=f"{'https' if tls else 'http'}://{host}:{port}")
     if not tls and not config.listen.loopback:
-        sys.stderr.write(
-            f"remediate serve: warning: plain HTTP on {host}: credentials and alerts cross "
-            "the network in clear (set listen.tls)\n"
+        log.warning(
+            "server.plain_http",
+            host=host,
+            reason="credentials and alerts cross the network in clear (set listen.tls)",
         )
-    sys.stderr.flush()
     while not stop.wait(0.2):
         if not thread.is_alive():
             break

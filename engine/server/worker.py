@@ -40,6 +40,13 @@ ALERT_USER = "alertmanager"
 
 #: How long an idle worker sleeps before looking at the queue again (new items wake it).
 IDLE_POLL = 1.0
+#: The longest a worker backs off after errors in a row (it doubles from ``IDLE_POLL``).
+MAX_BACKOFF = 30.0
+
+
+def _backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` errors in a row: 1, 2, 4, ... up to ``MAX_BACKOFF``."""
+    return min(MAX_BACKOFF, IDLE_POLL * float(2 ** min(failures - 1, 16)))
 
 
 def _no_approver(plan: Plan) -> bool:
@@ -95,6 +102,7 @@ class WorkerPool:
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._busy: dict[int, QueueItem] = {}
+        self._failing: set[str] = set()  # workers backing off after an error
         self._busy_lock = threading.Lock()
 
     def start(self) -> None:
@@ -129,21 +137,74 @@ class WorkerPool:
         with self._busy_lock:
             return sorted(self._busy.values(), key=lambda i: i.item_id)
 
+    @property
+    def alive(self) -> int:
+        """How many worker threads are alive (a thread that ended is not restarted)."""
+        return sum(t.is_alive() for t in self._threads)
+
+    @property
+    def failing(self) -> int:
+        """How many workers are backing off after an error (their last step failed)."""
+        with self._busy_lock:
+            return len(self._failing)
+
     def _work(self) -> None:
-        services, store = self._open_services()
+        """Claim and run items until stopped; outlive any error, backing off after each.
+
+        A store error (the database is away) is logged and retried, as is any other fault of
+        one step (logged with its traceback): the pool never shrinks silently.  Only an
+        exception that is not an :class:`Exception` (``SystemExit`` and the like) ends the
+        thread, logged with its traceback; ``/healthz`` counts the threads alive.
+        """
+        log = structlog.get_logger()
+        name = threading.current_thread().name
+        opened: tuple[Services, AlertStore] | None = None
+        failures = 0
         try:
             while not self._stopping.is_set():
                 try:
-                    found = self._step(services, store)
-                except StateError as exc:  # the database is away: wait, then look again
-                    structlog.get_logger().warning("worker.state_error", error=str(exc))
-                    found = False
-                if not found:
-                    with self._wake:
-                        if not self._stopping.is_set():
-                            self._wake.wait(IDLE_POLL)
+                    if opened is None:
+                        opened = self._open_services()
+                    found = self._step(*opened)
+                except StateError as exc:  # the database is away: back off, then look again
+                    failures += 1
+                    log.warning(
+                        "worker.state_error",
+                        worker=name,
+                        error=str(exc),
+                        retry_in=_backoff(failures),
+                    )
+                except Exception as exc:  # a worker outlives any one fault
+                    failures += 1
+                    log.exception(  # with the traceback
+                        "worker.error",
+                        worker=name,
+                        error=f"{type(exc).__name__}: {exc}",
+                        retry_in=_backoff(failures),
+                    )
+                else:
+                    failures = 0
+                    self._failed(name, False)
+                    if not found:
+                        with self._wake:
+                            if not self._stopping.is_set():
+                                self._wake.wait(IDLE_POLL)
+                    continue
+                self._failed(name, True)
+                self._stopping.wait(_backoff(failures))
+        except BaseException as exc:  # the thread ends here, said in the log
+            log.critical("worker.died", worker=name, error=repr(exc), exc_info=exc)
         finally:
-            store.close()
+            self._failed(name, False)
+            if opened is not None:
+                opened[1].close()
+
+    def _failed(self, name: str, failing: bool) -> None:
+        with self._busy_lock:
+            if failing:
+                self._failing.add(name)
+            else:
+                self._failing.discard(name)
 
     def _step(self, services: Services, store: AlertStore) -> bool:
         """Claim and run one item; return whether there was one."""
@@ -206,10 +267,9 @@ class WorkerPool:
                 return True
             try:
                 report = apply_approved(store, claimed, runbook, services, now=now)
-            except Exception as exc:  # noqa: BLE001 - a worker outlives any one run's failure
-                structlog.get_logger().warning(
-                    "approval.apply_failed", approval_id=record.approval_id, error=str(exc)
-                )
+            except Exception:  # noqa: BLE001 - a worker outlives any one run's failure
+                # apply_approved recorded it failed, with why, and logged it (with the
+                # traceback when the fault is not an EngineError).
                 return True
             self._metrics.runs.labels(report.status.value).inc()
             self._breaker.refresh(store)
@@ -231,7 +291,8 @@ class WorkerPool:
         started = time.monotonic()
         state, status, reason = self._execute(item, run_id, services)
         reason = services.secrets.scrub(reason)  # an error's text may quote one
-        self._metrics.run_duration.labels(item.runbook).observe(time.monotonic() - started)
+        took = time.monotonic() - started
+        self._metrics.run_duration.labels(item.runbook).observe(took)
         self._metrics.runs.labels(status.value if status else state.value).inc()
         self._finish(store, item, state, status, reason)
         log.info(
@@ -239,6 +300,7 @@ class WorkerPool:
             state=state.value,
             status=status.value if status else None,
             reason=reason,
+            duration_s=round(took, 3),
         )
 
     def _finish(
@@ -308,6 +370,13 @@ class WorkerPool:
         except EngineError as exc:
             return QueueState.FAILED, RunStatus.ERROR, f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001 - a worker must outlive any one run's failure
+            structlog.get_logger().error(
+                "queue.run_error",
+                item=item.item_id,
+                run_id=run_id,
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=exc,
+            )
             return QueueState.FAILED, RunStatus.ERROR, f"{type(exc).__name__}: {exc}"
         return QueueState.DONE, report.status, reason
 

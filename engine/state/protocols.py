@@ -22,6 +22,7 @@ from engine.server.queue import (
     FiringInput,
     FiringOutcome,
     FiringRecord,
+    ItemFiring,
     QueueClaim,
     QueueItem,
     QueueState,
@@ -61,8 +62,21 @@ class StateStore(Protocol):
     def record_host(self, record: HostRecord, *, lease: Lease | None = None) -> bool:
         """Record (or replace) one host's outcome in a started run; whether it was written."""
 
-    def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
-        """Return the most recent runs first, optionally of one runbook only."""
+    def list_runs(
+        self,
+        limit: int = 50,
+        runbook: str | None = None,
+        *,
+        host: str | None = None,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+        id_suffix: str | None = None,
+    ) -> list[RunRecord]:
+        """Return the most recent runs first, optionally only those matching every filter.
+
+        ``host``: runs that recorded an outcome for it; ``since``: started then or later;
+        ``id_suffix``: whose id ends so (a short run id).
+        """
 
     def get_run(self, run_id: str) -> RunRecord | None:
         """Return one run, or None if no run has that id."""
@@ -176,7 +190,13 @@ class AlertStore(StateStore, Protocol):
         now: datetime,
         hold_reason: str | None,
     ) -> RecordedAlerts:
-        """Record one notification's alerts and queue new firings' runs, in one transaction."""
+        """Record one notification's alerts and queue new firings' runs, in one transaction.
+
+        A new firing whose runbook has a run queued or running on the device, in the same
+        trigger mode, joins that run instead (at most one such run exists: the database
+        enforces it, across processes); a resolved firing cancels a queued run only when no
+        other firing it runs for is still firing.  A running run is never cut short.
+        """
 
     def record_notifications(
         self,
@@ -232,6 +252,9 @@ class AlertStore(StateStore, Protocol):
 
     def list_queue(self, state: QueueState | None = None, limit: int = 100) -> list[QueueItem]:
         """Return queue items, newest first, optionally in one state only."""
+
+    def item_firings(self, item_ids: Sequence[int]) -> list[ItemFiring]:
+        """The firings the items run for: each item's own first, then those that joined it."""
 
     def list_firings(
         self, outcome: FiringOutcome | None = None, limit: int = 100

@@ -124,3 +124,36 @@ class ApprovalRecord(_Record):
     decided_at: AwareDatetime | None = None
     reason: str = ""
     plan: dict[str, Any]  # the saved plan as JSON data, digest included
+
+
+def run_filters(
+    mark: str,
+    *,
+    runbook: str | None,
+    host: str | None,
+    status: RunStatus | None,
+    since: object | None,
+    id_suffix: str | None,
+    suffix_sql: str,
+) -> tuple[str, list[object]]:
+    """The ``WHERE`` of a runs listing (empty without filters) and its bound values.
+
+    ``mark``: the backend's placeholder; ``since``: the time, as the backend binds it;
+    ``suffix_sql``: its expression for the last ``{mark}`` characters of ``run_id``.
+    """
+    found = [
+        (clause, value)
+        for clause, value in (
+            (f"runbook = {mark}", runbook),
+            (f"run_id IN (SELECT run_id FROM host_results WHERE host = {mark})", host),  # noqa: S608 - a placeholder, bound values
+            (f"status = {mark}", status.value if status is not None else None),
+            (f"started_at >= {mark}", since),
+        )
+        if value is not None
+    ]
+    clauses = [clause for clause, _ in found]
+    params: list[object] = [value for _, value in found]
+    if id_suffix is not None:
+        clauses.append(f"{suffix_sql} = {mark}")
+        params += [len(id_suffix), id_suffix]
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params

@@ -109,7 +109,7 @@ def _done(server: ServerProcess, host: str) -> bool:
 def test_the_server_says_https_and_refuses_plain_http(tls_server: TlsServer) -> None:
     """The start line names https; a plain HTTP request gets no answer at all."""
     server = tls_server.server
-    assert f"listening on https://127.0.0.1:{server.port}" in server.log.read_text()
+    assert f'"url": "https://127.0.0.1:{server.port}"' in server.log.read_text()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5)
 

@@ -15,7 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -267,7 +267,7 @@ class ServerProcess:
 
     With ``tls`` (a client context trusting the server, presenting a client certificate if
     the server wants one) it is spoken to over HTTPS.  ``umask``: the one it starts with;
-    ``env``: variables added to its environment.
+    ``env``: variables added to its environment; ``args``: more command-line arguments.
     """
 
     def __init__(
@@ -279,8 +279,10 @@ class ServerProcess:
         tls: ssl.SSLContext | None = None,
         umask: int | None = None,
         env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.project = project
+        self._args = list(args)
         self.config = config
         self.port = port
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
@@ -295,7 +297,7 @@ class ServerProcess:
         env = {**os.environ, "REMEDIATE_STATE_DIR": str(self.project.state), **self._env}
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "engine.server", "--config", str(self.config)],
+                [sys.executable, "-m", "engine.server", "--config", str(self.config), *self._args],
                 cwd=ROOT,
                 env=env,
                 stdout=log,

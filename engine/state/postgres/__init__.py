@@ -57,6 +57,7 @@ APP_TABLES = (
     "approvals",
     "alert_firings",
     "alert_queue",
+    "queue_firings",
     "alert_breaker",
 )
 

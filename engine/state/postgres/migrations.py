@@ -9,6 +9,16 @@ from __future__ import annotations
 
 from engine.state.migrations import Migration, check_migrations
 
+#: Queue items that stand for a symptom (the partial unique index keeps one per runbook,
+#: device and trigger mode).
+_ACTIVE = "state IN ('queued', 'running')"
+#: The item that the active items of ``{item}``'s runbook, device and mode join (migration 3).
+_SURVIVOR = (
+    "SELECT s.item_id FROM alert_queue s JOIN alert_queue o ON o.item_id = {item}"
+    " WHERE s.runbook = o.runbook AND s.host = o.host AND s.trigger_mode = o.trigger_mode"
+    " AND s.state IN ('queued', 'running') ORDER BY s.state = 'running' DESC, s.item_id LIMIT 1"
+)
+
 #: The schema, in order.  Append new migrations; never edit or reorder applied ones.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -183,6 +193,43 @@ MIGRATIONS: tuple[Migration, ...] = (
             )
             """,
             "INSERT INTO audit_chain_head (id, seq, hash) VALUES (1, 0, repeat('0', 64))",
+        ),
+    ),
+    Migration(
+        3,
+        "one queued or running run per runbook, device and trigger mode; the firings it runs for",
+        (
+            # Every firing a queue item runs for: the one that queued it, and those that came
+            # while it was queued or running (same runbook, device and trigger mode) and joined
+            # it instead of queueing another run.
+            """
+            CREATE TABLE queue_firings (
+                item_id     BIGINT NOT NULL REFERENCES alert_queue (item_id) ON DELETE CASCADE,
+                fingerprint TEXT NOT NULL,
+                starts_at   TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (item_id, starts_at, fingerprint),
+                FOREIGN KEY (starts_at, fingerprint)
+                    REFERENCES alert_firings (starts_at, fingerprint) ON DELETE CASCADE
+            )
+            """,
+            "CREATE INDEX queue_firings_by_firing ON queue_firings (starts_at, fingerprint)",
+            "INSERT INTO queue_firings SELECT item_id, fingerprint, starts_at FROM alert_queue",
+            # Runs an older engine queued side by side for one symptom: the later ones join the
+            # first (the running one, else the oldest queued), as they would have now.
+            f"""
+            UPDATE queue_firings SET item_id = ({_SURVIVOR.format(item="queue_firings.item_id")})
+            WHERE item_id IN (SELECT item_id FROM alert_queue WHERE {_ACTIVE})
+            """,  # noqa: S608 - constant text
+            f"""
+            UPDATE alert_queue SET state = 'cancelled', finished_at = now(),
+                reason = 'coalesced into queue item '
+                    || ({_SURVIVOR.format(item="alert_queue.item_id")}) || ' by the schema upgrade'
+            WHERE {_ACTIVE} AND item_id <> ({_SURVIVOR.format(item="alert_queue.item_id")})
+            """,  # noqa: S608 - constant text
+            f"""
+            CREATE UNIQUE INDEX alert_queue_one_active ON alert_queue (runbook, host, trigger_mode)
+            WHERE {_ACTIVE}
+            """,
         ),
     ),
 )

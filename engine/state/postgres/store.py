@@ -26,17 +26,22 @@ from engine.audit import AuditHead, seal_record, take_pending, writing_into
 from engine.errors import StateError
 from engine.outcomes import HostOutcome, Mode, RunStatus
 from engine.server.queue import (
+    CANCELLED_REASON,
     AlertBatch,
     BreakerRecord,
     FiringInput,
     FiringKey,
     FiringOutcome,
     FiringRecord,
+    ItemFiring,
+    JoinedItem,
     QueueClaim,
     QueueItem,
+    QueueRoute,
     QueueState,
     RecordedAlerts,
     ResolvedInput,
+    joined_reason,
 )
 from engine.state.records import (
     Admission,
@@ -48,6 +53,7 @@ from engine.state.records import (
     LeaseGrant,
     RunRecord,
     lease_expired_reason,
+    run_filters,
 )
 
 _T = TypeVar("_T")
@@ -268,9 +274,26 @@ class PostgresStore:
                 ) from exc
             raise
 
-    def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
-        """Return the most recent runs first, optionally of one runbook only."""
-        where, params = ("WHERE runbook = %s", (runbook,)) if runbook is not None else ("", ())
+    def list_runs(
+        self,
+        limit: int = 50,
+        runbook: str | None = None,
+        *,
+        host: str | None = None,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+        id_suffix: str | None = None,
+    ) -> list[RunRecord]:
+        """Return the most recent runs first, optionally only those matching every filter."""
+        where, params = run_filters(
+            "%s",
+            runbook=runbook,
+            host=host,
+            status=status,
+            since=_aware(since) if since is not None else None,
+            id_suffix=id_suffix,
+            suffix_sql="right(run_id, %s)",
+        )
 
         def work(cur: Cursor) -> list[RunRecord]:
             rows = cur.execute(
@@ -867,6 +890,31 @@ class PostgresStore:
 
         return self._run("list the queue", work)
 
+    def item_firings(self, item_ids: Sequence[int]) -> list[ItemFiring]:
+        """The firings the items run for: each item's own first, then those that joined it."""
+        if not item_ids:
+            return []
+
+        def work(cur: Cursor) -> list[ItemFiring]:
+            rows = cur.execute(
+                "SELECT l.item_id, l.fingerprint, l.starts_at, f.alertname, f.status"
+                " FROM queue_firings l JOIN alert_queue q ON q.item_id = l.item_id"
+                " JOIN alert_firings f"
+                " ON f.starts_at = l.starts_at AND f.fingerprint = l.fingerprint"
+                " WHERE l.item_id = ANY(%s) ORDER BY l.item_id,"
+                " (l.fingerprint = q.fingerprint AND l.starts_at = q.starts_at) DESC,"
+                " f.received_at, l.starts_at, l.fingerprint",
+                (list(item_ids),),
+            ).fetchall()
+            return [
+                ItemFiring(
+                    item_id=int(r[0]), fingerprint=r[1], starts_at=r[2], alertname=r[3], status=r[4]
+                )
+                for r in rows
+            ]
+
+        return self._run("list the firings of queue items", work)
+
     def list_firings(
         self, outcome: FiringOutcome | None = None, limit: int = 100
     ) -> list[FiringRecord]:
@@ -933,8 +981,8 @@ class PostgresStore:
         def work(cur: Cursor) -> int:
             row = cur.execute(
                 "SELECT count(*) FROM (SELECT DISTINCT q.host FROM alert_queue q"
-                " JOIN alert_firings f"
-                " ON f.starts_at = q.starts_at AND f.fingerprint = q.fingerprint"
+                " JOIN queue_firings l ON l.item_id = q.item_id JOIN alert_firings f"
+                " ON f.starts_at = l.starts_at AND f.fingerprint = l.fingerprint"
                 " WHERE q.enqueued_at >= %s AND f.status = 'firing' LIMIT %s) AS hosts",
                 (_aware(since), stop_at),
             ).fetchone()
@@ -1153,10 +1201,141 @@ def _reap(cur: Cursor, expired: Sequence[Lease]) -> list[Interruption]:
     return found
 
 
+#: Queue the runs of routes (one row per runbook, device and trigger mode given), or find
+#: the run of each queued or running already (the partial unique index
+#: ``alert_queue_one_active``): that row is locked to commit, so it can neither start nor be
+#: cancelled while the firing joins it.  A held item is not in that index: always inserted.
+_QUEUE_ROUTES = (
+    "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host, trigger_mode, mode,"
+    " state, reason, enqueued_at) SELECT f, s, rb, h, tm, m, %s, %s, %s FROM unnest("
+    "%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[])"
+    " AS t (f, s, rb, h, tm, m)"
+    " ON CONFLICT (runbook, host, trigger_mode) WHERE state IN ('queued', 'running')"
+    " DO UPDATE SET state = alert_queue.state"
+    " RETURNING item_id, state, fingerprint, starts_at, runbook, host, trigger_mode"
+)
+
+_RouteKey = tuple[datetime, str, str]  # a firing's (starts_at, fingerprint) and a runbook
+
+
+def _queue_routes(
+    cur: Cursor,
+    routes: Sequence[tuple[FiringInput, QueueRoute]],
+    now: datetime,
+    hold_reason: str | None,
+) -> tuple[dict[_RouteKey, QueueItem], dict[_RouteKey, JoinedItem]]:
+    """Queue the runs new firings route to, in order; return those queued and those joined.
+
+    The first route of a runbook, device and trigger mode queues its run, unless one is
+    queued or running (then it joins that); later ones join it.  With ``hold_reason`` every
+    route is queued ``held`` (a held run is never joined).  Every firing is linked to its
+    item, and a firing that joined on every route is recorded ``coalesced``.
+    """
+    if not routes:
+        return {}, {}
+    state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
+    if hold_reason is not None:
+        proposed = list(routes)
+    else:
+        first: dict[tuple[str, str, str], tuple[FiringInput, QueueRoute]] = {}
+        for alert, route in routes:
+            first.setdefault((route.runbook, route.host, route.trigger_mode), (alert, route))
+        # In the order the firings came (item ids are the order runs are claimed in).  Two
+        # replicas queueing two or more of the same runs in opposite orders at once would
+        # deadlock: the database tells one of them (after its deadlock_timeout, 1 s by
+        # default) and that transaction is run again.
+        proposed = list(first.values())
+    rows = cur.execute(
+        _QUEUE_ROUTES,
+        (
+            state.value,
+            hold_reason or "",
+            now,
+            [a.fingerprint for a, _ in proposed],
+            [a.starts_at for a, _ in proposed],
+            [r.runbook for _, r in proposed],
+            [r.host for _, r in proposed],
+            [r.trigger_mode for _, r in proposed],
+            [r.mode.value for _, r in proposed],
+        ),
+    ).fetchall()
+    own = {(r[3], r[2], r[4]): r for r in rows}  # by the firing that queued it, and runbook
+    active = {(r[4], r[5], r[6]): r for r in rows}  # by runbook, device and mode
+    queued: dict[_RouteKey, QueueItem] = {}
+    joined: dict[_RouteKey, JoinedItem] = {}
+    links: list[tuple[int, str, datetime]] = []
+    for alert, route in routes:
+        key = (alert.starts_at, alert.fingerprint, route.runbook)
+        row = own.get(key) if hold_reason is not None else None
+        if row is None:
+            row = active[(route.runbook, route.host, route.trigger_mode)]
+        item_id = int(row[0])
+        links.append((item_id, alert.fingerprint, alert.starts_at))
+        if (row[2], row[3]) != (alert.fingerprint, alert.starts_at):
+            joined[key] = JoinedItem(
+                fingerprint=alert.fingerprint,
+                starts_at=alert.starts_at,
+                item_id=item_id,
+                state=QueueState(row[1]),
+                runbook=route.runbook,
+                host=route.host,
+            )
+            continue
+        queued[key] = QueueItem(
+            item_id=item_id,
+            fingerprint=alert.fingerprint,
+            starts_at=alert.starts_at,
+            runbook=route.runbook,
+            host=route.host,
+            trigger_mode=route.trigger_mode,
+            mode=route.mode,
+            state=state,
+            reason=hold_reason or "",
+            enqueued_at=now,
+        )
+    cur.execute(
+        "INSERT INTO queue_firings (item_id, fingerprint, starts_at)"
+        " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::timestamptz[])",
+        ([i for i, _, _ in links], [f for _, f, _ in links], [s for _, _, s in links]),
+    )
+    _mark_coalesced(cur, routes, joined)
+    return queued, joined
+
+
+def _mark_coalesced(
+    cur: Cursor,
+    routes: Sequence[tuple[FiringInput, QueueRoute]],
+    joined: Mapping[_RouteKey, JoinedItem],
+) -> None:
+    """Record ``coalesced`` (naming the runs joined) the firings that joined on every route."""
+    by_firing: dict[tuple[datetime, str], list[JoinedItem]] = {}
+    whole: dict[tuple[datetime, str], bool] = {}
+    for alert, route in routes:
+        firing = (alert.starts_at, alert.fingerprint)
+        found = joined.get((*firing, route.runbook))
+        whole[firing] = whole.get(firing, True) and found is not None
+        if found is not None:
+            by_firing.setdefault(firing, []).append(found)
+    coalesced = [(firing, items) for firing, items in by_firing.items() if whole[firing]]
+    if not coalesced:
+        return
+    cur.execute(
+        "UPDATE alert_firings SET outcome = %s, reason = t.r FROM unnest("
+        "%s::timestamptz[], %s::text[], %s::text[]) AS t (s, f, r)"
+        " WHERE starts_at = t.s AND fingerprint = t.f",
+        (
+            FiringOutcome.COALESCED.value,
+            [s for (s, _), _ in coalesced],
+            [f for (_, f), _ in coalesced],
+            [joined_reason(items) for _, items in coalesced],
+        ),
+    )
+
+
 def _record_firings(
     cur: Cursor, notifications: Sequence[AlertBatch], now: datetime, hold_reason: str | None
 ) -> list[RecordedAlerts]:
-    """Notifications of firing alerts only, recorded with one upsert and one queue insert.
+    """Notifications of firing alerts only, recorded with a few set-based statements.
 
     The same as recording them one by one (:func:`_record_batch`): the first copy of a
     firing in the group decides it (new, or seen before), every other copy is a duplicate.
@@ -1200,36 +1379,18 @@ def _record_firings(
             (now, now, *columns),
         ).fetchall()
         inserted = {(r[0], r[1]) for r in rows if r[2]}
-    state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
+    # In notification order: the first firing of a runbook, device and mode queues the run.
     routes = [
         (alert, route) for key, alert in first.items() if key in inserted for route in alert.routes
     ]
-    item_ids: dict[tuple[datetime, str, str], int] = {}
-    if routes:
-        rows = cur.execute(
-            "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host, trigger_mode,"
-            " mode, state, reason, enqueued_at) SELECT f, s, rb, h, tm, m, %s, %s, %s FROM unnest("
-            "%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::text[])"
-            " AS t (f, s, rb, h, tm, m) RETURNING starts_at, fingerprint, runbook, item_id",
-            (
-                state.value,
-                hold_reason or "",
-                now,
-                [a.fingerprint for a, _ in routes],
-                [a.starts_at for a, _ in routes],
-                [r.runbook for _, r in routes],
-                [r.host for _, r in routes],
-                [r.trigger_mode for _, r in routes],
-                [r.mode.value for _, r in routes],
-            ),
-        ).fetchall()
-        item_ids = {(r[0], r[1], r[2]): int(r[3]) for r in rows}
+    queued_items, joined_items = _queue_routes(cur, routes, now, hold_reason)
     results: list[RecordedAlerts] = []
     decided: set[tuple[datetime, str]] = set()
     for batch in notifications:
         new: list[FiringKey] = []
         dups: list[FiringKey] = []
         queued: list[QueueItem] = []
+        coalesced: list[JoinedItem] = []
         for alert in batch.firing:
             key = (alert.starts_at, alert.fingerprint)
             firing_key = FiringKey(fingerprint=alert.fingerprint, starts_at=alert.starts_at)
@@ -1238,21 +1399,12 @@ def _record_firings(
                 continue
             decided.add(key)
             new.append(firing_key)
-            queued += (
-                QueueItem(
-                    item_id=item_ids[(alert.starts_at, alert.fingerprint, route.runbook)],
-                    fingerprint=alert.fingerprint,
-                    starts_at=alert.starts_at,
-                    runbook=route.runbook,
-                    host=route.host,
-                    trigger_mode=route.trigger_mode,
-                    mode=route.mode,
-                    state=state,
-                    reason=hold_reason or "",
-                    enqueued_at=now,
-                )
-                for route in alert.routes
-            )
+            for route in alert.routes:
+                route_key = (*key, route.runbook)
+                if route_key in queued_items:
+                    queued.append(queued_items[route_key])
+                else:
+                    coalesced.append(joined_items[route_key])
         queued.sort(key=lambda item: item.item_id)
         held = hold_reason is not None
         results.append(
@@ -1261,6 +1413,7 @@ def _record_firings(
                 deduplicated=tuple(dups),
                 queued=() if held else tuple(queued),
                 held=tuple(queued) if held else (),
+                coalesced=tuple(coalesced),
             )
         )
     return results
@@ -1277,9 +1430,8 @@ def _record_batch(
     new: list[FiringKey] = []
     dups: list[FiringKey] = []
     done: list[FiringKey] = []
-    queued: list[QueueItem] = []
     cancelled: list[QueueItem] = []
-    state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
+    fresh: list[FiringInput] = []
     for alert in firing:
         key = FiringKey(fingerprint=alert.fingerprint, starts_at=alert.starts_at)
         outcome, reason = alert.outcome, alert.reason
@@ -1308,37 +1460,15 @@ def _record_batch(
             dups.append(key)
             continue
         new.append(key)
-        for route in alert.routes:
-            (item_id,) = cur.execute(
-                "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host,"
-                " trigger_mode, mode, state, reason, enqueued_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING item_id",
-                (
-                    alert.fingerprint,
-                    alert.starts_at,
-                    route.runbook,
-                    route.host,
-                    route.trigger_mode,
-                    route.mode.value,
-                    state.value,
-                    hold_reason or "",
-                    now,
-                ),
-            ).fetchone() or (0,)
-            queued.append(
-                QueueItem(
-                    item_id=item_id,
-                    fingerprint=alert.fingerprint,
-                    starts_at=alert.starts_at,
-                    runbook=route.runbook,
-                    host=route.host,
-                    trigger_mode=route.trigger_mode,
-                    mode=route.mode,
-                    state=state,
-                    reason=hold_reason or "",
-                    enqueued_at=now,
-                )
-            )
+        fresh.append(alert)
+    routes = [(alert, route) for alert in fresh for route in alert.routes]
+    queued_items, joined_items = _queue_routes(cur, routes, now, hold_reason)
+    queued = sorted(queued_items.values(), key=lambda item: item.item_id)
+    coalesced = [
+        joined_items[key]
+        for key in ((a.starts_at, a.fingerprint, r.runbook) for a, r in routes)
+        if key in joined_items
+    ]
     for gone in resolved:
         key = FiringKey(fingerprint=gone.fingerprint, starts_at=gone.starts_at)
         params = (gone.starts_at, gone.fingerprint)
@@ -1384,19 +1514,7 @@ def _record_batch(
             " WHERE starts_at = %s AND fingerprint = %s",
             (now, now, *params),
         )
-        rows = cur.execute(
-            "UPDATE alert_queue SET state = %s, reason = %s, finished_at = %s"  # noqa: S608 - constant columns
-            " WHERE starts_at = %s AND fingerprint = %s AND state = %s"
-            f" RETURNING {_QUEUE_COLUMNS}",
-            (
-                QueueState.CANCELLED.value,
-                "the alert resolved before the run started",
-                now,
-                *params,
-                QueueState.QUEUED.value,
-            ),
-        ).fetchall()
-        cancelled += sorted((_queue_item(r) for r in rows), key=lambda i: i.item_id)
+        cancelled += _cancel_resolved(cur, params, now)
     held = hold_reason is not None
     return RecordedAlerts(
         new=tuple(new),
@@ -1405,4 +1523,35 @@ def _record_batch(
         queued=() if held else tuple(queued),
         held=tuple(queued) if held else (),
         cancelled=tuple(cancelled),
+        coalesced=tuple(coalesced),
     )
+
+
+def _cancel_resolved(cur: Cursor, firing: tuple[datetime, str], now: datetime) -> list[QueueItem]:
+    """Cancel the queued runs of a firing just resolved that no firing still firing wants.
+
+    The items are locked first, then checked by a statement of their own (a fresh snapshot):
+    two replicas resolving an item's last two firings at once take turns, and the second sees
+    the first's resolution; a firing joining an item locks it too.
+    """
+    ids = [
+        int(r[0])
+        for r in cur.execute(
+            "SELECT item_id FROM alert_queue WHERE state = %s AND item_id IN (SELECT item_id"
+            " FROM queue_firings WHERE starts_at = %s AND fingerprint = %s)"
+            " ORDER BY item_id FOR UPDATE",
+            (QueueState.QUEUED.value, *firing),
+        ).fetchall()
+    ]
+    if not ids:
+        return []
+    rows = cur.execute(
+        "UPDATE alert_queue SET state = %s, reason = %s, finished_at = %s"  # noqa: S608 - constant columns
+        " WHERE item_id = ANY(%s) AND state = %s AND NOT EXISTS (SELECT 1"
+        " FROM queue_firings l JOIN alert_firings f"
+        " ON f.starts_at = l.starts_at AND f.fingerprint = l.fingerprint"
+        " WHERE l.item_id = alert_queue.item_id AND f.status = 'firing')"
+        f" RETURNING {_QUEUE_COLUMNS}",
+        (QueueState.CANCELLED.value, CANCELLED_REASON, now, ids, QueueState.QUEUED.value),
+    ).fetchall()
+    return sorted((_queue_item(r) for r in rows), key=lambda i: i.item_id)

@@ -24,17 +24,21 @@ from engine.errors import StateError
 from engine.outcomes import HostOutcome, Mode, RunStatus
 from engine.privacy import private_file
 from engine.server.queue import (
+    CANCELLED_REASON,
     AlertBatch,
     BreakerRecord,
     FiringInput,
     FiringKey,
     FiringOutcome,
     FiringRecord,
+    ItemFiring,
+    JoinedItem,
     QueueClaim,
     QueueItem,
     QueueState,
     RecordedAlerts,
     ResolvedInput,
+    joined_reason,
 )
 from engine.state.migrations import Migration, check_migrations
 from engine.state.records import (
@@ -47,6 +51,7 @@ from engine.state.records import (
     LeaseGrant,
     RunRecord,
     lease_expired_reason,
+    run_filters,
 )
 from engine.state.sqlite.migrations import MIGRATIONS
 
@@ -319,9 +324,26 @@ class SqliteStateStore:
             raise
         return True
 
-    def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
-        """Return the most recent runs first, optionally of one runbook only."""
-        where, params = ("WHERE runbook = ?", (runbook,)) if runbook is not None else ("", ())
+    def list_runs(
+        self,
+        limit: int = 50,
+        runbook: str | None = None,
+        *,
+        host: str | None = None,
+        status: RunStatus | None = None,
+        since: datetime | None = None,
+        id_suffix: str | None = None,
+    ) -> list[RunRecord]:
+        """Return the most recent runs first, optionally only those matching every filter."""
+        where, params = run_filters(
+            "?",
+            runbook=runbook,
+            host=host,
+            status=status,
+            since=_text(since) if since is not None else None,
+            id_suffix=id_suffix,
+            suffix_sql="substr(run_id, -?)",
+        )
         with self._guard, self._sqlite_errors("list runs"):
             rows = self._db.execute(
                 f"{_RUN_SELECT} {where} ORDER BY started_at DESC, rowid DESC LIMIT ?",
@@ -789,6 +811,17 @@ def _firing_record(row: Sequence[object]) -> FiringRecord:
     )
 
 
+#: Queue a firing's run, or find the run of its runbook queued or running on the device in
+#: its mode (the partial unique index ``alert_queue_one_active``) and return that one.  A
+#: held item is not in that index: it is always inserted.
+_QUEUE_ROUTE = (
+    "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host, trigger_mode, mode,"
+    " state, reason, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (runbook, host, trigger_mode) WHERE state IN ('queued', 'running')"
+    " DO UPDATE SET state = state RETURNING item_id, state, fingerprint, starts_at"
+)
+
+
 def _record_batch(
     db: sqlite3.Connection,
     firing: Sequence[FiringInput],
@@ -802,6 +835,7 @@ def _record_batch(
     done: list[FiringKey] = []
     queued: list[QueueItem] = []
     cancelled: list[QueueItem] = []
+    coalesced: list[JoinedItem] = []
     state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
     enqueued_at = _moment(stamp)
     for alert in firing:
@@ -832,11 +866,12 @@ def _record_batch(
             dups.append(key)
             continue
         new.append(key)
+        joined: list[JoinedItem] = []
         for route in alert.routes:
-            (item_id,) = db.execute(
-                "INSERT INTO alert_queue (fingerprint, starts_at, runbook, host,"
-                " trigger_mode, mode, state, reason, enqueued_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING item_id",
+            # A run of this runbook queued or running on the device in this mode already: the
+            # firing joins it (the partial unique index allows one; a held item never counts).
+            item_id, item_state, fingerprint, item_start = db.execute(
+                _QUEUE_ROUTE,
                 (
                     alert.fingerprint,
                     starts_at,
@@ -849,6 +884,22 @@ def _record_batch(
                     stamp,
                 ),
             ).fetchone()
+            db.execute(
+                "INSERT INTO queue_firings (item_id, fingerprint, starts_at) VALUES (?, ?, ?)",
+                (item_id, alert.fingerprint, starts_at),
+            )
+            if (fingerprint, item_start) != (alert.fingerprint, starts_at):
+                joined.append(
+                    JoinedItem(
+                        fingerprint=alert.fingerprint,
+                        starts_at=alert.starts_at,
+                        item_id=item_id,
+                        state=QueueState(item_state),
+                        runbook=route.runbook,
+                        host=route.host,
+                    )
+                )
+                continue
             # The row as inserted (the other columns are NULL), without reading it back.
             queued.append(
                 QueueItem(
@@ -864,6 +915,18 @@ def _record_batch(
                     enqueued_at=enqueued_at,
                 )
             )
+        if joined and len(joined) == len(alert.routes):
+            db.execute(
+                "UPDATE alert_firings SET outcome = ?, reason = ?"
+                " WHERE fingerprint = ? AND starts_at = ?",
+                (
+                    FiringOutcome.COALESCED.value,
+                    joined_reason(joined),
+                    alert.fingerprint,
+                    starts_at,
+                ),
+            )
+        coalesced += joined
     for gone in resolved:
         key = FiringKey(fingerprint=gone.fingerprint, starts_at=gone.starts_at)
         params = (gone.fingerprint, _text(gone.starts_at))
@@ -903,19 +966,18 @@ def _record_batch(
             " WHERE fingerprint = ? AND starts_at = ?",
             (stamp, stamp, *params),
         )
+        # Its runs not started yet are cancelled, unless another firing they run for still fires.
         rows = db.execute(
             "UPDATE alert_queue SET state = ?, reason = ?, finished_at = ?"  # noqa: S608 - constant columns, bound values
-            " WHERE fingerprint = ? AND starts_at = ? AND state = ?"
+            " WHERE state = ? AND item_id IN (SELECT item_id FROM queue_firings"
+            " WHERE fingerprint = ? AND starts_at = ?) AND NOT EXISTS (SELECT 1"
+            " FROM queue_firings l JOIN alert_firings f"
+            " ON f.fingerprint = l.fingerprint AND f.starts_at = l.starts_at"
+            " WHERE l.item_id = alert_queue.item_id AND f.status = 'firing')"
             f" RETURNING {_QUEUE_COLUMNS}",
-            (
-                QueueState.CANCELLED.value,
-                "the alert resolved before the run started",
-                stamp,
-                *params,
-                QueueState.QUEUED.value,
-            ),
+            (QueueState.CANCELLED.value, CANCELLED_REASON, stamp, QueueState.QUEUED.value, *params),
         ).fetchall()
-        cancelled += (_queue_item(r) for r in rows)
+        cancelled += sorted((_queue_item(r) for r in rows), key=lambda i: i.item_id)
     held = hold_reason is not None
     return RecordedAlerts(
         new=tuple(new),
@@ -924,6 +986,7 @@ def _record_batch(
         queued=() if held else tuple(queued),
         held=tuple(queued) if held else (),
         cancelled=tuple(cancelled),
+        coalesced=tuple(coalesced),
     )
 
 
@@ -988,9 +1051,12 @@ class SqliteAlertStore(SqliteStateStore):
 
         A firing seen before (same fingerprint and startsAt) is only counted as seen again:
         each firing queues its runs at most once, ever.  New firings queue their routes
-        (``held`` instead when ``hold_reason`` is given: the circuit breaker is open).  A
-        resolved alert marks its firing resolved and cancels its runs not yet started; a
-        resolved alert never seen firing is recorded, so a late firing copy is a duplicate.
+        (``held`` instead when ``hold_reason`` is given: the circuit breaker is open), or join
+        the run of the route's runbook queued or running on the device in the same trigger
+        mode (recorded ``coalesced`` when they join for every route).  A resolved alert marks
+        its firing resolved and cancels its runs not yet started that no other firing still
+        firing was queued for or joined; a resolved alert never seen firing is recorded, so a
+        late firing copy is a duplicate.
         """
         batch = AlertBatch(firing=tuple(firing), resolved=tuple(resolved))
         (recorded,) = self.record_notifications([batch], now=now, hold_reason=hold_reason)
@@ -1187,6 +1253,33 @@ class SqliteAlertStore(SqliteStateStore):
             ).fetchall()
         return [_queue_item(r) for r in rows]
 
+    def item_firings(self, item_ids: Sequence[int]) -> list[ItemFiring]:
+        """The firings the items run for: each item's own first, then those that joined it."""
+        if not item_ids:
+            return []
+        marks = ", ".join("?" * len(item_ids))
+        with self._guard, self._sqlite_errors("list the firings of queue items"):
+            rows = self._db.execute(
+                "SELECT l.item_id, l.fingerprint, l.starts_at, f.alertname, f.status"  # noqa: S608 - placeholders only, bound values
+                " FROM queue_firings l JOIN alert_queue q ON q.item_id = l.item_id"
+                " JOIN alert_firings f"
+                " ON f.fingerprint = l.fingerprint AND f.starts_at = l.starts_at"
+                f" WHERE l.item_id IN ({marks}) ORDER BY l.item_id,"
+                " (l.fingerprint = q.fingerprint AND l.starts_at = q.starts_at) DESC,"
+                " f.received_at, l.starts_at, l.fingerprint",
+                tuple(item_ids),
+            ).fetchall()
+        return [
+            ItemFiring(
+                item_id=int(r[0]),
+                fingerprint=str(r[1]),
+                starts_at=_moment(str(r[2])),
+                alertname=str(r[3]),
+                status=str(r[4]),
+            )
+            for r in rows
+        ]
+
     def list_firings(
         self, outcome: FiringOutcome | None = None, limit: int = 100
     ) -> list[FiringRecord]:
@@ -1247,8 +1340,8 @@ class SqliteAlertStore(SqliteStateStore):
         with self._guard, self._sqlite_errors("count alerting devices"):
             (count,) = self._db.execute(
                 "SELECT count(*) FROM (SELECT DISTINCT q.host FROM alert_queue q"
-                " JOIN alert_firings f"
-                " ON f.fingerprint = q.fingerprint AND f.starts_at = q.starts_at"
+                " JOIN queue_firings l ON l.item_id = q.item_id JOIN alert_firings f"
+                " ON f.fingerprint = l.fingerprint AND f.starts_at = l.starts_at"
                 " WHERE q.enqueued_at >= ? AND f.status = 'firing' LIMIT ?)",
                 (_text(since), stop_at),
             ).fetchone()
