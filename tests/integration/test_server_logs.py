@@ -12,8 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.ports import free_port
 from tests.support.replicas import mark, project_for
-from tests.support.webhook import TOKEN, ServerProcess, free_port, wait_for
+from tests.support.webhook import TOKEN, ServerProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
