@@ -169,6 +169,7 @@ def test_host_missing_from_inventory_is_failed(executor: AnsibleExecutor, invent
 def test_no_requested_host_in_inventory(executor: AnsibleExecutor, inventory: Path) -> None:
     """When no requested host is in the inventory, each is FAILED; nothing raises."""
     results = executor.run_script(inventory, ["ghost", "spook"], "echo up", timeout=30)
+    assert set(results) == {"ghost", "spook"}
     assert {r.status for r in results.values()} == {HostStatus.FAILED}
 
 
@@ -489,6 +490,7 @@ def test_module_task_fails_without_python(
     )
     request = PlaybookRequest(playbook=playbook, hosts=("dev1", "dev2"), label="step one")
     results = executor.run_playbook(inventory, request, artifacts_dir=tmp_path / "artifacts")
+    assert set(results) == {"dev1", "dev2"}
     for result in results.values():
         assert result.status is HostStatus.FAILED
         assert [(t.name, t.status) for t in result.tasks] == [
