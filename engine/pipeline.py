@@ -16,10 +16,11 @@ audited, here, in the order above, after ``run.started``.
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.actions import StepRun, run_steps
-from engine.audit import audit_context
+from engine.audit import REDACTED, audit_context
 from engine.drift import drift_reason
 from engine.errors import ExecutorError, PlanFileError
 from engine.executors.base import Executor, HostStatus, SelectingExecutor
@@ -36,7 +37,6 @@ from engine.guards import blast_radius_refusal, context_for, evaluate_host
 from engine.outcomes import BAD_OUTCOMES, HostOutcome, Mode, RunStatus
 from engine.planfiles import SavedPlan
 from engine.plans import (
-    REDACTED,
     HostPlan,
     Plan,
     plan_host,
@@ -70,6 +70,11 @@ class NullReporter:
 
     def advance(self, amount: int = 1) -> None:
         """Ignore the progress."""
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random hex (the entry points' id factory)."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)

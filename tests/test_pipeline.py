@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from engine.audit import REDACTED
 from engine.errors import ExecutorError, InventoryError, StateError
 from engine.executors.base import (
     CommandResult,
@@ -23,7 +24,6 @@ from engine.executors.base import (
 from engine.executors.fake import FakeExecutor, FakeReply
 from engine.outcomes import HostOutcome, Mode, RunStatus
 from engine.pipeline import RunReport, RunRequest, Services, run_runbook
-from engine.plans import REDACTED
 from engine.probes import start_probe
 from engine.runbooks import Runbook, load_runbook
 from engine.state import SqliteStateStore

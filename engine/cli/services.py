@@ -6,11 +6,9 @@ the state store, the audit log and the pipeline are imported and opened.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,11 +19,6 @@ if TYPE_CHECKING:
     from engine.pipeline import Reporter, Services
     from engine.settings import Settings
     from engine.state import StateStore
-
-
-def new_run_id() -> str:
-    """A sortable, unique run id: UTC time plus random hex."""
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 class RichReporter:
@@ -103,7 +96,7 @@ def open_services(
     ``executor``: the one that started the run's first probe, if any (else a new one).
     """
     from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
-    from engine.pipeline import NullReporter, Services
+    from engine.pipeline import NullReporter, Services, new_run_id
 
     audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
     configure_audit(audit, clock=utc_now)

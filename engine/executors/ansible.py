@@ -72,6 +72,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.errors import ExecutorError, InventoryError
+from engine.executors.ansible_env import INVENTORY_ENV, PLAIN_OUTPUT_ENV
 from engine.executors.base import (
     CommandResult,
     Host,
@@ -89,11 +90,6 @@ _ERROR_TAIL_LINES = 20
 _CALLBACKS_DIR = Path(__file__).parent / "ansible_callbacks"
 #: What the remediate_targets callback reads (it knows the name: ``REQUEST_ENV``).
 _TARGETS_REQUEST_ENV = "REMEDIATE_TARGETS"
-#: Make Ansible fail (instead of warning and going on with no hosts) on a bad inventory.
-_INVENTORY_ENV = {
-    "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
-    "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True",
-}
 #: Seconds between ansible-runner's checks for a cancel (``pexpect_timeout``; 5 by default).
 _CANCEL_CHECK = 0.2
 _LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -221,7 +217,7 @@ class AnsibleExecutor:
                 limit=limit,
                 collector=collector,
                 extra_env={
-                    **_INVENTORY_ENV,
+                    **INVENTORY_ENV,
                     "ANSIBLE_CALLBACK_PLUGINS": plugins,
                     _TARGETS_REQUEST_ENV: json.dumps(request),
                 },
@@ -342,9 +338,7 @@ class AnsibleExecutor:
             "ANSIBLE_PIPELINING": "True",
             "ANSIBLE_RETRY_FILES_ENABLED": "False",
             "ANSIBLE_NOCOWS": "True",
-            "ANSIBLE_NOCOLOR": "True",
-            "ANSIBLE_FORCE_COLOR": "False",
-            "NO_COLOR": "1",
+            **PLAIN_OUTPUT_ENV,
             **extra_env,
         }
         if settings.ssh_args is not None:

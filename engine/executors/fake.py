@@ -21,8 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
 from engine.executors.base import (
     CommandResult,
     HostStatus,
@@ -31,14 +29,11 @@ from engine.executors.base import (
     Selection,
     SelectionResult,
 )
+from engine.models import FrozenModel
 from engine.targets import select_hosts
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class FakeReply(_Frozen):
+class FakeReply(FrozenModel):
     """How one fake host answers a script: ``unreachable`` set means it could not be reached."""
 
     rc: int = 0
@@ -47,7 +42,7 @@ class FakeReply(_Frozen):
     unreachable: str | None = None
 
 
-class ScriptCall(_Frozen):
+class ScriptCall(FrozenModel):
     """One recorded ``run_script`` call."""
 
     inventory: Path
@@ -56,7 +51,7 @@ class ScriptCall(_Frozen):
     timeout: float
 
 
-class PlaybookCall(_Frozen):
+class PlaybookCall(FrozenModel):
     """One recorded ``run_playbook`` call."""
 
     inventory: Path

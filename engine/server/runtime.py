@@ -20,7 +20,7 @@ from engine.audit import audit_context
 from engine.errors import StateError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import Executor
-from engine.pipeline import Services
+from engine.pipeline import Services, new_run_id
 from engine.runbooks import load_runbooks
 from engine.server.breaker import CircuitBreaker
 from engine.server.config import ServerConfig
@@ -47,11 +47,6 @@ CHECKPOINT_AFTER = 4
 #: Log pages past which an intake commit copies the write-ahead log back itself (a stall of
 #: that commit); normally the checkpoint watcher has copied it long before.
 INTAKE_CHECKPOINT_PAGES = 10_000
-
-
-def new_run_id() -> str:
-    """A sortable, unique run id: UTC time plus random hex (as the CLI makes them)."""
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 #: Seconds cancelled playbooks get to stop after the shutdown timeout.
