@@ -97,7 +97,8 @@ def _leftovers(root: Path, output: str) -> list[str]:
     if before.startswith(str(root)):
         found.append(f"slot file {claim}")
     slot_found = [f"cgroup {path}" for path in _cgroups(f"lab{slot}-dev")]
-    slot_found += [f"listener {ip}:22222" for ip in _listeners(f"127.77.{slot}.")]
+    slot_found += [f"listener {ip}:22222" for ip in _sockets(f"127.77.{slot}.", local=True)]
+    slot_found += [f"connection to {ip}:22222" for ip in _sockets(f"127.77.{slot}.", local=False)]
     if not before and not owner():  # no other lab took the slot meanwhile
         found += slot_found
     return found
@@ -113,13 +114,18 @@ def _cgroups(prefix: str) -> Iterator[Path]:
                 yield Path(top) / name
 
 
-def _listeners(prefix: str) -> list[str]:
+def _sockets(prefix: str, *, local: bool) -> list[str]:
+    """Addresses under ``prefix``, port 22222: listened on (``local``) or connected to.
+
+    A connection left open to a device (Ansible's persistent SSH master) counts as left behind.
+    """
     found = []
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        ip_hex, port_hex = local.split(":")
+        fields = line.split()
+        ip_hex, port_hex = fields[1 if local else 2].split(":")
         ip = socket.inet_ntoa(bytes.fromhex(ip_hex)[::-1])
-        if state == "0A" and int(port_hex, 16) == 22222 and ip.startswith(prefix):
+        state = "0A" if local else "01"  # LISTEN, ESTABLISHED
+        if fields[3] == state and int(port_hex, 16) == 22222 and ip.startswith(prefix):
             found.append(ip)
     return found
 
