@@ -506,8 +506,8 @@ def execute_plan(
     hosts = tuple(reports[h.host] for h in plan.hosts)
     status = _status(hosts, refused, aborted)
     now = services.clock()
-    for report in hosts:
-        store.record_host(
+    store.record_hosts(
+        [
             HostRecord(
                 run_id=plan.run_id,
                 host=report.host,
@@ -516,7 +516,9 @@ def execute_plan(
                 steps=[s.step for s in report.steps],
                 finished_at=now,
             )
-        )
+            for report in hosts
+        ]
+    )
     summary = dict(Counter(h.outcome.value for h in hosts))
     store.finish_run(plan.run_id, status, summary)
     log.info("run.finished", status=status.value, summary=summary)

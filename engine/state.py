@@ -117,6 +117,9 @@ class StateStore(Protocol):
     def record_host(self, record: HostRecord) -> None:
         """Record (or replace) one host's outcome in a started run."""
 
+    def record_hosts(self, records: Sequence[HostRecord]) -> None:
+        """Record (or replace) hosts' outcomes in started runs, all or none (one commit)."""
+
     def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
         """Return the most recent runs first, optionally of one runbook only."""
 
@@ -633,28 +636,43 @@ class SqliteStateStore:
 
     def record_host(self, record: HostRecord) -> None:
         """Record one host's outcome in a started run, replacing an earlier one for that host."""
+        self.record_hosts((record,))
+
+    def record_hosts(self, records: Sequence[HostRecord]) -> None:
+        """Record hosts' outcomes in started runs, replacing earlier ones, in one transaction.
+
+        One commit (one sync of the write-ahead log) for a whole run's hosts, not one each.
+        """
+        if not records:
+            return
+        more = f" and {len(records) - 1} more" if len(records) > 1 else ""
+        hosts = f"host {records[0].host}{more}"
+        run_ids = sorted({r.run_id for r in records})
         try:
-            with self._transaction(f"record host {record.host} of run {record.run_id}") as db:
-                db.execute(
+            with self._transaction(f"record {hosts} of run {', '.join(run_ids)}") as db:
+                db.executemany(
                     "INSERT INTO host_results (run_id, host, outcome, reason, steps, finished_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (run_id, host) DO UPDATE SET outcome = excluded.outcome,"
                     " reason = excluded.reason, steps = excluded.steps,"
                     " finished_at = excluded.finished_at",
-                    (
-                        record.run_id,
-                        record.host,
-                        record.outcome.value,
-                        record.reason,
-                        json.dumps(record.steps),
-                        _text(record.finished_at),
-                    ),
+                    [
+                        (
+                            record.run_id,
+                            record.host,
+                            record.outcome.value,
+                            record.reason,
+                            json.dumps(record.steps),
+                            _text(record.finished_at),
+                        )
+                        for record in records
+                    ],
                 )
         except StateError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                unknown = ", ".join(r for r in run_ids if self.get_run(r) is None)
                 raise StateError(
-                    f"{self.path}: cannot record host {record.host}: "
-                    f"run {record.run_id} was never started"
+                    f"{self.path}: cannot record {hosts}: run {unknown} was never started"
                 ) from exc
             raise
 

@@ -143,7 +143,7 @@ class FakeExecutor:
         """The host names ``pattern`` selects from the table (the subset described above)."""
         names = {h.name for h in self.hosts}
         terms = [t.strip() for t in pattern.replace(",", ":").split(":") if t.strip()]
-        if all(t[0] in "!&" for t in terms):  # as Ansible: only exclusions narrow "all"
+        if all(t[0] in "!&" for t in terms):  # as in Ansible: "!x" alone means "all:!x"
             terms.insert(0, "all")
         chosen: set[str] = set()
         for term in sorted(terms, key=lambda t: _TERM_ORDER.get(t[0], 0)):
