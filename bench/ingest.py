@@ -1,4 +1,4 @@
-"""Sustained webhook ingest on one server process: throughput, latency, memory.
+"""Sustained webhook ingest per server process: throughput, latency, memory; SQLite and PostgreSQL.
 
 Starts ``python -m engine.server`` (workers: 0, so nothing runs: this measures intake) on a
 1,000-device inventory and sends realistic Alertmanager bodies (25 alerts per notification,
@@ -32,15 +32,25 @@ by this client and by everything else on the machine (other processes and kernel
 from ``/proc/stat``): a phase where other work took CPU is perturbed and should be re-run.
 Prints figures; asserts nothing.
 
+With ``--state-url`` the same two phases then run against PostgreSQL (state and audit chain
+in the database, ``synchronous_commit`` on), with one server process and then two replicas
+on the same database, each replica offered ``--replica-rate`` (2,500 alerts/s) in phase (b)
+and measured on its own; all figures are printed together, SQLite's first.  ``--state-url
+postgres`` starts a durable PostgreSQL of its own (Debian's binaries, a temp dir, a fresh
+database per measurement, the way the tests do); a ``postgresql://`` URL uses that server.
+
     python bench/ingest.py [--seconds 20] [--batch 25] [--connections 8] [--rate 5000]
                            [--open-connections 64] [--devices 1000]
+                           [--state-url postgres|postgresql://...] [--replica-rate 2500]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -52,7 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -64,6 +74,9 @@ DUPLICATE_SHARE = 0.3
 TARGET_RATE = 5000.0
 TARGET_P99_MS = 10.0
 TARGET_RSS_MB = 120.0
+#: Per replica against PostgreSQL (a network round trip per statement, shared by replicas).
+TARGET_RATE_REPLICA = 2500.0
+TARGET_P99_MS_REPLICA = 50.0
 #: The offered rate counts as sustained when accepted alerts/s are at least this share of it.
 SUSTAINED_SHARE = 0.98
 REQUEST_TIMEOUT = 30.0
@@ -106,7 +119,7 @@ def _uuid(n: int) -> str:
 
 
 def _project(base: Path, devices: int, port: int) -> Path:
-    (base / "runbooks").mkdir()
+    (base / "runbooks").mkdir(parents=True)
     (base / "playbooks").mkdir()
     (base / "runbooks" / "disk.yml").write_text(RUNBOOK)
     (base / "playbooks" / "noop.yml").write_text(PLAYBOOK)
@@ -124,6 +137,7 @@ def _project(base: Path, devices: int, port: int) -> Path:
         # Keep the breaker closed: the bench measures the full routing-and-queueing path.
         "breaker: {max_alerting_pct: 100, min_alerting_devices: 1000000}\n"
     )
+    config.chmod(0o600)  # it holds the token
     return config
 
 
@@ -454,50 +468,89 @@ async def _wait_healthy(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 @dataclass
 class _Run:
-    """Everything measured."""
+    """Everything measured against one backend with one or more replicas."""
 
-    saturation: _Phase
-    fixed: _Phase
-    hwm_kb: int
-    db_bytes: int
-    audit_bytes: int
+    label: str
+    replicas: int
+    rate: float  # alerts/s offered to each replica in phase (b)
+    saturation: list[_Phase]  # per replica
+    fixed: list[_Phase]
+    hwm_kb: list[int]
+    stored: str  # what the state took on disk, when known
     load_before: str
     load_after: str
 
 
-async def _bench(args: argparse.Namespace, base: Path) -> _Run:
-    load_before = _load()
-    port = _free_port()
-    config = _project(base, args.devices, port)
-    env = {**os.environ, "REMEDIATE_STATE_DIR": str(base / "state")}
-    proc = subprocess.Popen(
+def _start_server(config: Path, state: Path, url: str | None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "REMEDIATE_STATE_DIR": str(state)}
+    if url is not None:
+        env["REMEDIATE_STATE_URL"] = url
+    return subprocess.Popen(
         [sys.executable, "-m", "engine.server", "--config", str(config)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+async def _bench(
+    args: argparse.Namespace, base: Path, *, url: str | None, replicas: int, rate: float
+) -> _Run:
+    """Start ``replicas`` servers on the state ``url`` (None: SQLite in the state dir); measure."""
+    load_before = _load()
+    base.mkdir()
+    ports = [_free_port() for _ in range(replicas)]
+    configs = [_project(base / f"r{n}", args.devices, port) for n, port in enumerate(ports)]
+    state = base / "state"
+    procs = [_start_server(config, state, url) for config in configs]
     try:
-        await _wait_healthy(port, proc)
-        feed = _Feed(args.devices, args.batch, seed=1)
-        await _saturate(port, feed, args.connections, 1.0)  # warm-up
-        saturation = await _measured(
-            proc.pid, lambda: _saturate(port, feed, args.connections, args.seconds)
+        for port, proc in zip(ports, procs, strict=True):
+            await _wait_healthy(port, proc)
+        feeds = [_Feed(args.devices, args.batch, seed=1 + n) for n in range(replicas)]
+        await asyncio.gather(
+            *(_saturate(p, f, args.connections, 1.0) for p, f in zip(ports, feeds, strict=True))
+        )  # warm-up
+        saturation = await _measured_all(
+            [p.pid for p in procs],
+            [
+                lambda p=p, f=f: _saturate(p, f, args.connections, args.seconds)  # type: ignore[misc]
+                for p, f in zip(ports, feeds, strict=True)
+            ],
         )
-        per_second = args.rate / args.batch
-        bodies = [feed.next() for _ in range(round(per_second * args.seconds))]
-        await asyncio.sleep(1.0)  # let the server settle after generating the bodies
-        fixed = await _measured(
-            proc.pid, lambda: _fixed_rate(port, bodies, 1 / per_second, args.open_connections)
+        per_second = rate / args.batch
+        bodies = [[f.next() for _ in range(round(per_second * args.seconds))] for f in feeds]
+        await asyncio.sleep(1.0)  # let the servers settle after generating the bodies
+        fixed = await _measured_all(
+            [p.pid for p in procs],
+            [
+                lambda p=p, b=b: _fixed_rate(p, b, 1 / per_second, args.open_connections)  # type: ignore[misc]
+                for p, b in zip(ports, bodies, strict=True)
+            ],
         )
-        hwm = _proc_status_kb(proc.pid, "VmHWM")
-        state = base / "state"
-        db_bytes = sum(p.stat().st_size for p in state.glob("state.db*"))
-        audit_bytes = (state / "audit.jsonl").stat().st_size
+        hwm = [_proc_status_kb(p.pid, "VmHWM") for p in procs]
+        if url is None:
+            db = sum(p.stat().st_size for p in state.glob("state.db*"))
+            audit = (state / "audit.jsonl").stat().st_size
+            stored = f"state.db + WAL {db / 2**20:.1f} MB, audit log {audit / 2**20:.1f} MB"
+        else:
+            stored = "state and audit chain in PostgreSQL"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-    return _Run(saturation, fixed, hwm, db_bytes, audit_bytes, load_before, _load())
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=60)
+    label = "sqlite" if url is None else "postgresql"
+    return _Run(label, replicas, rate, saturation, fixed, hwm, stored, load_before, _load())
+
+
+async def _measured_all(
+    pids: list[int], runs: list[Callable[[], Coroutine[Any, Any, _Phase]]]
+) -> list[_Phase]:
+    """Run one phase against every replica at once, each measured on its own server."""
+    return list(
+        await asyncio.gather(*(_measured(pid, run) for pid, run in zip(pids, runs, strict=True)))
+    )
 
 
 # --------------------------------------------------------------------------- the report
@@ -521,15 +574,24 @@ def _latency_line(title: str, seconds: list[float], note: str = "") -> str:
     )
 
 
-def _report(args: argparse.Namespace, run: _Run) -> None:
-    sat, fix = run.saturation, run.fixed
-    print(
-        f"ingest: one server process, {args.batch} alerts/notification, {args.devices} devices,"
-        f" {DUPLICATE_SHARE:.0%} re-sent firings; load average before {run.load_before}"
-    )
+@dataclass(frozen=True)
+class _Figures:
+    """One replica's verdict figures."""
+
+    sat_rate: float
+    p99_ms: float
+    sustained: bool
+    hwm_mb: float
+
+
+def _report_replica(args: argparse.Namespace, run: _Run, n: int) -> _Figures:
+    sat, fix = run.saturation[n], run.fixed[n]
     sat_rate = sat.alerts / sat.usage.wall
     dups = sum(a.deduplicated for a in sat.answers)
-    print(f"(a) saturation: {args.connections} closed-loop connections, {sat.usage.wall:.1f} s")
+    who = f"replica {n + 1} of {run.replicas}, " if run.replicas > 1 else ""
+    print(
+        f"(a) saturation: {who}{args.connections} closed-loop connections, {sat.usage.wall:.1f} s"
+    )
     print(
         f"  accepted           {sat.alerts:>9,} alerts  ({sat_rate:,.0f}/s,"
         f" {len(sat.answers) / sat.usage.wall:,.0f} notifications/s)"
@@ -540,14 +602,11 @@ def _report(args: argparse.Namespace, run: _Run) -> None:
     )
     print(_latency_line("latency", sat.latencies, "   (queueing: closed loop)"))
     print(_usage_line(sat.usage, sat.alerts))
-    print(f"  server RSS peak    {sat.usage.peak_rss_kb / 1024:.1f} MB (sampled)")
-
     offered = len(fix.answers) * args.batch  # every body has args.batch alerts
     fix_rate = fix.alerts / fix.span if fix.span else 0.0
-    dups = sum(a.deduplicated for a in fix.answers)
-    sustained = fix_rate >= SUSTAINED_SHARE * args.rate
+    sustained = fix_rate >= SUSTAINED_SHARE * run.rate
     print(
-        f"(b) fixed rate: {args.rate:,.0f} alerts/s offered ({args.rate / args.batch:,.0f}"
+        f"(b) fixed rate: {who}{run.rate:,.0f} alerts/s offered ({run.rate / args.batch:,.0f}"
         f" notifications/s, open loop) over {args.open_connections} connections,"
         f" {args.seconds:.0f} s"
     )
@@ -556,7 +615,6 @@ def _report(args: argparse.Namespace, run: _Run) -> None:
         f" {fix.span:.2f} s, first intended send to last answer): "
         f"{'sustained' if sustained else 'NOT sustained'} ({offered:,} offered)"
     )
-    print(f"  deduplicated       {dups:>9,} alerts  ({dups / max(1, fix.alerts):.0%})")
     print(_latency_line("latency", fix.latencies, "   (from the intended send time)"))
     if fix.lateness:
         print(
@@ -567,34 +625,54 @@ def _report(args: argparse.Namespace, run: _Run) -> None:
             )
         )
     print(_usage_line(fix.usage, fix.alerts))
-    print(f"  server RSS peak    {fix.usage.peak_rss_kb / 1024:.1f} MB (sampled)")
-    print(
-        f"state.db + WAL {run.db_bytes / 2**20:.1f} MB, audit log {run.audit_bytes / 2**20:.1f} MB;"
-        f" load average after {run.load_after} on {os.cpu_count()} CPUs"
-    )
-
     p99 = _percentile(sorted(fix.latencies), 0.99) * 1000
-    hwm = run.hwm_kb / 1024
+    return _Figures(sat_rate, p99, sustained, run.hwm_kb[n] / 1024)
+
+
+def _report(args: argparse.Namespace, runs: list[_Run]) -> None:
+    print(
+        f"ingest: {args.batch} alerts/notification, {args.devices} devices,"
+        f" {DUPLICATE_SHARE:.0%} re-sent firings; {os.cpu_count()} CPUs"
+    )
+    table: list[tuple[_Run, list[_Figures]]] = []
+    for run in runs:
+        print(
+            f"\n== {run.label}, {run.replicas} server process(es); load average before"
+            f" {run.load_before}, after {run.load_after}"
+        )
+        figures = [_report_replica(args, run, n) for n in range(run.replicas)]
+        print(
+            f"  {run.stored}; server RSS peak (VmHWM) "
+            + ", ".join(f"{f.hwm_mb:.1f} MB" for f in figures)
+        )
+        table.append((run, figures))
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
-    print("verdict:")
-    print(
-        f"  throughput  {sat_rate:>8,.0f} alerts/s at saturation (a)"
-        f"   target >= {TARGET_RATE:,.0f}/s   {verdict(sat_rate >= TARGET_RATE)}"
+    print("\nverdict (per server process):")
+    for run, figures in table:
+        sqlite = run.label == "sqlite"
+        target_rate = TARGET_RATE if sqlite else TARGET_RATE_REPLICA
+        target_p99 = TARGET_P99_MS if sqlite else TARGET_P99_MS_REPLICA
+        for n, f in enumerate(figures, start=1):
+            name = f"{run.label} {n}/{run.replicas}"
+            ok_p99 = f.sustained and f.p99_ms < target_p99 and run.rate >= target_rate
+            print(
+                f"  {name:<15} {f.sat_rate:>8,.0f} alerts/s at saturation"
+                f" (>= {target_rate:,.0f}: {verdict(f.sat_rate >= target_rate)});"
+                f" p99 {f.p99_ms:7.2f} ms at {run.rate:,.0f}/s offered"
+                f" (< {target_p99:g} ms: {verdict(ok_p99)}"
+                + ("" if f.sustained else ", rate not sustained")
+                + f"); RSS {f.hwm_mb:.1f} MB"
+                + f" (< {TARGET_RSS_MB:g}: {verdict(f.hwm_mb < TARGET_RSS_MB)})"
+            )
+    busy = max(
+        p.usage.other_cpu / p.usage.wall
+        for run in runs
+        for p in (*run.saturation, *run.fixed)
+        if p.usage.wall
     )
-    print(
-        f"  p99         {p99:>8.2f} ms at {args.rate:,.0f} alerts/s offered (b)"
-        f"   target < {TARGET_P99_MS:g} ms   "
-        f"{verdict(sustained and p99 < TARGET_P99_MS and args.rate >= TARGET_RATE)}"
-        + ("" if sustained else " (rate not sustained)")
-    )
-    print(
-        f"  RSS         {hwm:>8.1f} MB server peak over both phases (VmHWM)"
-        f"   target < {TARGET_RSS_MB:g} MB   {verdict(hwm < TARGET_RSS_MB)}"
-    )
-    busy = max(sat.usage.other_cpu / sat.usage.wall, fix.usage.other_cpu / fix.usage.wall)
     if busy > 0.1:
         print(
             f"  note: other processes used up to {busy:.2f} CPUs during a phase: the machine"
@@ -610,14 +688,63 @@ def main() -> None:
         "--connections", type=int, default=8, help="closed-loop connections of phase (a)"
     )
     parser.add_argument(
-        "--rate", type=float, default=TARGET_RATE, help="alerts/s offered in phase (b)"
+        "--rate", type=float, default=TARGET_RATE, help="alerts/s offered in phase (b) (SQLite)"
+    )
+    parser.add_argument(
+        "--replica-rate",
+        type=float,
+        default=TARGET_RATE_REPLICA,
+        help="alerts/s offered to each PostgreSQL replica in phase (b)",
     )
     parser.add_argument("--open-connections", type=int, default=64, help="connections of phase (b)")
     parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument(
+        "--state-url",
+        help="also measure PostgreSQL, one and two replicas: a postgresql:// URL of an empty "
+        "database, or 'postgres' to start a durable one of its own in a temp dir",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="remediate-bench-") as tmp:
-        run = asyncio.run(_bench(args, Path(tmp)))
-    _report(args, run)
+        runs = [
+            asyncio.run(_bench(args, Path(tmp) / "sqlite", url=None, replicas=1, rate=args.rate))
+        ]
+        if args.state_url:
+            with _postgres(args.state_url) as urls:
+                runs += [
+                    asyncio.run(
+                        _bench(
+                            args,
+                            Path(tmp) / f"postgres{replicas}",
+                            url=next(urls),
+                            replicas=replicas,
+                            rate=args.replica_rate,
+                        )
+                    )
+                    for replicas in (1, 2)
+                ]
+    _report(args, runs)
+
+
+@contextlib.contextmanager
+def _postgres(url: str) -> Iterator[Iterator[str]]:
+    """Databases to measure: the given URL's, or fresh ones of a PostgreSQL started here."""
+    if url != "postgres":
+        yield itertools.repeat(url)
+        return
+    sys.path.insert(0, str(ROOT))
+    from tests.support.postgres import remove_postgres, start_postgres  # noqa: PLC0415 - dev only
+
+    server = start_postgres(durable=True)  # synchronous_commit on, fsync on
+    try:
+
+        def fresh() -> Iterator[str]:
+            for n in itertools.count():
+                server.execute(f"CREATE DATABASE bench{n}")
+                yield server.url(f"bench{n}")
+
+        yield fresh()
+    finally:
+        remove_postgres(server)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import structlog
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from engine.executors.base import Executor, HostStatus, PlaybookRequest
 from engine.plans import HostPlan, PlannedStep, playbook_path
+from engine.redaction import NO_SECRETS, Secrets
 from engine.runbooks import Runbook
 
 
@@ -44,16 +46,21 @@ def run_steps(
     artifacts_dir: Path,
     label: str,
     recheck: Callable[[Sequence[str], str], set[str]] | None = None,
+    secrets: Secrets = NO_SECRETS,
+    stopped: Callable[[], AbstractSet[str]] = frozenset,
 ) -> dict[str, list[StepRun]]:
     """Run every planned step of ``batch`` in runbook order; a host stops at its first failure.
 
     For steps marked ``recheck``, ``recheck(hosts, step_id)`` probes again and returns the
-    hosts that still need the step; the others skip it.
+    hosts that still need the step; the others skip it.  Hosts in ``stopped()`` (asked
+    before every step: their lease was lost) get no further step.  ``secrets`` go to the
+    executor, which scrubs them from what the playbooks leave.
     """
     log = structlog.get_logger()
     runs: dict[str, list[StepRun]] = {h.host: [] for h in batch}
     failed: set[str] = set()
     for spec_step in runbook.spec.steps:
+        failed |= stopped()
         due = {
             host_plan.host: step
             for host_plan in batch
@@ -90,6 +97,7 @@ def run_steps(
                     hosts=hosts,
                     extravars=extravars,
                     label=f"{label}-{step.id}-{index}",
+                    secret_values=secrets.values,
                 ),
                 artifacts_dir=artifacts_dir,
             )

@@ -6,6 +6,9 @@ processors (the shape of structlog's own ``processors`` module)::
 
     merge contextvars → add level → format exc_info → redact secrets → stamp time → append
 
+(secrets are redacted by key name, then scrubbed by value as the event is appended: see
+:mod:`engine.redaction`).
+
 Each line of the file is one record in canonical JSON (sorted keys, compact
 separators, ASCII) carrying the event plus ``seq`` (1-based), ``ts`` (UTC
 ISO-8601), ``prev`` (the previous record's hash, 64 zeros for the first) and
@@ -20,32 +23,30 @@ A chain alone cannot tell a truncated tail from a shorter log: keep
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import logging
 import os
-import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from enum import Enum
 from pathlib import Path, PurePath
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import structlog
 from pydantic import BaseModel, ConfigDict
 
 from engine.errors import AuditError
+from engine.redaction import NO_SECRETS, REDACTED, Secrets, is_secret_name
 
 #: ``prev`` of the first record.
 GENESIS = "0" * 64
-#: What a secret value is replaced with.
-REDACTED = "[REDACTED]"
 #: Keys the log adds to every record; events must not carry them.
 RESERVED_KEYS = frozenset({"seq", "prev", "hash"})
 
@@ -153,7 +154,206 @@ def _canonical_object(members: Mapping[str, str]) -> str:
     return "{" + ",".join(f"{_canonical(k)}:{members[k]}" for k in sorted(members)) + "}"
 
 
+def encode_event(
+    event: Mapping[str, object], secrets: Secrets = NO_SECRETS
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The event as JSON data, and each member's canonical text (encoded once, reused).
+
+    ``secrets`` are replaced wherever they occur in its values (looked for in the encoded
+    text, which costs far less than in each string of a large event).
+    """
+    body = _jsonable(event)
+    members = {key: _canonical(value) for key, value in body.items()}
+    if secrets:
+        for key, text in members.items():
+            if secrets.found_in(text):
+                body[key] = secrets.scrub_data(body[key])
+                members[key] = _canonical(body[key])
+    return body, members
+
+
+def seal_record(members: Mapping[str, str], seq: int, prev: str) -> tuple[str, str]:
+    """The record's line (canonical JSON, no newline) and hash, as number ``seq`` after ``prev``.
+
+    ``members`` are the event's canonical member texts (:func:`encode_event`); every sink
+    seals records this way, so a chain kept in a database exports to the very lines a file
+    holds, and :func:`verify_audit` checks either.
+    """
+    sealed = {**members, "seq": str(seq), "prev": _canonical(prev)}
+    digest = hashlib.sha256(_canonical_object(sealed).encode("ascii")).hexdigest()
+    sealed["hash"] = _canonical(digest)
+    return _canonical_object(sealed), digest
+
+
+def write_export(target: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``target`` (mode 0600) through a temporary file, then rename."""
+    partial = target.with_name(target.name + ".partial")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        partial.replace(target)
+    except OSError as exc:
+        raise AuditError(f"{target}: cannot write the export: {exc.strerror}") from exc
+
+
 # --------------------------------------------------------------------------- the log
+
+
+class AuditSink(Protocol):
+    """Where audited events go: the JSON-lines file, or a chain in the state database."""
+
+    def append(
+        self, event: Mapping[str, object], *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, Any]:
+        """Append ``event`` as the next record (or keep it for the open unit of work).
+
+        ``secrets`` are scrubbed from its values first (:func:`encode_event`).
+        """
+
+    def head(self) -> AuditHead | None:
+        """The last record's seq and hash, or None when there is none."""
+
+    def export(self, target: Path) -> AuditHead | None:
+        """Write the whole chain to ``target`` as JSON lines; return its head."""
+
+    def verify(self, expected_head: AuditHead | None = None) -> AuditVerification:
+        """Check the chain (and, with ``expected_head``, that its tail is all there)."""
+
+
+# --------------------------------------------------------------------------- units of work
+#
+# A backend that keeps the chain next to the state (PostgreSQL) appends an event in the same
+# transaction as the state change it records.  Inside ``audit_unit()`` its sink keeps the
+# events; the store's next transaction in the same context takes them (``take_pending``) and
+# appends them before it commits; what is left when the unit ends gets a transaction of its
+# own.  A store running a transaction sets a writer, and events emitted meanwhile (from a
+# hook the store calls inside it) are appended to that transaction directly.  The file sink
+# ignores both: it appends at once, as it always did.
+
+
+@dataclasses.dataclass
+class _Unit:
+    """Events kept for the next state change, and who writes them if none takes them."""
+
+    events: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    flush: Callable[[list[dict[str, str]]], None] | None = None
+
+
+_UNIT: contextvars.ContextVar[_Unit | None] = contextvars.ContextVar(
+    "remediate_audit_unit", default=None
+)
+_WRITER: contextvars.ContextVar[Callable[[dict[str, str]], AuditHead] | None] = (
+    contextvars.ContextVar("remediate_audit_writer", default=None)
+)
+
+
+@contextmanager
+def audit_unit() -> Iterator[None]:
+    """Keep the events emitted inside for the next state change (see above)."""
+    if _UNIT.get() is not None:  # nested: the outer unit keeps them
+        yield
+        return
+    unit = _Unit()
+    token = _UNIT.set(unit)
+    try:
+        yield
+    finally:
+        _UNIT.reset(token)
+        if unit.events and unit.flush is not None:
+            unit.flush(unit.events)
+
+
+def take_pending() -> list[dict[str, str]]:
+    """The events of the open unit of work not yet written (a store's transaction takes them)."""
+    unit = _UNIT.get()
+    if unit is None or not unit.events:
+        return []
+    taken = list(unit.events)
+    unit.events.clear()
+    return taken
+
+
+@contextmanager
+def writing_into(writer: Callable[[dict[str, str]], AuditHead]) -> Iterator[None]:
+    """Inside the block, events are appended by ``writer`` (a store's open transaction)."""
+    token = _WRITER.set(writer)
+    try:
+        yield
+    finally:
+        _WRITER.reset(token)
+
+
+class DatabaseAuditSink:
+    """The audit chain in the state database, appended with the state changes it records.
+
+    ``append_to_store(members)`` appends records in a transaction of their own (events with
+    no state change); ``read_head()`` and ``export_to(target)`` read the chain back.
+    """
+
+    def __init__(
+        self,
+        *,
+        append: Callable[[list[dict[str, str]]], list[AuditHead]],
+        read_head: Callable[[], AuditHead | None],
+        export: Callable[[Path], AuditHead | None],
+        verify: Callable[[AuditHead | None], AuditVerification],
+        where: str,
+    ) -> None:
+        self._verify = verify
+        self._append = append
+        self._read_head = read_head
+        self._export = export
+        self.where = where
+
+    def __repr__(self) -> str:
+        return f"DatabaseAuditSink({self.where!r})"
+
+    def append(
+        self, event: Mapping[str, object], *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, Any]:
+        """Append ``event`` into the open transaction, the open unit, or one of its own."""
+        clash = RESERVED_KEYS & event.keys()
+        if clash:
+            raise AuditError(
+                f"{self.where}: event {event.get('event')!r} uses reserved key(s) "
+                f"{', '.join(sorted(clash))}"
+            )
+        if "ts" not in event:
+            raise AuditError(f"{self.where}: event {event.get('event')!r} has no 'ts'")
+        body, members = encode_event(event, secrets)
+        writer = _WRITER.get()
+        if writer is not None:
+            head = writer(members)
+            return {**body, "seq": head.seq, "hash": head.hash}
+        unit = _UNIT.get()
+        if unit is not None:
+            unit.events.append(members)
+            unit.flush = self.flush
+            return body
+        (head,) = self._append([members])
+        return {**body, "seq": head.seq, "hash": head.hash}
+
+    def flush(self, pending: list[dict[str, str]]) -> None:
+        """Write events a unit kept but no transaction took, in one transaction."""
+        if pending:
+            self._append(pending)
+
+    def head(self) -> AuditHead | None:
+        """The chain's last record (read from the database)."""
+        return self._read_head()
+
+    def export(self, target: Path) -> AuditHead | None:
+        """Write the chain to ``target`` as the JSON lines ``audit verify FILE`` checks."""
+        return self._export(target)
+
+    def verify(self, expected_head: AuditHead | None = None) -> AuditVerification:
+        """Check the chain in the database against ``expected_head`` (default: its head row)."""
+        return self._verify(expected_head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,12 +386,15 @@ class AuditLog:
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
 
-    def append(self, event: Mapping[str, object]) -> dict[str, Any]:
+    def append(
+        self, event: Mapping[str, object], *, secrets: Secrets = NO_SECRETS
+    ) -> dict[str, Any]:
         """Append ``event`` as the next record and return the record as written.
 
         ``event`` must carry ``ts`` (a datetime or an ISO-8601 string, normally
         set from the injected clock by the processor chain) and must not carry
-        ``seq``, ``prev`` or ``hash``.
+        ``seq``, ``prev`` or ``hash``.  ``secrets`` are scrubbed from its values first
+        (:func:`encode_event`).
         """
         clash = RESERVED_KEYS & event.keys()
         if clash:
@@ -201,10 +404,7 @@ class AuditLog:
             )
         if "ts" not in event:
             raise AuditError(f"{self.path}: event {event.get('event')!r} has no 'ts'")
-        body = _jsonable(event)
-        # Each member is encoded once, before the lock: the line and its hash are then put
-        # together from the same texts (see _canonical_object).
-        members = {key: _canonical(value) for key, value in body.items()}
+        body, members = encode_event(event, secrets)
         try:
             fd = self._open()
         except OSError as exc:
@@ -213,10 +413,8 @@ class AuditLog:
             fcntl.flock(fd, fcntl.LOCK_EX)
             head = self._head_under_lock(fd)
             seq, prev = (head.seq if head else 0) + 1, head.hash if head else GENESIS
-            members["seq"], members["prev"] = str(seq), _canonical(prev)
-            digest = hashlib.sha256(_canonical_object(members).encode("ascii")).hexdigest()
-            members["hash"] = _canonical(digest)
-            _write_all(fd, (_canonical_object(members) + "\n").encode("ascii"))
+            line, digest = seal_record(members, seq, prev)
+            _write_all(fd, (line + "\n").encode("ascii"))
             if event.get("event") not in self.unsynced_events:
                 os.fsync(fd)
             self._last = _Written(os.fstat(fd), AuditHead(seq=seq, hash=digest))
@@ -226,14 +424,29 @@ class AuditLog:
             os.close(fd)  # also releases the flock
         return {**body, "seq": seq, "prev": prev, "hash": digest}
 
+    def verify(self, expected_head: AuditHead | None = None) -> AuditVerification:
+        """Check the file's chain (see :func:`verify_audit`)."""
+        return verify_audit(self.path, expected_head=expected_head)
+
+    def export(self, target: Path) -> AuditHead | None:
+        """Copy the log to ``target`` (the same JSON lines); return the head it ends with."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        except OSError as exc:
+            raise AuditError(f"{self.path}: cannot read the audit log: {exc.strerror}") from exc
+        write_export(target, [data] if data else [])
+        return self.head()
+
     def _open(self) -> int:
         """Open the log for appending, creating it (and its folder) when missing."""
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
         try:
-            return os.open(self.path, flags, 0o640)
+            return os.open(self.path, flags, 0o600)
         except FileNotFoundError:  # the folder is missing: made once, not checked per append
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return os.open(self.path, flags, 0o640)
+            return os.open(self.path, flags, 0o600)
 
     def _head_under_lock(self, fd: int) -> AuditHead | None:
         """The last record's seq and hash; the caller holds the lock.
@@ -334,6 +547,11 @@ def verify_audit(path: Path, *, expected_head: AuditHead | None = None) -> Audit
         return _verify_lines(handle, expected_head)
 
 
+def verify_lines(lines: Iterable[bytes], expected_head: AuditHead | None) -> AuditVerification:
+    """Check records given as lines (each with its newline), as :func:`verify_audit` does."""
+    return _verify_lines(iter(lines), expected_head)
+
+
 def _verify_lines(lines: Iterator[bytes], expected_head: AuditHead | None) -> AuditVerification:
     prev = GENESIS
     count = 0
@@ -401,34 +619,6 @@ def _check_line(raw: bytes, *, seq: int, prev: str) -> dict[str, Any] | str:
 
 # --------------------------------------------------------------------------- processors
 
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-_SECRET_NAME = re.compile(
-    r"(?:^|[_\-.])(?:"
-    r"pass|passwd|password|passphrase|pwd|secrets?|tokens?|credentials?|creds?|"
-    r"authorization|bearer|cookies?|session[_\-.]?ids?|"
-    r"(?:api|private|secret|access|ssh|signing|encryption)[_\-.]?keys?"
-    r")(?:$|[_\-.])"
-)
-
-
-#: Key names up to this long have their answer remembered (alert labels repeat a lot; a
-#: hostile flood of long, unique names must not fill memory).
-_REMEMBERED_NAME_LENGTH = 64
-
-
-def is_secret_name(key: str) -> bool:
-    """Return whether a field named ``key`` conventionally holds a secret."""
-    if len(key) > _REMEMBERED_NAME_LENGTH:
-        return _looks_secret(key)
-    return _looks_secret_remembered(key)
-
-
-def _looks_secret(key: str) -> bool:
-    return _SECRET_NAME.search(_CAMEL.sub("_", key).lower()) is not None
-
-
-_looks_secret_remembered = functools.lru_cache(maxsize=4096)(_looks_secret)
-
 
 def _redact(value: object, names: frozenset[str]) -> object:
     if isinstance(value, Mapping):
@@ -448,12 +638,13 @@ def redact_secrets(
     method_name: str,
     event_dict: structlog.typing.EventDict,
 ) -> structlog.typing.EventDict:
-    """Replace secret values anywhere in the event with ``[REDACTED]``.
+    """Replace secret values anywhere in the event with ``[REDACTED]``, by their key.
 
     A value is secret when its key looks like a secret (``password``,
     ``*_token``, ``api_key``, ``authorization`` …, see :func:`is_secret_name`) or
     is named in the event's ``secret_keys`` field (runbook params marked secret);
-    ``secret_keys`` itself is dropped.
+    ``secret_keys`` itself is dropped.  Secrets known by value are scrubbed when the
+    event is appended (see :class:`_Append`).
     """
     del logger, method_name
     declared = event_dict.pop("secret_keys", None) or ()
@@ -463,6 +654,12 @@ def redact_secrets(
     redacted = _redact(event_dict, names)
     assert isinstance(redacted, dict)  # noqa: S101 - _redact maps a mapping to a dict
     return redacted
+
+
+#: The secrets of the run whose events are emitted in this context (see audit_context).
+_RUN_SECRETS: contextvars.ContextVar[Secrets] = contextvars.ContextVar(
+    "remediate_run_secrets", default=NO_SECRETS
+)
 
 
 class _Stamp:
@@ -483,11 +680,27 @@ class _Stamp:
 
 
 class _Append:
-    """Processor: append the event to the audit log, then drop it or pass it on."""
+    """Processor: append the event to the audit log, then drop it or pass it on.
 
-    def __init__(self, log: AuditLog, *, pass_on: bool) -> None:
+    Known secrets are scrubbed from the event as it is written, by value: the entry point's
+    and the run's own (:func:`audit_context`); what is passed on is what was written.
+    """
+
+    def __init__(self, log: AuditSink, *, pass_on: bool, secrets: Secrets) -> None:
         self._log = log
         self._pass_on = pass_on
+        self._secrets = secrets
+        self._with_run: tuple[Secrets, Secrets] = (NO_SECRETS, secrets)  # last run's, combined
+
+    def _known(self) -> Secrets:
+        run = _RUN_SECRETS.get()
+        if run.values <= self._secrets.values:
+            return self._secrets
+        last_run, combined = self._with_run
+        if last_run is not run:
+            combined = self._secrets | run
+            self._with_run = (run, combined)
+        return combined
 
     def __call__(
         self,
@@ -496,23 +709,25 @@ class _Append:
         event_dict: structlog.typing.EventDict,
     ) -> structlog.typing.EventDict:
         del logger, method_name
-        self._log.append(event_dict)
+        record = self._log.append(event_dict, secrets=self._known())
         if not self._pass_on:
             raise structlog.DropEvent
-        return event_dict
+        return {k: v for k, v in record.items() if k not in RESERVED_KEYS}
 
 
 def audit_processors(
-    log: AuditLog,
+    log: AuditSink,
     clock: Callable[[], datetime],
     *,
     then: Sequence[structlog.typing.Processor] = (),
+    secrets: Secrets = NO_SECRETS,
 ) -> list[structlog.typing.Processor]:
     """Return the processor chain that redacts, stamps and appends events to ``log``.
 
     Without ``then`` the last processor drops the event after writing it (any
     logger factory will do); with ``then`` (e.g. a console renderer) the
-    event, already redacted, is passed on to those processors.
+    event, already redacted, is passed on to those processors.  ``secrets`` are
+    replaced wherever they occur in an event (see :class:`_Append`).
     """
     return [
         structlog.contextvars.merge_contextvars,
@@ -520,26 +735,30 @@ def audit_processors(
         structlog.processors.format_exc_info,
         redact_secrets,
         _Stamp(clock),
-        _Append(log, pass_on=bool(then)),
+        _Append(log, pass_on=bool(then), secrets=secrets),
         *then,
     ]
 
 
 def configure_audit(
-    log: AuditLog,
+    log: AuditSink,
     *,
     clock: Callable[[], datetime] = utc_now,
     also_console: bool = False,
+    secrets: Secrets = NO_SECRETS,
 ) -> None:
     """Configure structlog (once, in an entry point) so every event is audited to ``log``.
 
-    With ``also_console`` events are also rendered for people on stderr.
+    With ``also_console`` events are also rendered for people on stderr.  ``secrets``: the
+    values the entry point knows to be secret, scrubbed from every event.
     """
     if also_console:
-        processors = audit_processors(log, clock, then=[structlog.dev.ConsoleRenderer()])
+        processors = audit_processors(
+            log, clock, then=[structlog.dev.ConsoleRenderer()], secrets=secrets
+        )
         factory: Any = structlog.PrintLoggerFactory(sys.stderr)
     else:
-        processors = audit_processors(log, clock)
+        processors = audit_processors(log, clock, secrets=secrets)
         factory = structlog.ReturnLoggerFactory()
     structlog.configure(
         processors=processors,
@@ -550,7 +769,16 @@ def configure_audit(
 
 
 @contextmanager
-def audit_context(run_id: str, **fields: object) -> Iterator[None]:
-    """Bind ``run_id`` and other run-wide fields to every event emitted inside the block."""
-    with structlog.contextvars.bound_contextvars(run_id=run_id, **fields):
-        yield
+def audit_context(
+    run_id: str, *, secrets: Secrets = NO_SECRETS, **fields: object
+) -> Iterator[None]:
+    """Bind ``run_id`` and other run-wide fields to every event emitted inside the block.
+
+    ``secrets`` (the run's secret param values) are scrubbed from those events, never written.
+    """
+    token = _RUN_SECRETS.set(secrets)
+    try:
+        with structlog.contextvars.bound_contextvars(run_id=run_id, **fields):
+            yield
+    finally:
+        _RUN_SECRETS.reset(token)

@@ -10,7 +10,7 @@ list them; listing them only places them and words their message.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -81,8 +81,8 @@ def _verdict(
             return GuardVerdict(id=guard.id, kind="cooldown", passed=False, message=message)
         return GuardVerdict(id=guard.id, kind="cooldown", passed=True)
     if isinstance(guard, LockGuard):
-        holder = store.lock_holder(host)
-        if holder is not None and holder.expires_at > now:
+        holder = store.lock_holder(host)  # a live lease, on the store's clock
+        if holder is not None:
             message = f"{guard.message} (run {holder.run_id})"
             return GuardVerdict(id=guard.id, kind="lock", passed=False, message=message)
         return GuardVerdict(id=guard.id, kind="lock", passed=True)
@@ -160,4 +160,22 @@ def blast_radius_refusal(runbook: Runbook, targeted: int, acting: int) -> str | 
     return (
         f"guard {declared.id}: {declared.message}: {acting} hosts need action, "
         f"the policy allows {allowed} of {targeted} targeted ({limits})"
+    )
+
+
+#: Hosts of other runs a refusal names (the rest are counted).
+_SHOWN = 5
+
+
+def admission_refusal(
+    runbook: Runbook, targeted: int, acting: Sequence[str], in_flight: Sequence[str]
+) -> str:
+    """Why a run is refused when other runs of its runbook hold too much of the fleet."""
+    allowed = allowed_hosts(runbook.spec.policy, targeted)
+    together = len(set(acting) | set(in_flight))
+    shown = ", ".join(sorted(in_flight)[:_SHOWN]) + (", ..." if len(in_flight) > _SHOWN else "")
+    return (
+        f"guard blast_radius: {len(acting)} hosts need action while other runs of "
+        f"{runbook.name} act on {len(in_flight)} ({shown}): {together} at once, "
+        f"the policy allows {allowed} of {targeted} targeted"
     )

@@ -20,7 +20,7 @@ import secrets
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,12 +28,19 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.actions import StepRun, run_steps
-from engine.audit import REDACTED, audit_context
+from engine.audit import audit_context, audit_unit
 from engine.drift import drift_reason
 from engine.errors import ExecutorError, PlanFileError
 from engine.executors.base import Executor, HostStatus, SelectingExecutor
 from engine.expressions import EvaluationError
-from engine.guards import blast_radius_refusal, context_for, evaluate_host
+from engine.guards import (
+    admission_refusal,
+    allowed_hosts,
+    blast_radius_refusal,
+    context_for,
+    evaluate_host,
+)
+from engine.leases import LeaseKeeper
 from engine.outcomes import BAD_OUTCOMES, HostOutcome, Mode, RunStatus
 from engine.planfiles import SavedPlan
 from engine.plans import (
@@ -45,11 +52,15 @@ from engine.plans import (
     shown_params,
 )
 from engine.probes import HostProbe, PendingProbe, ProbeStatus, run_probes, start_probe
+from engine.redaction import NO_SECRETS, REDACTED, Secrets
 from engine.runbooks import Runbook
 from engine.runbooks.spec import Approval
 from engine.state import HostRecord, RunRecord, StateStore
-from engine.targets import TargetSet, resolve_targets, runbook_selection, target_set
+from engine.targets import Host, TargetSet, resolve_targets, runbook_selection, target_set
 from engine.verification import verify_hosts
+
+#: How long a device lease lives unless renewed (it is renewed every third of it).
+DEFAULT_LEASE_TTL = timedelta(minutes=1)
 
 
 class Reporter(Protocol):
@@ -88,6 +99,10 @@ class Services:
     artifacts_dir: Path
     sleep: Callable[[float], None]
     reporter: Reporter = field(default_factory=NullReporter)
+    secrets: Secrets = NO_SECRETS
+    """Values the entry point knows to be secret; a run adds its secret params' values."""
+    holder: str = "cli"  # who holds the device leases of its runs (a controller's name)
+    lease_ttl: timedelta = DEFAULT_LEASE_TTL  # device leases live this long unless renewed
 
 
 class RunRequest(BaseModel):
@@ -102,6 +117,9 @@ class RunRequest(BaseModel):
     trigger: str  # "user:<name>" or "alert:<fingerprint>"
     user: str
     hosts: tuple[str, ...] | None = None  # exact host names to keep (a saved plan's hosts)
+    #: How many hosts the blast radius is judged against when the run's own targets are a
+    #: part of the fleet (an alert run on one device: the hosts its runbook targets).
+    fleet: int | None = None
 
 
 class HostReport(BaseModel):
@@ -146,6 +164,9 @@ class PlanContext:
     targets: TargetSet
     params: dict[str, Any]
     probes: dict[str, HostProbe]
+    targeted: int  # the hosts the blast radius is judged against
+    secrets: Secrets = NO_SECRETS
+    """Scrubbed from what the run keeps: the entry point's secrets and the secret params'."""
 
     @property
     def host_vars(self) -> dict[str, Mapping[str, Any]]:
@@ -155,6 +176,11 @@ class PlanContext:
 
 def _secret_keys(runbook: Runbook) -> list[str]:
     return sorted(runbook.secret_params)
+
+
+def run_secrets(runbook: Runbook, params: Mapping[str, Any], known: Secrets) -> Secrets:
+    """``known`` and the values of the runbook's secret params (see :mod:`engine.redaction`)."""
+    return known.with_values(params[name] for name in runbook.secret_params if name in params)
 
 
 def plan_run(
@@ -180,41 +206,14 @@ def plan_run(
     log.info("targets.resolved", run_id=run_id, hosts=list(targets.names))
     now = services.clock()
     services.reporter.phase("evaluating guards", len(targets.hosts))
-    host_plans: list[HostPlan] = []
-    for host in targets.hosts:
-        probe = probes[host.name]
-        log.info(
-            "probe.finished",
-            run_id=run_id,
-            host=host.name,
-            status=probe.status.value,
-            message=probe.message,
-            evidence=probe.evidence(),
+    with audit_unit():  # a database-kept chain takes the per-host events in few commits
+        plans = tuple(
+            _decide_host(runbook, host, probes, params, services, run_id, now)
+            for host in targets.hosts
         )
-        decision = evaluate_host(runbook, probe, params, host.vars, services.store, now)
-        if decision.outcome is HostOutcome.SKIPPED:
-            blocked = decision.guards[-1]
-            log.info(
-                "guard.denied",
-                run_id=run_id,
-                host=host.name,
-                guard=blocked.id,
-                message=blocked.message,
-            )
-        host_plan = plan_host(runbook, decision, probe, params, host.vars)
-        log.info(
-            "host.decided",
-            run_id=run_id,
-            host=host.name,
-            outcome=host_plan.outcome.value,
-            reason=host_plan.reason,
-            steps=[s.id for s in host_plan.steps],
-        )
-        host_plans.append(host_plan)
-        services.reporter.advance()
-    plans = tuple(host_plans)
     acting = sum(1 for h in plans if h.outcome is HostOutcome.PLANNED)
-    refused = blast_radius_refusal(runbook, targeted or len(targets.hosts), acting)
+    targeted = targeted or request.fleet or len(targets.hosts)
+    refused = blast_radius_refusal(runbook, targeted, acting)
     if refused:
         plans = refuse(plans, refused)
         log.warning("guard.denied", run_id=run_id, guard="blast_radius", message=refused)
@@ -240,7 +239,51 @@ def plan_run(
         steps={h.host: [s.id for s in h.steps] for h in plan.acting},
         refused=refused,
     )
-    return plan, PlanContext(runbook, request, targets, params, probes)
+    secrets = run_secrets(runbook, params, services.secrets)
+    return plan, PlanContext(runbook, request, targets, params, probes, targeted, secrets)
+
+
+def _decide_host(
+    runbook: Runbook,
+    host: Host,
+    probes: Mapping[str, HostProbe],
+    params: Mapping[str, Any],
+    services: Services,
+    run_id: str,
+    now: datetime,
+) -> HostPlan:
+    """Evaluate and plan one probed host, with its audit events."""
+    log = structlog.get_logger()
+    probe = probes[host.name]
+    log.info(
+        "probe.finished",
+        run_id=run_id,
+        host=host.name,
+        status=probe.status.value,
+        message=probe.message,
+        evidence=probe.evidence(),
+    )
+    decision = evaluate_host(runbook, probe, params, host.vars, services.store, now)
+    if decision.outcome is HostOutcome.SKIPPED:
+        blocked = decision.guards[-1]
+        log.info(
+            "guard.denied",
+            run_id=run_id,
+            host=host.name,
+            guard=blocked.id,
+            message=blocked.message,
+        )
+    host_plan = plan_host(runbook, decision, probe, params, host.vars)
+    log.info(
+        "host.decided",
+        run_id=run_id,
+        host=host.name,
+        outcome=host_plan.outcome.value,
+        reason=host_plan.reason,
+        steps=[s.id for s in host_plan.steps],
+    )
+    services.reporter.advance()
+    return host_plan
 
 
 def _targets_and_probes(
@@ -330,17 +373,34 @@ def _batches(hosts: tuple[HostPlan, ...], size: int) -> list[tuple[HostPlan, ...
 
 
 class _Apply:
-    """One apply over a plan: batches, locks, steps, verify, failure budget."""
+    """One apply over a plan: batches, leases, steps, verify, failure budget.
+
+    Each batch's devices are leased (renewed by a :class:`LeaseKeeper` while its playbooks
+    run); a device whose lease is lost gets no further step, and its outcome and cool-down
+    are written fenced by the lease, as soon as its batch ends.
+    """
 
     def __init__(self, plan: Plan, ctx: PlanContext, services: Services) -> None:
         self.plan, self.ctx, self.services = plan, ctx, services
         self.reports: dict[str, HostReport] = {}
+        self.recorded: set[str] = set()  # hosts whose outcome is in the store already
         self.failures = 0
         self.attempted = 0
         self.log = structlog.get_logger()
+        self.keeper = LeaseKeeper(
+            services.store,
+            run_id=plan.run_id,
+            holder=services.holder,
+            ttl=min(services.lease_ttl, ctx.runbook.spec.policy.lock_ttl),
+            max_hold=ctx.runbook.spec.policy.lock_ttl,
+        )
 
     def run(self) -> bool:
         """Act on every batch; return whether the failure budget stopped the run."""
+        with self.keeper:
+            return self._run_batches()
+
+    def _run_batches(self) -> bool:
         policy = self.ctx.runbook.spec.policy
         batches = _batches(self.plan.acting, policy.serial)
         acting = len(self.plan.acting)
@@ -362,27 +422,26 @@ class _Apply:
         return False
 
     def _batch(self, number: int, batch: tuple[HostPlan, ...]) -> None:
-        store, runbook = self.services.store, self.ctx.runbook
         locked: list[HostPlan] = []
         for host_plan in batch:
-            if store.try_lock(host_plan.host, self.plan.run_id, runbook.spec.policy.lock_ttl):
+            grant = self.keeper.acquire(host_plan.host)
+            if grant.lease is not None:
                 locked.append(host_plan)
-            else:
-                holder = store.lock_holder(host_plan.host)
-                reason = f"device lock held by run {holder.run_id if holder else 'another run'}"
-                self.log.info(
-                    "guard.denied", host=host_plan.host, guard="device_lock", message=reason
-                )
-                self.reports[host_plan.host] = _from_plan(host_plan, HostOutcome.SKIPPED, reason)
+                continue
+            holder = grant.held_by
+            reason = f"device lock held by run {holder.run_id if holder else 'another run'}"
+            self.log.info("guard.denied", host=host_plan.host, guard="device_lock", message=reason)
+            self.reports[host_plan.host] = _from_plan(host_plan, HostOutcome.SKIPPED, reason)
         try:
             self._act(number, tuple(locked))
+            self._record(tuple(locked))
         finally:
-            for host_plan in locked:
-                store.release_lock(host_plan.host, self.plan.run_id)
+            self.keeper.release_all()
 
     def _still_needed(self, hosts: Sequence[str], step_id: str) -> set[str]:
         """Probe ``hosts`` again: those where the symptom and the step's ``when`` still hold."""
         ctx = self.ctx
+        hosts = [h for h in hosts if h not in self.keeper.lost]
         probes = run_probes(
             self.services.executor,
             ctx.request.inventory,
@@ -402,6 +461,14 @@ class _Apply:
                 self.log.warning("step.recheck_failed", host=host, step=step_id, error=str(exc))
         return still
 
+    def _lost(self, host: str, runs: Sequence[StepRun] = ()) -> HostReport:
+        return HostReport(
+            host=host,
+            outcome=HostOutcome.INTERRUPTED,
+            reason=f"lease lost, stopped acting on it: {self.keeper.lost.get(host, '?')}",
+            steps=tuple(runs),
+        )
+
     def _act(self, number: int, batch: tuple[HostPlan, ...]) -> None:
         if not batch:
             return
@@ -416,6 +483,8 @@ class _Apply:
                 artifacts_dir=services.artifacts_dir / self.plan.run_id,
                 label=f"batch{number}",
                 recheck=self._still_needed,
+                secrets=ctx.secrets,
+                stopped=lambda: set(self.keeper.lost),
             )
         except BaseException:
             for host_plan in batch:
@@ -427,22 +496,31 @@ class _Apply:
         now = services.clock()
         succeeded: list[str] = []
         for host_plan in batch:
-            runs = step_runs[host_plan.host]
-            if runs:
-                services.store.mark_acted(ctx.runbook.name, host_plan.host, now)
+            host = host_plan.host
+            runs = step_runs[host]
+            lease = self.keeper.lease(host)  # cool-downs are written fenced, never unfenced
+            if (
+                runs
+                and lease is not None
+                and not services.store.mark_acted(ctx.runbook.name, host, now, lease=lease)
+            ):
+                self.keeper.mark_lost(host, "the store refused the fenced cool-down")
+            if host in self.keeper.lost:
+                self.reports[host] = self._lost(host, runs)
+                continue
             failed = next(
                 (r for r in runs if r.status is not None and r.status is not HostStatus.OK), None
             )
             if failed is None:
-                succeeded.append(host_plan.host)
+                succeeded.append(host)
                 continue
             outcome = (
                 HostOutcome.UNREACHABLE
                 if failed.status is HostStatus.UNREACHABLE
                 else HostOutcome.FAILED
             )
-            self.reports[host_plan.host] = HostReport(
-                host=host_plan.host,
+            self.reports[host] = HostReport(
+                host=host,
                 outcome=outcome,
                 reason=f"step {failed.step} {failed.status}: {failed.message}",
                 steps=tuple(runs),
@@ -472,6 +550,34 @@ class _Apply:
         )
         services.reporter.advance(len(batch))
 
+    def _record(self, batch: tuple[HostPlan, ...]) -> None:
+        """Write the batch's outcomes, each fenced by its device's lease."""
+        now = self.services.clock()
+        for host_plan in batch:
+            host = host_plan.host
+            lease = self.keeper.lease(host)
+            if lease is None:
+                continue  # lost: recorded (unfenced, as interrupted) with the run's other hosts
+            if self.services.store.record_host(
+                _host_record(self.plan.run_id, self.reports[host], now, self.ctx.secrets),
+                lease=lease,
+            ):
+                self.recorded.add(host)
+            else:
+                self.keeper.mark_lost(host, "the store refused the fenced outcome")
+                self.reports[host] = self._lost(host, self.reports[host].steps)
+
+
+def _host_record(run_id: str, report: HostReport, now: datetime, secrets: Secrets) -> HostRecord:
+    return HostRecord(
+        run_id=run_id,
+        host=report.host,
+        outcome=report.outcome,
+        reason=secrets.scrub(report.reason),
+        steps=[s.step for s in report.steps],
+        finished_at=now,
+    )
+
 
 def execute_plan(
     plan: Plan,
@@ -496,11 +602,20 @@ def execute_plan(
             log.warning("approval.declined", approver=ctx.request.user)
             plan = plan.model_copy(update={"hosts": refuse(plan.hosts, reason), "refused": reason})
     if plan.mode is Mode.APPLY and plan.acting and not refused:
+        admitted = _admit(plan, ctx, services)
+        if admitted is not None:
+            refused = True
+            plan = plan.model_copy(
+                update={"hosts": refuse(plan.hosts, admitted), "refused": admitted}
+            )
+    recorded: set[str] = set()
+    if plan.mode is Mode.APPLY and plan.acting and not refused:
         apply = _Apply(plan, ctx, services)
         try:
             aborted = apply.run()
         finally:
             reports.update(apply.reports)
+            recorded = apply.recorded
     for host_plan in plan.hosts:
         reports.setdefault(host_plan.host, _from_plan(host_plan))
     hosts = tuple(reports[h.host] for h in plan.hosts)
@@ -508,21 +623,48 @@ def execute_plan(
     now = services.clock()
     store.record_hosts(
         [
-            HostRecord(
-                run_id=plan.run_id,
-                host=report.host,
-                outcome=report.outcome,
-                reason=report.reason,
-                steps=[s.step for s in report.steps],
-                finished_at=now,
-            )
+            _host_record(plan.run_id, report, now, ctx.secrets)
             for report in hosts
+            if report.host not in recorded
         ]
     )
     summary = dict(Counter(h.outcome.value for h in hosts))
-    store.finish_run(plan.run_id, status, summary)
-    log.info("run.finished", status=status.value, summary=summary)
-    return RunReport(plan=plan, status=status, hosts=hosts, finished_at=now)
+    with audit_unit():  # the event commits with the run's end
+        log.info("run.finished", status=status.value, summary=summary)
+        final = store.finish_run(plan.run_id, status, summary)
+    if final.status is not status:  # marked interrupted meanwhile (its leases expired)
+        log.warning("run.status_kept", status=final.status.value, ended=status.value)
+        status = final.status
+    # What the run shows and keeps (a saved plan, an approval) never holds a secret; the
+    # plan's own vars went to the playbooks as they were.
+    return ctx.secrets.scrub_model(
+        RunReport(plan=plan, status=status, hosts=hosts, finished_at=now)
+    )
+
+
+def _admit(plan: Plan, ctx: PlanContext, services: Services) -> str | None:
+    """Admit the plan's hosts under the runbook's fleet-wide blast radius; why not, or None.
+
+    Runs of the same runbook on other controllers count: their admitted hosts and these
+    together must stay within the policy (one transaction under a lock in the store).
+    """
+    runbook = ctx.runbook
+    allowed = allowed_hosts(runbook.spec.policy, ctx.targeted)
+    acting = [h.host for h in plan.acting]
+    admission = services.store.admit_hosts(
+        runbook.name,
+        plan.run_id,
+        acting,
+        allowed=allowed,
+        ttl=min(services.lease_ttl, runbook.spec.policy.lock_ttl),
+    )
+    if admission.admitted:
+        return None
+    reason = admission_refusal(runbook, ctx.targeted, acting, admission.in_flight)
+    structlog.get_logger().warning(
+        "guard.denied", guard="blast_radius", message=reason, in_flight=list(admission.in_flight)
+    )
+    return reason
 
 
 def _recorded_run(
@@ -533,11 +675,12 @@ def _recorded_run(
     **context: object,
 ) -> RunReport:
     """Run ``body(run_id)`` inside one run's audit context and state record."""
-    runbook.param_values(request.overrides)  # a bad -e fails before anything is recorded
+    params = runbook.param_values(request.overrides)  # a bad -e fails before anything is kept
     run_id = services.new_run_id()
     started = services.clock()
     with audit_context(
         run_id,
+        secrets=run_secrets(runbook, params, services.secrets),
         runbook=runbook.name,
         runbook_digest=runbook.digest,
         trigger=request.trigger,
@@ -545,32 +688,34 @@ def _recorded_run(
         **context,
     ):
         log = structlog.get_logger()
-        log.info(
-            "run.started",
-            user=request.user,
-            inventory=str(request.inventory),
-            limit=request.limit,
-            params=runbook.param_values(request.overrides),
-            secret_keys=_secret_keys(runbook),
-        )
-        services.store.start_run(
-            RunRecord(
-                run_id=run_id,
-                runbook=runbook.name,
-                runbook_digest=runbook.digest,
-                mode=request.mode,
-                trigger=request.trigger,
-                started_at=started,
+        with audit_unit():  # the event commits with the run's record
+            log.info(
+                "run.started",
+                user=request.user,
+                inventory=str(request.inventory),
+                limit=request.limit,
+                params=params,
+                secret_keys=_secret_keys(runbook),
             )
-        )
+            services.store.start_run(
+                RunRecord(
+                    run_id=run_id,
+                    runbook=runbook.name,
+                    runbook_digest=runbook.digest,
+                    mode=request.mode,
+                    trigger=request.trigger,
+                    started_at=started,
+                )
+            )
         try:
             return body(run_id)
         except BaseException as exc:
             status = RunStatus.ERROR if isinstance(exc, Exception) else RunStatus.INTERRUPTED
-            services.store.finish_run(run_id, status, {})
-            log.error(  # noqa: TRY400 - the audit record names the error; no traceback in it
-                "run.finished", status=status.value, error=f"{type(exc).__name__}: {exc}"
-            )
+            with audit_unit():
+                log.error(  # noqa: TRY400 - the audit record names the error; no traceback
+                    "run.finished", status=status.value, error=f"{type(exc).__name__}: {exc}"
+                )
+                services.store.finish_run(run_id, status, {})
             raise
 
 
@@ -608,7 +753,14 @@ def apply_saved_plan(
     The caller has checked the plan's digest, expiry and runbook (:mod:`engine.planfiles`).
     """
     reviewed = {h.host: h for h in saved.plan.acting}
-    overrides = {k: v for k, v in saved.plan.overrides.items() if v != REDACTED}
+    withheld = sorted(k for k, v in saved.plan.overrides.items() if v == REDACTED)
+    if withheld:
+        raise PlanFileError(
+            f"the plan was made with secret parameter(s) {', '.join(withheld)} given with -e; "
+            "a saved plan never holds secret values, so it cannot be applied as reviewed "
+            "(use `remediate run ... -e` instead)"
+        )
+    overrides = dict(saved.plan.overrides)
     request = RunRequest(
         inventory=Path(saved.plan.inventory),
         limit=saved.plan.limit,
@@ -629,7 +781,8 @@ def apply_saved_plan(
         )
         hosts: list[HostPlan] = []
         for host in fresh.hosts:
-            reason = drift_reason(reviewed[host.host], host)
+            # The reviewed plan holds [REDACTED] where a secret was: compare like with like.
+            reason = drift_reason(reviewed[host.host], ctx.secrets.scrub_model(host))
             if reason is None:
                 hosts.append(host)
                 continue

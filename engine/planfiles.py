@@ -4,6 +4,10 @@ The file is JSON: the plan (per host: the evidence the decision rested on, the g
 the steps with their rendered vars and exact items), who made it and when, when it expires,
 and a sha256 digest over all of that.  An edited file no longer matches its digest and is
 refused; so is an expired plan, or one whose runbook changed since.
+
+A saved plan never holds a secret: the values the engine knows to be secret are scrubbed
+from it (:func:`seal_plan`) before the digest is taken, and the file is readable by its owner
+only.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from engine.errors import PlanFileError
 from engine.outcomes import HostOutcome
 from engine.plans import Plan
+from engine.privacy import write_private
+from engine.redaction import NO_SECRETS, Secrets
 from engine.runbooks import Runbook
 
 FORMAT: Literal["remediate-plan/v1"] = "remediate-plan/v1"
@@ -45,13 +51,18 @@ class SavedPlan(BaseModel):
         return self.model_copy(update={"digest": self.computed_digest()})
 
 
-def save_plan(plan: Plan, path: Path, *, expires_in: timedelta) -> SavedPlan:
-    """Write ``plan`` to ``path`` (atomically) with its expiry and digest."""
-    saved = SavedPlan(plan=plan, expires_at=plan.created_at + expires_in).sealed()
+def seal_plan(plan: Plan, expires_at: datetime, secrets: Secrets = NO_SECRETS) -> SavedPlan:
+    """``plan`` as saved for review: ``secrets`` scrubbed, expiring at ``expires_at``, sealed."""
+    return SavedPlan(plan=secrets.scrub_model(plan), expires_at=expires_at).sealed()
+
+
+def save_plan(
+    plan: Plan, path: Path, *, expires_in: timedelta, secrets: Secrets = NO_SECRETS
+) -> SavedPlan:
+    """Write ``plan`` to ``path`` (atomically, owner-only) sealed by :func:`seal_plan`."""
+    saved = seal_plan(plan, plan.created_at + expires_in, secrets)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(saved.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_private(path, saved.model_dump_json(indent=2) + "\n")
     return saved
 
 

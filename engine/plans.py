@@ -14,12 +14,12 @@ from typing import Any
 
 from pydantic import Field
 
-from engine.audit import REDACTED
 from engine.expressions import EvaluationError, Expression, Template
 from engine.guards import Decision, GuardVerdict, context_for
 from engine.models import FrozenModel
 from engine.outcomes import HostOutcome, Mode
 from engine.probes import HostProbe
+from engine.redaction import REDACTED
 from engine.runbooks import Runbook
 
 

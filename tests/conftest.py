@@ -7,4 +7,7 @@ pytest_plugins: list[str] = [
     "tests.support.sshd",
     "tests.support.webhook",
     "tests.support.alertmanager",
+    "tests.support.prometheus",
+    "tests.support.postgres",
+    "tests.support.stores",
 ]

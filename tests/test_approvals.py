@@ -16,7 +16,8 @@ from engine.outcomes import HostOutcome, Mode
 from engine.pipeline import RunRequest, Services, apply_saved_plan, run_runbook
 from engine.planfiles import SavedPlan
 from engine.runbooks import Runbook, load_runbook
-from engine.state import ApprovalStatus, SqliteStateStore
+from engine.state import ApprovalStatus
+from engine.state.sqlite import SqliteStateStore
 from tests.support.probing import Answer, device
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -16,17 +16,16 @@ from pydantic import BaseModel
 
 from engine.audit import (
     GENESIS,
-    REDACTED,
     AuditHead,
     AuditLog,
     audit_context,
     configure_audit,
-    is_secret_name,
     redact_secrets,
     verify_audit,
 )
 from engine.errors import AuditError
 from engine.outcomes import HostOutcome, Mode
+from engine.redaction import REDACTED, Secrets, is_secret_name
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -364,6 +363,33 @@ def test_events_through_structlog_land_in_the_file(configured: AuditLog, audit_p
     assert "run_id" not in records[2]
     assert verify_audit(audit_path).records == 3
     assert configured.head() == AuditHead(seq=3, hash=records[2]["hash"])
+
+
+def test_known_secrets_are_scrubbed_by_value_anywhere(audit_path: Path) -> None:
+    """The entry point's and the run's secrets are replaced in any string, model or error."""
+    process, run = "webhook-token-0123456789", "param-secret-0123456789"
+    configure_audit(AuditLog(audit_path), clock=_Clock(), secrets=Secrets([process]))
+    log = structlog.get_logger()
+    try:
+        with audit_context("run-1", secrets=Secrets([run])):
+            log.info(
+                "step.finished",
+                message=f"curl: 401 for Authorization: Bearer {process}",
+                evidence={"out": [f"token={run}"]},
+                error=ValueError(f"bad {run}"),
+            )
+        log.info("outside.context", labels={"echo": run, "prefix": process[:6]})
+    finally:
+        structlog.reset_defaults()
+    text = audit_path.read_text()
+    assert process not in text
+    records = [json.loads(line) for line in text.splitlines()]
+    assert records[0]["message"] == f"curl: 401 for Authorization: Bearer {REDACTED}"
+    assert records[0]["evidence"] == {"out": [f"token={REDACTED}"]}
+    assert records[0]["error"] == f"ValueError: bad {REDACTED}"
+    # Outside the run's context its own secrets are not known (and a short part is no secret).
+    assert records[1]["labels"] == {"echo": run, "prefix": process[:6]}
+    assert verify_audit(audit_path).ok
 
 
 def test_exceptions_are_rendered_as_text(configured: AuditLog, audit_path: Path) -> None:

@@ -8,9 +8,10 @@ from itertools import count
 from pathlib import Path
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
-from engine.audit import REDACTED
+from engine.audit import AuditLog, configure_audit
 from engine.errors import ExecutorError, InventoryError, StateError
 from engine.executors.base import (
     CommandResult,
@@ -25,8 +26,9 @@ from engine.executors.fake import FakeExecutor, FakeReply
 from engine.outcomes import HostOutcome, Mode, RunStatus
 from engine.pipeline import RunReport, RunRequest, Services, run_runbook
 from engine.probes import start_probe
+from engine.redaction import REDACTED
 from engine.runbooks import Runbook, load_runbook
-from engine.state import SqliteStateStore
+from engine.state.sqlite import SqliteStateStore
 from engine.targets import runbook_selection
 from tests.support.probing import Answer, device
 
@@ -217,7 +219,7 @@ def test_lock_held_by_another_run_skips_the_device(
     runbook: Runbook, store: SqliteStateStore, clock: Clock, tmp_path: Path
 ) -> None:
     """A device locked by another run is skipped, at plan time and at act time."""
-    assert store.try_lock("a", "other-run", timedelta(minutes=5))
+    assert store.acquire_lease("a", "other-run", holder="ctl", ttl=timedelta(minutes=5)).lease
     executor = FakeExecutor(scripts={"a": device(SICK)})
     report = _run(runbook, _services(executor, store, clock, tmp_path), INVENTORY)
     assert report.hosts[0].outcome is HostOutcome.SKIPPED
@@ -326,6 +328,53 @@ def test_secret_params_are_redacted_in_plan_and_audit(
     assert report.plan.params["token"] == REDACTED
     started = next(e for e in events if e["event"] == "run.started")
     assert started["secret_keys"] == ["token"]
+
+
+def test_secret_values_reach_the_playbook_and_nothing_that_is_kept(
+    store: SqliteStateStore, clock: Clock, tmp_path: Path
+) -> None:
+    """A secret param goes to the playbook as is, and as [REDACTED] to reports, records, audit."""
+    secret = "s3cr3t-override-0123456789"  # noqa: S105 - a test secret
+    runbook = load_runbook(DATA / "runbooks" / "secret-param.yml")
+    # The device's own evidence shows the secret too (a file named after it).
+    sick = {"free": "5", "junk": f"/junk/{secret}.tmp\n"}
+
+    def refused(request: PlaybookRequest, host: str) -> PlaybookResult:
+        return PlaybookResult(
+            host=host,
+            status=HostStatus.FAILED,
+            message=f"curl: 401 with Authorization: {request.extravars['auth']}",
+        )
+
+    executor = FakeExecutor(scripts={"a": device(sick)}, playbooks={"a": refused})
+    audit = tmp_path / "audit.jsonl"
+    configure_audit(AuditLog(audit), clock=clock)
+    try:
+        request = RunRequest(
+            inventory=INVENTORY,
+            overrides={"token": secret},
+            mode=Mode.APPLY,
+            trigger="user:test",
+            user="test",
+        )
+        report = run_runbook(
+            runbook, request, _services(executor, store, clock, tmp_path), approve=lambda _p: True
+        )
+    finally:
+        structlog.reset_defaults()
+    (call,) = executor.playbook_calls
+    assert call.request.extravars["auth"] == f"Bearer {secret}"
+    assert call.request.extravars["remediate_items"] == [f"/junk/{secret}.tmp"]
+    assert secret in call.request.secret_values
+    assert report.hosts[0].outcome is HostOutcome.FAILED
+    assert report.hosts[0].reason.endswith(f"Authorization: Bearer {REDACTED}")
+    assert report.plan.hosts[0].steps[0].vars == {"auth": f"Bearer {REDACTED}"}
+    assert secret not in report.model_dump_json()
+    (record,) = store.host_records(report.plan.run_id)
+    assert secret not in record.reason
+    assert REDACTED in record.reason
+    assert secret not in audit.read_text()
+    assert f"/junk/{REDACTED}.tmp" in audit.read_text()
 
 
 def test_recheck_skips_a_step_no_longer_needed(

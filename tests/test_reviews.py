@@ -17,8 +17,9 @@ from engine.outcomes import HostOutcome, Mode
 from engine.pipeline import RunReport, RunRequest, Services, apply_saved_plan, run_runbook
 from engine.planfiles import check_applicable, load_plan, render_markdown, save_plan
 from engine.plans import HostPlan, PlannedStep
+from engine.redaction import Secrets
 from engine.runbooks import Runbook, load_runbook
-from engine.state import SqliteStateStore
+from engine.state.sqlite import SqliteStateStore
 from tests.support.probing import Answer, device
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -185,5 +186,54 @@ def test_applying_a_refused_plan_is_an_error(
     with pytest.raises(PlanFileError, match="nothing to apply"):
         apply_saved_plan(
             saved, runbook, services, user="bob", trigger="user:bob", approve=lambda _p: True
+        )
+    assert executor.playbook_calls == []
+
+
+def test_a_saved_plan_holds_no_secret_and_applies_without_drift(
+    store: SqliteStateStore, tmp_path: Path
+) -> None:
+    """Secrets in step vars are [REDACTED] in the file; the apply still gets the real value."""
+    runbook = load_runbook(DATA / "runbooks" / "secret-param.yml")
+    secret = runbook.param_values()["token"]
+    sick = {"free": "5", "junk": "/junk/a\n"}
+    executor = FakeExecutor(scripts={"a": device(sick)})
+    services = _services(executor, store, tmp_path)
+    report = _dry_run(runbook, services)
+    path = tmp_path / "plan.json"
+    save_plan(report.plan, path, expires_in=timedelta(hours=1), secrets=Secrets([secret]))
+    assert secret not in path.read_text()
+    assert path.stat().st_mode & 0o777 == 0o600
+    applied = apply_saved_plan(
+        load_plan(path), runbook, services, user="bob", trigger="user:bob", approve=lambda _p: True
+    )
+    assert applied.hosts[0].outcome is HostOutcome.NOT_FIXED  # acted (not drifted); fake fix
+    (call,) = executor.playbook_calls
+    assert call.request.extravars["auth"] == f"Bearer {secret}"
+
+
+def test_a_plan_made_with_a_secret_override_is_not_applied(
+    store: SqliteStateStore, tmp_path: Path
+) -> None:
+    """A secret given with -e is not in the saved plan, so applying it is refused, not guessed."""
+    runbook = load_runbook(DATA / "runbooks" / "secret-param.yml")
+    executor = FakeExecutor(scripts={"a": device({"free": "5", "junk": "/junk/a\n"})})
+    services = _services(executor, store, tmp_path)
+    inventory = tmp_path / "hosts.ini"
+    inventory.write_text("[all]\na\n")
+    request = RunRequest(
+        inventory=inventory,
+        overrides={"token": "given-on-the-command-line-0123"},
+        mode=Mode.DRY_RUN,
+        trigger="user:ann",
+        user="ann",
+    )
+    report = run_runbook(runbook, request, services, approve=lambda _p: False)
+    path = tmp_path / "plan.json"
+    save_plan(report.plan, path, expires_in=timedelta(hours=1))
+    assert "given-on-the-command-line" not in path.read_text()
+    with pytest.raises(PlanFileError, match=r"secret parameter\(s\) token given with -e"):
+        apply_saved_plan(
+            load_plan(path), runbook, services, user="bob", trigger="t", approve=lambda _p: True
         )
     assert executor.playbook_calls == []

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
+from ruamel.yaml import YAML
 
 from engine.errors import ParamError, RunbookError
 from engine.runbooks import load_runbook, load_runbooks, runbook_files
+from engine.schema import SCHEMA_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -135,3 +139,20 @@ def test_run_file_is_inlined_and_part_of_the_digest(tmp_path: Path) -> None:
     script.unlink()
     with pytest.raises(RunbookError, match=r"checks\[1\]\.run_file: cannot read"):
         load_runbook(path, playbooks_dir=DATA / "playbooks")
+
+
+def test_runbooks_validate_against_the_committed_json_schema() -> None:
+    """The JSON Schema editors use accepts every bundled runbook and both spellings of lists."""
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    validator = Draft202012Validator(schema)
+    files = [*runbook_files([ROOT / "runbooks"]), DATA / "valid" / "base.yml"]
+    yaml = YAML(typ="safe", pure=True)
+    for path in files:
+        errors = [e.message for e in validator.iter_errors(yaml.load(path.read_text()))]
+        assert not errors, (path, errors)
+    base = yaml.load((DATA / "valid" / "base.yml").read_text())
+    for alertname, device_label in (("DiskFull", "instance"), (["A", "B"], ["a", "b"])):
+        base["triggers"][0].update(alertname=alertname, device_label=device_label)
+        assert not list(validator.iter_errors(base))
+    base["triggers"][0]["device_label"] = ["bad-name"]
+    assert list(validator.iter_errors(base))

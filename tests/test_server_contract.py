@@ -20,8 +20,8 @@ from engine.outcomes import Mode
 from engine.server.alerts import parse_webhook
 from engine.server.app import SIGNATURE_HEADER, create_app
 from engine.server.config import ServerConfig
+from engine.server.queue import FiringOutcome, QueueState
 from engine.server.runtime import WebhookServer
-from engine.state import FiringOutcome, QueueState
 from tests.support.probing import encode_records
 from tests.support.webhook import (
     DISK_RUNBOOK,

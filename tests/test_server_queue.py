@@ -22,18 +22,11 @@ from engine.server.app import create_app
 from engine.server.breaker import CircuitBreaker
 from engine.server.config import ServerConfig
 from engine.server.metrics import ServerMetrics
+from engine.server.queue import FiringInput, FiringOutcome, QueueRoute, QueueState, ResolvedInput
 from engine.server.runtime import WebhookServer
-from engine.state import (
-    MIGRATIONS,
-    ApprovalStatus,
-    FiringInput,
-    FiringOutcome,
-    QueueRoute,
-    QueueState,
-    ResolvedInput,
-    RunRecord,
-    SqliteAlertStore,
-)
+from engine.state import ApprovalStatus
+from engine.state.sqlite import SqliteAlertStore
+from engine.state.sqlite.migrations import MIGRATIONS
 from tests.support.probing import encode_records
 from tests.support.webhook import (
     ENGINE_RUNBOOK,
@@ -114,126 +107,9 @@ def test_rebuilding_the_alert_tables_keeps_rows_ids_and_references(tmp_path: Pat
     assert hosts == {"dev-a", "dev-d"}  # dev-b's item went with its firing; dev-c's was deleted
 
 
-def test_claims_oldest_first_one_run_per_device_at_a_time(store: SqliteAlertStore) -> None:
-    """Workers get the oldest item whose device has no run in progress."""
-    store.record_alerts(
-        [_firing("a1", "dev-a"), _firing("a2", "dev-a", "other"), _firing("b1", "dev-b")],
-        [],
-        now=T0,
-        hold_reason=None,
-    )
-    ids = iter(["r1", "r2", "r3"])
-
-    def claim() -> Any:
-        return store.claim_queue_item(
-            "me", now=T0, max_age=timedelta(hours=1), hold_reason=None, new_run_id=lambda: next(ids)
-        ).item
-
-    first, second, third = claim(), claim(), claim()
-    assert (first.fingerprint, first.run_id) == ("a1", "r1")
-    assert second.fingerprint == "b1"
-    assert third is None  # a2 waits: dev-a is busy
-    assert store.finish_queue_item(first.item_id, "me", QueueState.DONE, now=T0)
-    assert claim().fingerprint == "a2"
-
-
-def test_stale_items_expire_instead_of_running(store: SqliteAlertStore) -> None:
-    """An item queued longer than max_age is expired, never run late."""
-    store.record_alerts([_firing("a1", "dev-a")], [], now=T0, hold_reason=None)
-    claim = store.claim_queue_item(
-        "me",
-        now=T0 + timedelta(hours=2),
-        max_age=timedelta(hours=1),
-        hold_reason=None,
-        new_run_id=lambda: "r1",
-    )
-    assert claim.item is None
-    assert [i.state for i in claim.expired] == [QueueState.EXPIRED]
-
-
-def test_an_open_breaker_holds_queued_items_at_claim(store: SqliteAlertStore) -> None:
-    """With a hold reason nothing is claimed and every queued item is held with that reason."""
-    store.record_alerts(
-        [_firing("a1", "dev-a"), _firing("b1", "dev-b")], [], now=T0, hold_reason=None
-    )
-    claim = store.claim_queue_item(
-        "me", now=T0, max_age=timedelta(hours=1), hold_reason="storm", new_run_id=lambda: "r"
-    )
-    assert claim.item is None
-    assert {(i.state, i.reason) for i in claim.held} == {(QueueState.HELD, "storm")}
-
-
-def test_interrupting_marks_item_and_run_and_frees_the_lock(store: SqliteAlertStore) -> None:
-    """A claimed item of a dead process becomes interrupted (never queued again), with its run."""
-    store.record_alerts([_firing("a1", "dev-a")], [], now=T0, hold_reason=None)
-    item = store.claim_queue_item(
-        "dead", now=T0, max_age=timedelta(hours=1), hold_reason=None, new_run_id=lambda: "r1"
-    ).item
-    assert item is not None
-    store.start_run(
-        RunRecord(
-            run_id="r1",
-            runbook="engine-down",
-            runbook_digest="d",
-            mode=Mode.APPLY,
-            trigger="alert:a1",
-            started_at=T0,
-        )
-    )
-    assert store.try_lock("dev-a", "r1", timedelta(minutes=30))
-    (interrupted,) = store.interrupt_running(now=T0, reason="server died")
-    assert interrupted.state is QueueState.INTERRUPTED
-    run = store.get_run("r1")
-    assert run is not None
-    assert run.status is RunStatus.INTERRUPTED
-    assert store.lock_holder("dev-a") is None
-    assert (
-        store.claim_queue_item(
-            "me", now=T0, max_age=timedelta(hours=1), hold_reason=None, new_run_id=lambda: "r2"
-        ).item
-        is None
-    )
-
-
-def test_recorded_runs_are_the_rows_the_queue_holds(store: SqliteAlertStore) -> None:
-    """The queue items a record returns (built, not read back) equal the rows stored."""
-    recorded = store.record_alerts(
-        [_firing("a1", "dev-a"), _firing("a2", "dev-a", "other"), _firing("b1", "dev-b")],
-        [],
-        now=T0,
-        hold_reason=None,
-    )
-    assert list(recorded.queued) == sorted(store.list_queue(), key=lambda i: i.item_id)
-    held = store.record_alerts([_firing("c1", "dev-c")], [], now=T0, hold_reason="breaker open")
-    assert list(held.held) == store.list_queue(QueueState.HELD)
-
-
-def test_a_firing_twice_in_one_notification_queues_once(store: SqliteAlertStore) -> None:
-    """The second copy of a firing in the same notification is a duplicate, seen twice."""
-    recorded = store.record_alerts(
-        [_firing("a1", "dev-a"), _firing("a1", "dev-a")], [], now=T0, hold_reason=None
-    )
-    assert (len(recorded.new), len(recorded.deduplicated), len(recorded.queued)) == (1, 1, 1)
-    (firing,) = store.list_firings()
-    assert firing.times_seen == 2
-
-
 def test_alert_store_commits_with_synchronous_full(store: SqliteAlertStore) -> None:
     """Every commit syncs the write-ahead log (PRAGMA synchronous = FULL)."""
     assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
-
-
-def test_latest_queued_per_host_reads_the_items_added_since(store: SqliteAlertStore) -> None:
-    """Per host the last time a run was queued, from the items after a given id only."""
-    store.record_alerts(
-        [_firing("a1", "dev-a"), _firing("b1", "dev-b")], [], now=T0, hold_reason=None
-    )
-    last, latest = store.latest_queued_per_host(0)
-    assert (last, latest) == (2, {"dev-a": T0, "dev-b": T0})
-    later = T0 + timedelta(minutes=1)
-    store.record_alerts([_firing("a2", "dev-a")], [], now=later, hold_reason=None)
-    assert store.latest_queued_per_host(last) == (3, {"dev-a": later})
-    assert store.latest_queued_per_host(3) == (3, {})
 
 
 def _breaker(store: SqliteAlertStore, clock: Clock) -> CircuitBreaker:

@@ -12,8 +12,8 @@ from engine.runbooks import load_runbooks
 from engine.runbooks.spec import TriggerMode
 from engine.server.alerts import Alert
 from engine.server.fleet import Fleet, load_fleet
-from engine.server.routing import Router, run_mode, strip_port
-from engine.state import FiringOutcome
+from engine.server.queue import FiringOutcome
+from engine.server.routing import Matcher, Mismatch, Router, run_mode, strip_port
 from tests.support.webhook import (
     DISK_RUNBOOK,
     ENGINE_RUNBOOK,
@@ -215,3 +215,96 @@ def test_huge_routing_labels_are_routed_but_not_remembered(router: Router) -> No
     first = router.route(alert, fleet)
     assert first.outcome is FiringOutcome.UNRESOLVED
     assert router.route(alert, fleet) is not first
+
+
+def test_explain_names_the_first_matcher_each_trigger_fails(router: Router) -> None:
+    """Per runbook, explain says which matcher of which trigger failed, with both sides."""
+    fleet = _fleet(router)
+    explained = router.explain(
+        {"alertname": "NodeFilesystemAlmostOutOfSpace", "mountpoint": "/", "job": "x"}, fleet
+    )
+    assert explained.routing.outcome is FiringOutcome.UNMATCHED
+    by_runbook = {rb.runbook: rb for rb in explained.runbooks}
+    (disk,) = by_runbook["disk-full"].triggers
+    assert disk.mismatch == Mismatch(Matcher.MATCH, "mountpoint", ("/mnt/data",), "/")
+    (engine,) = by_runbook["engine-down"].triggers
+    assert engine.mismatch == Mismatch(
+        Matcher.ALERTNAME, "alertname", ("BalenaEngineDown",), "NodeFilesystemAlmostOutOfSpace"
+    )
+    engine_alert = {"alertname": "BalenaEngineDown"}
+    (regex,) = {rb.runbook: rb for rb in router.explain(engine_alert, fleet).runbooks}[
+        "engine-down"
+    ].triggers
+    assert regex.mismatch == Mismatch(Matcher.MATCH_RE, "job", ("node|balena",), None)
+    assert all(rb.route is None and rb.device is None for rb in explained.runbooks)
+
+
+def test_explain_is_the_decision_route_makes(router: Router) -> None:
+    """The routing explain returns is the one route records, for routed and refused alerts."""
+    fleet = _fleet(router)
+    for labels in (
+        {"alertname": "NodeFilesystemAlmostOutOfSpace", "mountpoint": "/mnt/data"},
+        {
+            "alertname": "NodeFilesystemAlmostOutOfSpace",
+            "mountpoint": "/mnt/data",
+            "balena_uuid": "b" * 32,
+        },
+        {"alertname": "BalenaEngineDown", "job": "node", "instance": "nowhere:9100"},
+        {"alertname": "Other"},
+    ):
+        assert router.explain(labels, fleet).routing == router.route(_alert(**labels), fleet)
+
+
+def test_explain_shows_the_device_lookup_of_a_matched_trigger(router: Router) -> None:
+    """A matched trigger's device lookup names the label read and the hosts it found."""
+    hosts = {**FLEET, "dev-z": {"balena_uuid": FIXTURE_UUID}}
+    labels = {
+        "alertname": "NodeFilesystemAlmostOutOfSpace",
+        "mountpoint": "/mnt/data",
+        "balena_uuid": FIXTURE_UUID,
+    }
+    (disk,) = [
+        r
+        for r in router.explain(labels, _fleet(router, hosts)).runbooks
+        if r.route is None and r.device is not None
+    ]
+    assert disk.trigger == 0
+    assert disk.device is not None
+    assert disk.device.label == "balena_uuid"
+    assert disk.device.hosts == ("dev-a", "dev-z")
+    assert disk.device.host is None
+    assert "2 hosts" in disk.device.problem
+    routed = {rb.runbook: rb for rb in router.explain(labels, _fleet(router)).runbooks}
+    assert routed["disk-full"].device is not None
+    assert routed["disk-full"].device.host == "dev-a"
+
+
+LISTED_LABELS = DISK_RUNBOOK.replace(
+    "device_label: balena_uuid", "device_label: [exported_instance, instance]\n    strip_port: true"
+).replace("device_var: balena_uuid", "device_var: edge_id")
+
+
+@pytest.mark.parametrize(
+    ("labels", "host"),
+    [
+        ({"instance": "b1b2c3d.balena:9100"}, "dev-b"),  # scraped directly
+        # through a federation or Pushgateway with honor_labels: false, the device's own
+        # instance was renamed; the instance left is the intermediary's
+        ({"exported_instance": "c1b2c3d.balena:9100", "instance": "federate:9090"}, "dev-c"),
+    ],
+)
+def test_the_first_device_label_the_alert_has_names_the_device(
+    tmp_path: Path, labels: dict[str, str], host: str
+) -> None:
+    """``device_label: [exported_instance, instance]`` reads the first label present."""
+    project = write_project(tmp_path, runbooks={"disk.yml": LISTED_LABELS})
+    router = Router(load_runbooks([project.runbooks], playbooks_dir=project.playbooks))
+    alert = {"alertname": "NodeFilesystemSpaceFillingUp", "mountpoint": "/mnt/data", **labels}
+    explained = router.explain(alert, _fleet(router))
+    assert [r.host for r in explained.routing.routes] == [host]
+    (disk,) = explained.runbooks
+    assert disk.device is not None
+    assert disk.device.label == next(iter(labels))
+    none = router.explain({k: v for k, v in alert.items() if k not in labels}, _fleet(router))
+    assert none.routing.outcome is FiringOutcome.UNRESOLVED
+    assert "none of the labels 'exported_instance', 'instance'" in none.routing.reason

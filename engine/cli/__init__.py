@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from engine.cli import approvals, audit, demo, runbooks, runs, serve  # noqa: F401 - registers commands
+from engine.cli import (  # noqa: F401 - registers commands
+    approvals,
+    audit,
+    demo,
+    route,
+    runbooks,
+    runs,
+    serve,
+)
 from engine.cli.app import (
     EXIT_FAULT,
     EXIT_NOT_FIXED,
@@ -52,14 +60,18 @@ def run_cli(argv: Sequence[str]) -> int:
 
     SIGTERM (``kill``, systemd, a CI job's timeout) is turned into :class:`Terminated` while
     the command runs, unless the process was started with it ignored; without this, the
-    process would end at once and leave its run recorded as still running.
+    process would end at once and leave its run recorded as still running.  Commands run
+    with umask ``077`` (see :func:`engine.cli.app._root`); the caller's is restored after.
     """
     previous = signal.getsignal(signal.SIGTERM)
     if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_terminated)
+    umask = os.umask(0o077)  # read it (the root callback sets the commands' own)
+    os.umask(umask)
     try:
         return _run_cli(argv)
     finally:
+        os.umask(umask)
         if previous is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, previous)
 

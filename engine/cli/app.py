@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from engine.errors import ParamError
+from engine.privacy import PRIVATE_UMASK
 from engine.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -91,8 +92,19 @@ def _root(
         Path | None,
         typer.Option(help="State, audit log, artifacts [env REMEDIATE_STATE_DIR; ./.remediate]"),
     ] = None,
+    state_url: Annotated[
+        str | None,
+        typer.Option(
+            help="State database: sqlite:///PATH or postgresql://... "
+            "[env REMEDIATE_STATE_URL; STATE_DIR/state.db]"
+        ),
+    ] = None,
 ) -> None:
     """Remediation runbooks for balenaOS fleets."""
+    if ctx.invoked_subcommand != "lab":
+        # Whatever the commands write (state, artifacts, saved plans) is the owner's only.
+        # Not for the lab: it builds root filesystems that processes in devices must read.
+        os.umask(PRIVATE_UMASK)
     state = CliState()
     state.settings = load_settings(
         Path.cwd(),
@@ -100,6 +112,7 @@ def _root(
         runbooks_dir=runbooks,
         playbooks_dir=playbooks,
         state_dir=state_dir,
+        state_url=state_url,
     )
     state.playbooks_explicit = playbooks is not None or bool(os.environ.get("REMEDIATE_PLAYBOOKS"))
     ctx.obj = state

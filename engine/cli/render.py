@@ -112,7 +112,9 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str | Tex
 def _trigger_row(trigger: Trigger) -> tuple[str, str, str, str]:
     labels = [f"{k}={v}" for k, v in trigger.match.items()]
     labels += [f"{k}=~{v}" for k, v in trigger.match_re.items()]
-    device = trigger.device_label + (" (port stripped)" if trigger.strip_port else "")
+    names = trigger.device_label
+    device = names[0] if len(names) == 1 else f"first of {', '.join(names)}"
+    device += " (port stripped)" if trigger.strip_port else ""
     device += f" → host var {trigger.device_var}" if trigger.device_var else " → host name"
     return ", ".join(trigger.alertname), ", ".join(labels) or "-", device, trigger.mode.value
 

@@ -148,12 +148,12 @@ def plan(
     output: PlanFormatOpt = PlanFormat.TABLE,
 ) -> None:
     """Dry-run: probe, evaluate guards and show the plan. Nothing on a device changes."""
-    from engine.cli.services import open_services
+    from engine.cli.services import open_services, with_inventory_secrets
     from engine.durations import parse_duration
     from engine.runbooks import find_runbook
 
     state = cli_state(ctx)
-    settings = state.settings
+    settings = with_inventory_secrets(state.settings, inventory)
     try:
         expires_in = parse_duration(expires)
     except ValueError as exc:
@@ -179,10 +179,10 @@ def plan(
         if request_approval and report.plan.acting and not report.plan.refused:
             from engine.approvals import request_approval as request_approval_for
             from engine.audit import utc_now
-            from engine.planfiles import SavedPlan
+            from engine.planfiles import seal_plan
 
             expiry = report.plan.created_at + expires_in
-            pending = SavedPlan(plan=report.plan, expires_at=expiry).sealed()
+            pending = seal_plan(report.plan, expiry, settings.secrets)
             record = request_approval_for(
                 services.store, pending, found, source=f"user:{settings.user}", now=utc_now()
             )
@@ -196,7 +196,7 @@ def plan(
     if out is not None:
         from engine.planfiles import save_plan
 
-        saved = save_plan(report.plan, out, expires_in=expires_in)
+        saved = save_plan(report.plan, out, expires_in=expires_in, secrets=settings.secrets)
         from rich.console import Console
 
         Console(stderr=True).print(
@@ -205,11 +205,9 @@ def plan(
             markup=False,
         )
     if output is PlanFormat.MARKDOWN:
-        from engine.planfiles import SavedPlan, render_markdown
+        from engine.planfiles import render_markdown, seal_plan
 
-        sealed = SavedPlan(
-            plan=report.plan, expires_at=report.plan.created_at + expires_in
-        ).sealed()
+        sealed = seal_plan(report.plan, report.plan.created_at + expires_in, settings.secrets)
         state.console.file.write(render_markdown(sealed))
         if not report.ok:
             raise typer.Exit(EXIT_NOT_FIXED)
@@ -233,11 +231,11 @@ def run(
     output: OutputOpt = Output.TABLE,
 ) -> None:
     """Run a runbook: dry-run unless --apply; destructive steps ask first unless --yes."""
-    from engine.cli.services import open_services
+    from engine.cli.services import open_services, with_inventory_secrets
     from engine.runbooks import find_runbook
 
     state = cli_state(ctx)
-    settings = state.settings
+    settings = with_inventory_secrets(state.settings, inventory)
     found = find_runbook(runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir)
     overrides = parse_overrides(extra)
     executor, first_probe = _start_first_probe(settings, found, inventory, limit, overrides)
@@ -270,14 +268,14 @@ def apply_plan(
 ) -> None:
     """Apply a reviewed plan: drifted hosts are refused, the others get exactly the plan."""
     from engine.audit import utc_now
-    from engine.cli.services import open_services
+    from engine.cli.services import open_services, with_inventory_secrets
     from engine.pipeline import apply_saved_plan
     from engine.planfiles import check_applicable, load_plan
     from engine.runbooks import find_runbook
 
     state = cli_state(ctx)
-    settings = state.settings
     saved = load_plan(plan_file)
+    settings = with_inventory_secrets(state.settings, Path(saved.plan.inventory))
     runbook = find_runbook(
         saved.plan.runbook.name, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir
     )
@@ -345,7 +343,9 @@ def history(
             return
         record = store.get_run(run_id)
         if record is None:
-            raise InputError(f"no run {run_id!r} in {state.settings.db_path}")
+            from engine.state import redacted_url
+
+            raise InputError(f"no run {run_id!r} in {redacted_url(state.settings.database_url())}")
         hosts = store.host_records(run_id)
     if output is Output.JSON:
         data = record.model_dump(mode="json")

@@ -6,19 +6,24 @@ the state store, the audit log and the pipeline are imported and opened.
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
+    from engine.audit import AuditSink
     from engine.executors.ansible import AnsibleExecutor
     from engine.pipeline import Reporter, Services
     from engine.settings import Settings
-    from engine.state import StateStore
+    from engine.state import StateDatabase, StateStore
 
 
 class RichReporter:
@@ -63,25 +68,60 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def with_inventory_secrets(settings: Settings, inventory: Path) -> Settings:
+    """``settings`` whose secrets include the API token ``inventory``'s plugin reads, if set."""
+    from engine.redaction import inventory_secrets
+
+    token = inventory_secrets(inventory, os.environ)
+    return settings.model_copy(update={"secrets": settings.secrets.with_values(token)})
+
+
+def private_state_dir(settings: Settings) -> None:
+    """Create the state directory owner-only, or tighten it (saying so on stderr, once)."""
+    from engine.privacy import private_state_dir as make_private
+
+    tightened = make_private(settings.state_dir)
+    if tightened is not None:
+        sys.stderr.write(f"remediate: {tightened.warning()}\n")
+
+
 def new_executor(settings: Settings) -> AnsibleExecutor:
     """The executor of this invocation's runs (ansible-runner, work files under the state dir)."""
     from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 
-    return AnsibleExecutor(AnsibleSettings(work_dir=settings.state_dir / "work"))
+    private_state_dir(settings)
+    return AnsibleExecutor(
+        AnsibleSettings(work_dir=settings.state_dir / "work"), secrets=settings.secrets
+    )
+
+
+@contextmanager
+def open_database(settings: Settings, *, migrate: bool = True) -> Iterator[StateDatabase]:
+    """The state database (``--state-url``, else the state directory's file), closed after."""
+    from engine.audit import utc_now
+    from engine.state import open_database as open_state_database
+
+    private_state_dir(settings)
+    with open_state_database(settings.database_url(), clock=utc_now, migrate=migrate) as database:
+        yield database
 
 
 @contextmanager
 def open_store(settings: Settings) -> Iterator[StateStore]:
     """The state store, closed afterwards."""
-    from engine.audit import utc_now
-    from engine.state import open_state
+    with open_database(settings) as database:
+        store = database.store()
+        try:
+            yield store
+        finally:
+            store.close()
 
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    store = open_state(settings.db_path, clock=utc_now)
-    try:
-        yield store
-    finally:
-        store.close()
+
+def audit_sink(settings: Settings, database: StateDatabase) -> AuditSink:
+    """Where this invocation's audit records go: the database's chain, else the file."""
+    from engine.audit import PER_HOST_EVENTS, AuditLog
+
+    return database.audit_log() or AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
 
 
 @contextmanager
@@ -95,13 +135,14 @@ def open_services(
 
     ``executor``: the one that started the run's first probe, if any (else a new one).
     """
-    from engine.audit import PER_HOST_EVENTS, AuditLog, configure_audit, utc_now
+    from engine.audit import configure_audit, utc_now
     from engine.pipeline import NullReporter, Services, new_run_id
 
-    audit = AuditLog(settings.audit_path, unsynced_events=PER_HOST_EVENTS)
-    configure_audit(audit, clock=utc_now)
     executor = executor or new_executor(settings)
-    with open_store(settings) as store:
+    with open_database(settings) as database:
+        audit = audit_sink(settings, database)
+        configure_audit(audit, clock=utc_now, secrets=settings.secrets)
+        store = database.store()
         progress = (
             _progress(reporter_console)
             if reporter_console is not None and reporter_console.is_terminal
@@ -116,6 +157,8 @@ def open_services(
             artifacts_dir=settings.artifacts_dir,
             sleep=time.sleep,
             reporter=reporter,
+            secrets=settings.secrets,
+            holder=f"cli:{socket.gethostname()}:{os.getpid()}",
         )
         try:
             if progress is not None:
@@ -127,3 +170,4 @@ def open_services(
             head = audit.head()
             if head is not None:
                 store.save_audit_head(head.seq, head.hash)
+            store.close()

@@ -24,6 +24,11 @@ Everything Ansible-specific the engine depends on lives here:
   *group* that has exactly a requested host's name; it warns about such inventories.)
 * Events are consumed once, as they stream, by an event handler; only the per-host
   results are kept.  A host that never shows up in the events is reported ``failed``.
+* What a playbook leaves is private and holds no secret the executor knows
+  (:mod:`engine.redaction`): each event is scrubbed in the handler before ansible-runner
+  writes it, every artifact file once the run is over; folders are ``0700``, files
+  ``0600``.  ansible-playbook gets this process's environment (ansible-runner copies it)
+  with the engine's own credentials blanked.
 
 A device that fails is a result.  ansible-runner or ansible-playbook failing as a tool
 (bad playbook, missing binary, no final stats) raises :class:`ExecutorError`.
@@ -84,6 +89,8 @@ from engine.executors.base import (
     SelectionResult,
     TaskResult,
 )
+from engine.privacy import private_dir, tighten_tree
+from engine.redaction import NO_SECRETS, Secrets, is_engine_secret_env
 
 _ERROR_TAIL_LINES = 20
 #: Callback plugins of our own, loaded only by runs that select their hosts.
@@ -134,11 +141,21 @@ class AnsibleExecutor:
     """Runs probe scripts and playbooks through ansible-runner (see the module docstring)."""
 
     def __init__(
-        self, settings: AnsibleSettings, *, cancel: Callable[[], bool] | None = None
+        self,
+        settings: AnsibleSettings,
+        *,
+        cancel: Callable[[], bool] | None = None,
+        secrets: Secrets = NO_SECRETS,
     ) -> None:
-        """``cancel`` returning true stops running ansible-playbook children (server shutdown)."""
+        """``cancel`` returning true stops running ansible-playbook children (server shutdown).
+
+        ``secrets`` are scrubbed from what a playbook leaves (its events, task results and
+        artifacts) and from every error's text.  A probe's output is returned as it is: it is
+        the evidence guards decide on, and is scrubbed where it is kept (plans, audit log).
+        """
         self._settings = settings
         self._cancel = cancel
+        self._secrets = secrets
 
     def run_script(
         self, inventory: Path, hosts: Sequence[str], script: str, *, timeout: float
@@ -148,8 +165,7 @@ class AnsibleExecutor:
         if not wanted:
             return {}
         collector = _ScriptResults(frozenset(wanted))
-        self._settings.work_dir.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix="script-", dir=self._settings.work_dir))
+        private = Path(tempfile.mkdtemp(prefix="script-", dir=private_dir(self._settings.work_dir)))
         try:
             self._run_probe_play(
                 private,
@@ -201,8 +217,7 @@ class AnsibleExecutor:
         if selection.only is not None:
             hosts.append(_Unsafe("&" + _exact_names(selection.only)))
         collector = _ScriptResults(None if selection.only is None else frozenset(selection.only))
-        self._settings.work_dir.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix="select-", dir=self._settings.work_dir))
+        private = Path(tempfile.mkdtemp(prefix="select-", dir=private_dir(self._settings.work_dir)))
         answer = private / "targets.json"
         request = {"pattern": selection.pattern, "out": str(answer)}
         plugins = os.pathsep.join(
@@ -265,7 +280,9 @@ class AnsibleExecutor:
         """Run ``request.playbook`` limited to ``request.hosts``; a result for every host.
 
         ansible-runner's ``stdout`` and ``job_events`` are kept under
-        ``artifacts_dir/<label>/`` (a ``-2``, ``-3``… suffix if that folder exists).
+        ``artifacts_dir/<label>/`` (a ``-2``, ``-3``… suffix if that folder exists), owner-only
+        and with the executor's and the request's secrets scrubbed: from each event before
+        ansible-runner writes it, from every file once the run is over.
         """
         wanted = tuple(dict.fromkeys(request.hosts))
         if not wanted:
@@ -273,6 +290,7 @@ class AnsibleExecutor:
         playbook = request.playbook.resolve()
         if not playbook.is_file():
             raise ExecutorError(f"playbook {request.playbook}: no such file")
+        secrets = self._secrets.with_values(request.secret_values)
         tasks: dict[str, list[TaskResult]] = {host: [] for host in wanted}
         watcher = _EventWatcher()
 
@@ -293,9 +311,9 @@ class AnsibleExecutor:
             return True
 
         label = _unique_label(artifacts_dir, request.label or playbook.stem)
-        self._settings.work_dir.mkdir(parents=True, exist_ok=True)
-        artifacts_dir.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix="playbook-", dir=self._settings.work_dir))
+        private_dir(artifacts_dir)
+        work = private_dir(self._settings.work_dir)
+        private = Path(tempfile.mkdtemp(prefix="playbook-", dir=work))
         try:
             (private / "env").mkdir(mode=0o700)
             _write_yaml(
@@ -310,17 +328,19 @@ class AnsibleExecutor:
                 what=f"playbook {request.playbook}",
                 limit=_limit_file(private, wanted),
                 watcher=watcher,
-                on_event=on_event,
+                on_event=_scrubbing(on_event, secrets),
                 extra_env=(
                     {"ANSIBLE_TASK_TIMEOUT": str(self._settings.playbook_task_timeout)}
                     if self._settings.playbook_task_timeout
                     else {}
                 ),
                 cancel_grace=self._settings.cancel_grace,
+                secrets=secrets,
             )
         finally:
             shutil.rmtree(private, ignore_errors=True)
             _drop_environment(artifacts_dir / label / "command")
+            _keep_private(artifacts_dir / label, secrets)
         stats = watcher.stats or {}
         return {host: _playbook_result(host, tuple(tasks[host]), stats) for host in wanted}
 
@@ -339,6 +359,9 @@ class AnsibleExecutor:
             "ANSIBLE_RETRY_FILES_ENABLED": "False",
             "ANSIBLE_NOCOWS": "True",
             **PLAIN_OUTPUT_ENV,
+            # ansible-runner hands ansible-playbook this process's whole environment: the
+            # engine's own credentials (webhook, approvers) are blanked, no task needs them.
+            **{name: "" for name in os.environ if is_engine_secret_env(name)},
             **extra_env,
         }
         if settings.ssh_args is not None:
@@ -360,7 +383,10 @@ class AnsibleExecutor:
         extra_env: Mapping[str, str],
         cancelled: Callable[[], bool] | None = None,
         cancel_grace: float = 0.0,
+        secrets: Secrets | None = None,
     ) -> None:
+        """One ansible-runner call; ``secrets`` (by default the executor's) leave its errors."""
+        secrets = self._secrets if secrets is None else secrets
         if not inventory.exists():
             raise ExecutorError(f"{what}: inventory {inventory}: no such file or directory")
         # ansible-runner reads env/settings only from the private data dir, not from run().
@@ -400,13 +426,15 @@ class AnsibleExecutor:
                     _spawn_hooks.pid = None
                     tree.end(grace=cancel_grace, hurry=signalled.repeated)
         except Exception as exc:  # ansible-runner raises bare exceptions of many kinds
-            raise ExecutorError(f"{what}: ansible-runner failed: {exc}") from exc
+            raise ExecutorError(secrets.scrub(f"{what}: ansible-runner failed: {exc}")) from exc
         if runner.status == "canceled":
             raise ExecutorError(f"{what}: cancelled (a signal, or the engine shutting down)")
         if watcher.stats is None and not watcher.no_hosts:
             raise ExecutorError(
-                f"{what}: ansible-playbook did not finish "
-                f"(runner status {runner.status}, rc {runner.rc}): {watcher.error_text()}"
+                secrets.scrub(
+                    f"{what}: ansible-playbook did not finish "
+                    f"(runner status {runner.status}, rc {runner.rc}): {watcher.error_text()}"
+                )
             )
 
 
@@ -823,6 +851,39 @@ class _PendingSelection:
         self._stop.set()
         self._thread.join()
         self._signals.restore(deliver=True)
+
+
+def _scrubbing(
+    on_event: Callable[[Mapping[str, Any]], bool], secrets: Secrets
+) -> Callable[[Mapping[str, Any]], bool]:
+    """``on_event`` seeing, and leaving to ansible-runner to write, events with ``secrets`` out.
+
+    ansible-runner writes the very dict it passed to the handler: it is scrubbed in place.
+    """
+    if not secrets:
+        return on_event
+
+    def handler(event: Mapping[str, Any]) -> bool:
+        scrubbed = secrets.scrub_data(event)
+        if isinstance(event, dict):
+            event.clear()
+            event.update(scrubbed)
+        return on_event(scrubbed)
+
+    return handler
+
+
+def _keep_private(artifacts: Path, secrets: Secrets) -> None:
+    """A run's artifacts as kept: secrets scrubbed from every file, owner-only.
+
+    ansible-runner writes some files (``stdout``) from ansible-playbook's own output, and
+    others with the process's umask (``stderr``).
+    """
+    if not artifacts.is_dir():
+        return
+    secrets.scrub_tree(artifacts)
+    private_dir(artifacts)
+    tighten_tree(artifacts)
 
 
 def _drop_environment(command_file: Path) -> None:

@@ -70,8 +70,11 @@ class PlaybookRequest(FrozenModel):
 
     playbook: Path
     hosts: tuple[str, ...]
-    extravars: Mapping[str, Any] = Field(default_factory=dict)
+    extravars: Mapping[str, Any] = Field(default_factory=dict, repr=False)  # may hold secrets
     label: str = ""  # a name for the artifacts folder, e.g. the step id
+    secret_values: frozenset[str] = Field(default_factory=frozenset, repr=False)
+    """Values scrubbed from what the run keeps (the run's secret params), besides the
+    executor's own (see :mod:`engine.redaction`)."""
 
 
 class Host(FrozenModel):

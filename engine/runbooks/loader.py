@@ -153,7 +153,7 @@ def _pydantic_problems(file: str, root: object, exc: ValidationError) -> Iterato
             loc = loc[:2] + loc[3:]
         ctx = err.get("ctx", {})
         if loc and loc[-1] == "[key]":
-            loc, message = loc[:-1], f"bad name: {err['msg']}"
+            loc, message = loc[:-1], f"bad name: {str(err['msg']).removeprefix('Value error, ')}"
         elif err["type"] == "extra_forbidden":
             message = "unknown field"
         elif err["type"] == "missing":

@@ -14,11 +14,13 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
+    GetJsonSchemaHandler,
     PlainSerializer,
     StringConstraints,
     Tag,
@@ -26,6 +28,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from engine.durations import DURATION_PATTERN, format_duration, parse_duration
 
@@ -66,6 +70,33 @@ RunbookName = Annotated[
 def _as_tuple(value: object) -> object:
     """Let a single string stand for a one-item list (``alertname: Foo``)."""
     return (value,) if isinstance(value, str) else value
+
+
+def _one_or_more(item: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema of a field written as one item or a non-empty list of them."""
+    return {"anyOf": [item, {"type": "array", "items": item, "minItems": 1}]}
+
+
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_LABEL_NAME_SCHEMA = {"type": "string", "pattern": f"^{_LABEL_NAME.pattern}$"}
+
+
+def _label_name(value: str) -> str:
+    if not _LABEL_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a Prometheus label name (letters, digits and _, not first a digit)"
+        )
+    return value
+
+
+LabelName = Annotated[str, AfterValidator(_label_name), WithJsonSchema(_LABEL_NAME_SCHEMA)]
+"""A Prometheus label name (``balena_uuid``, ``exported_instance``)."""
+
+_LABEL_MAP_SCHEMA = {
+    "type": "object",
+    "propertyNames": _LABEL_NAME_SCHEMA,
+    "additionalProperties": {"type": "string"},
+}
 
 
 def _as_str(value: object) -> object:
@@ -178,7 +209,11 @@ class Param(_Spec):
     type: ParamType
     default: int | float | bool | str
     description: str = ""
-    secret: bool = Field(default=False, description="Redact the value in plans and audit logs.")
+    secret: bool = Field(
+        default=False,
+        description="Redact the value (by value, wherever it appears) in plans, audit logs and "
+        "Ansible's artifacts.",
+    )
 
     @model_validator(mode="after")
     def _default_matches_type(self) -> Param:
@@ -200,14 +235,38 @@ class TriggerMode(StrEnum):
 
 
 class Trigger(_Spec):
-    """Which Alertmanager alerts start this runbook, and which label names the device."""
+    """Which Alertmanager alerts start this runbook, and which label names the device.
 
-    alertname: Annotated[tuple[str, ...], BeforeValidator(_as_tuple), Field(min_length=1)]
-    match: dict[str, str] = Field(default_factory=dict, description="Labels that must be equal.")
-    match_re: dict[str, str] = Field(
+    ``device_label`` may list several label names: the first one the alert has names the
+    device (e.g. ``[exported_instance, instance]`` for series that came through a
+    federation or a Pushgateway with ``honor_labels: false``).
+    """
+
+    alertname: Annotated[
+        tuple[str, ...],
+        BeforeValidator(_as_tuple),
+        Field(min_length=1),
+        WithJsonSchema(_one_or_more({"type": "string"})),
+    ]
+    match: Annotated[dict[LabelName, str], WithJsonSchema(_LABEL_MAP_SCHEMA)] = Field(
+        default_factory=dict, description="Labels that must be equal."
+    )
+    match_re: Annotated[dict[LabelName, str], WithJsonSchema(_LABEL_MAP_SCHEMA)] = Field(
         default_factory=dict, description="Labels that must fully match a regular expression."
     )
-    device_label: str = Field(default="instance", description="The label that names the device.")
+    device_label: Annotated[
+        tuple[LabelName, ...],
+        BeforeValidator(_as_tuple),
+        Field(min_length=1),
+        WithJsonSchema(
+            {
+                **_one_or_more(_LABEL_NAME_SCHEMA),
+                "default": "instance",
+                "description": "The label that names the device; with a list, the first "
+                "label the alert has.",
+            }
+        ),
+    ] = ("instance",)
     device_var: str | None = Field(
         default=None,
         description="Host var the label is compared with; by default the inventory host name.",
@@ -223,6 +282,14 @@ class Trigger(_Spec):
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"label {label!r}: bad regular expression: {exc}") from exc
+        return value
+
+    @field_validator("device_label")
+    @classmethod
+    def _labels_differ(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"label {repeated[0]!r} is listed twice")
         return value
 
 
@@ -367,6 +434,15 @@ def _verify_from_str(value: object) -> object:
     return {"expr": value} if isinstance(value, str) else value
 
 
+class _OrExpressionSchema:
+    """JSON Schema of a section that may also be written as just its expression (a string)."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"anyOf": [{"type": "string", "minLength": 1}, handler(core_schema)]}
+
+
 class Approval(StrEnum):
     """When acting needs a person's approval."""
 
@@ -400,5 +476,5 @@ class RunbookSpec(_Spec):
     symptom: Annotated[str, StringConstraints(min_length=1)]
     guards: tuple[Guard, ...] = ()
     steps: Annotated[tuple[Step, ...], Field(min_length=1)]
-    verify: Annotated[Verify, BeforeValidator(_verify_from_str)]
+    verify: Annotated[Verify, BeforeValidator(_verify_from_str), _OrExpressionSchema()]
     policy: Policy = Policy()

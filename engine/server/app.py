@@ -4,7 +4,9 @@
 ``POST /webhook``         Alertmanager notification (version 4).  202 once recorded; 401
                           unauthenticated; 413 too large; 400 malformed (names the field);
                           503 draining or not recorded (Alertmanager retries 5xx).
-``GET /healthz``          JSON: status, breaker, queue and firing counts, inventory, workers.
+``GET /healthz``          JSON: status, state database (URL without password, reachable),
+                          breaker, queue and firing counts, inventory, workers; 503 while
+                          draining or while the database does not answer.
 ``GET /metrics``          Prometheus text format.
 ``GET /alerts``           Recorded firings, newest first: ``?status=<outcome>&limit=N``.
 ``GET /queue``            Queue items, newest first: ``?state=<state>&limit=N``.
@@ -46,8 +48,9 @@ from engine.approvals import ApprovalError, decide
 from engine.errors import StateError
 from engine.server.alerts import BodyError, parse_webhook
 from engine.server.config import Auth
+from engine.server.queue import FiringOutcome, QueueState, RecordedAlerts
 from engine.server.runtime import WebhookServer
-from engine.state import ApprovalStatus, FiringOutcome, QueueState, RecordedAlerts
+from engine.state import ApprovalStatus
 
 SIGNATURE_HEADER = "x-remediate-signature"
 _E = TypeVar("_E", bound=StrEnum)
@@ -204,15 +207,31 @@ class _Endpoints:
 
     def _health(self) -> tuple[int, dict[str, Any]]:
         server = self.server
-        breaker = server.breaker.refresh(server.store)
+        state = server.state_health()
         fleet = server.fleet.current
         draining = server.draining.is_set()
-        status = "draining" if draining else "breaker-open" if breaker.open else "ok"
-        return 503 if draining else 200, {
+        counts: dict[str, Any] = {"queue": None, "firings": None}
+        breaker = server.breaker.status
+        if state["reachable"]:
+            try:
+                breaker = server.breaker.refresh(server.store)
+                counts = {
+                    "queue": {k.value: v for k, v in server.store.queue_counts().items()},
+                    "firings": {k.value: v for k, v in server.store.firing_counts().items()},
+                }
+            except StateError as exc:
+                state = {**state, "reachable": False, "error": str(exc)}
+        if draining:
+            status = "draining"
+        elif not state["reachable"]:
+            status = "state-unreachable"  # intake answers 503 until it can commit again
+        else:
+            status = "breaker-open" if breaker.open else "ok"
+        return 200 if status in {"ok", "breaker-open"} else 503, {
             "status": status,
+            "state": state,
             "breaker": breaker.model_dump(mode="json"),
-            "queue": {k.value: v for k, v in server.store.queue_counts().items()},
-            "firings": {k.value: v for k, v in server.store.firing_counts().items()},
+            **counts,
             "inventory": {
                 "path": str(fleet.inventory),
                 "hosts": fleet.size,

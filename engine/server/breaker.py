@@ -25,7 +25,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict
 
 from engine.server.config import Breaker
 from engine.server.metrics import ServerMetrics
-from engine.state import AlertStore, BreakerRecord
+from engine.server.queue import BreakerRecord
+from engine.state import AlertStore
 
 
 class BreakerStatus(BaseModel):

@@ -1,11 +1,14 @@
 """The server's one configuration file (YAML), with secrets overridable from the environment.
 
 Relative paths are relative to the file.  Problems are raised as one :class:`ConfigError`
-listing ``file:line: field: message`` for each.
+listing ``file:line: field: message`` for each.  A file that holds secrets itself must be
+readable by its owner only.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import stat
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -33,11 +36,38 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class Tls(_Section):
+    """HTTPS on the listening socket; with ``client_ca``, mutual TLS."""
+
+    cert: Path = Field(description="The server's certificate (PEM), intermediates after it.")
+    key: Path = Field(description="Its private key (PEM, unencrypted), readable by its owner only.")
+    client_ca: Path | None = Field(
+        default=None,
+        description="CA certificate(s) (PEM): a client must present a certificate they signed.",
+    )
+
+
 class Listen(_Section):
-    """Where the HTTP server listens (loopback unless said otherwise)."""
+    """Where the HTTP server listens (loopback unless said otherwise), and its TLS."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 9095
+    tls: Tls | None = None
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can connect (a loopback address or ``localhost``)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to anything
+            return False
+
+    @property
+    def client_certificates(self) -> bool:
+        """Whether clients must present a certificate (mutual TLS)."""
+        return self.tls is not None and self.tls.client_ca is not None
 
 
 class Auth(_Section):
@@ -113,6 +143,28 @@ class Approvals(_Section):
         return self
 
 
+class State(_Section):
+    """Where the state lives (``state: URL`` is short for ``state: {url: URL}``)."""
+
+    url: str | None = Field(
+        default=None,
+        description="sqlite:///PATH or postgresql://...; --state-url and REMEDIATE_STATE_URL "
+        "win over it; default: the state directory's SQLite file.",
+    )
+
+    lease_ttl: Duration = Field(
+        default=timedelta(minutes=1),
+        description="Device leases and this server's heartbeat live this long unless renewed "
+        "(every third of it): a replica that dies loses its devices, and its running runs are "
+        "marked interrupted, this long after its last renewal.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_alone(cls, data: Any) -> Any:
+        return {"url": data} if isinstance(data, str) else data
+
+
 class ServerConfig(_Section):
     """The whole server configuration file."""
 
@@ -128,6 +180,7 @@ class ServerConfig(_Section):
     queue: Queue = Queue()
     breaker: Breaker = Breaker()
     approvals: Approvals = Approvals()
+    state: State = State()
     inventory_refresh: Duration = Field(
         default=timedelta(minutes=5),
         description="Re-read the inventory this often (and whenever its files change).",
@@ -139,12 +192,27 @@ class ServerConfig(_Section):
 
     @model_validator(mode="after")
     def _authenticated_unless_said_otherwise(self) -> ServerConfig:
-        if not self.auth.configured and not self.auth.allow_unauthenticated:
+        if self.auth.configured or self.listen.client_certificates:
+            return self
+        if not self.auth.allow_unauthenticated:
             raise ValueError(
                 f"no authentication configured: set auth.token or auth.hmac_key (or "
-                f"{TOKEN_ENV} / {HMAC_KEY_ENV}), or auth.allow_unauthenticated: true"
+                f"{TOKEN_ENV} / {HMAC_KEY_ENV}), listen.tls.client_ca, or "
+                "auth.allow_unauthenticated: true"
+            )
+        if not self.listen.loopback:
+            raise ValueError(
+                f"auth.allow_unauthenticated is for a loopback listen.host only: on "
+                f"{self.listen.host} anyone who reaches the port could trigger remediations; "
+                "set auth.token or auth.hmac_key, or listen.tls.client_ca"
             )
         return self
+
+    @property
+    def secret_values(self) -> tuple[str, ...]:
+        """The token, the HMAC key and the approvers' tokens (to be scrubbed wherever seen)."""
+        found = [self.auth.token, self.auth.hmac_key, *self.approvals.approvers.values()]
+        return tuple(s.get_secret_value() for s in found if s is not None)
 
     def runbooks(self, settings: Settings) -> Path:
         """The runbooks directory: the file's, else the settings'."""
@@ -171,6 +239,7 @@ def load_server_config(path: Path, environ: Mapping[str, str]) -> ServerConfig:
         raise ConfigError(f"{path}:1: the server configuration must be a mapping")
     data = _plain(root)
     assert isinstance(data, dict)  # noqa: S101 - a CommentedMap becomes a dict
+    _refuse_shared_secrets(path, data)
     _apply_environment(data, environ)
     _anchor_paths(data, path.parent)
     try:
@@ -204,11 +273,39 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None
                 approvals["approvers"][name] = token
 
 
+def _refuse_shared_secrets(path: Path, data: dict[str, Any]) -> None:
+    """A file holding a token or key must be readable by its owner only."""
+    auth, approvals = data.get("auth"), data.get("approvals")
+    held = [f"auth.{k}" for k in ("token", "hmac_key") if isinstance(auth, dict) and auth.get(k)]
+    if isinstance(approvals, dict) and isinstance(approvals.get("approvers"), dict):
+        approvers = approvals["approvers"].items()
+        held += [f"approvals.approvers.{name}" for name, token in approvers if token]
+    if not held:
+        return
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the server configuration: {exc.strerror}") from exc
+    if mode & 0o044:
+        raise ConfigError(
+            f"{path}: holds secrets ({', '.join(held)}) but is readable by group or others "
+            f"(mode {mode:04o}): make it readable by its owner only (chmod 600), or pass "
+            f"them in the environment ({TOKEN_ENV}, {HMAC_KEY_ENV}, {APPROVER_ENV_PREFIX}<NAME>)"
+        )
+
+
 def _anchor_paths(data: dict[str, Any], base: Path) -> None:
     for key in ("inventory", "runbooks_dir", "playbooks_dir"):
         value = data.get(key)
         if isinstance(value, str) and value:
             data[key] = str(base / Path(value).expanduser())
+    listen = data.get("listen")
+    tls = listen.get("tls") if isinstance(listen, dict) else None
+    if isinstance(tls, dict):
+        for key in ("cert", "key", "client_ca"):
+            value = tls.get(key)
+            if isinstance(value, str) and value:
+                tls[key] = str(base / Path(value).expanduser())
 
 
 def _problems(path: Path, root: CommentedMap, exc: ValidationError) -> Iterator[str]:

@@ -25,16 +25,16 @@ from engine.server.alerts import WebhookMessage
 from engine.server.breaker import CircuitBreaker
 from engine.server.fleet import Fleet, FleetWatcher
 from engine.server.metrics import ServerMetrics
-from engine.server.routing import Router
-from engine.state import (
+from engine.server.queue import (
     AlertBatch,
-    AlertStore,
     FiringInput,
     FiringOutcome,
     QueueItem,
     RecordedAlerts,
     ResolvedInput,
 )
+from engine.server.routing import Router
+from engine.state import AlertStore
 
 _UNROUTED = (FiringOutcome.UNMATCHED, FiringOutcome.UNRESOLVED)
 
@@ -146,7 +146,10 @@ class Intake:
             fleet = self._fleet.current
             batches = [self._route(m, fleet) for m in messages]
             results = self._store.record_notifications(
-                batches, now=self._clock(), hold_reason=self._breaker.hold_reason
+                batches,
+                now=self._clock(),
+                hold_reason=self._breaker.hold_reason,
+                audit=lambda recorded: self._audit_once(messages, batches, recorded),
             )
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller, who raises it
             for pending in group:
@@ -156,10 +159,6 @@ class Intake:
             self._count(batch, result)
         if any(r.queued for r in results):
             self._on_queued()
-        try:
-            self._audit(messages, batches, results)
-        except AuditError:
-            self._metrics.audit_errors.inc()
         for pending, result in zip(group, results, strict=True):
             pending.answer.set_result(result)
         self._on_answered(len(group))
@@ -215,6 +214,18 @@ class Intake:
         ):
             if items:
                 metrics.runs.labels(outcome).inc(len(items))
+
+    def _audit_once(
+        self,
+        messages: list[WebhookMessage],
+        batches: list[AlertBatch],
+        results: list[RecordedAlerts],
+    ) -> None:
+        """Audit the group (the store calls this in its commit, or right after it)."""
+        try:
+            self._audit(messages, batches, results)
+        except AuditError:  # the file could not be written; the records are committed
+            self._metrics.audit_errors.inc()
 
     def _audit(
         self,

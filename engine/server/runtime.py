@@ -20,17 +20,20 @@ from engine.audit import audit_context
 from engine.errors import StateError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import Executor
+from engine.leases import audit_interruptions
 from engine.pipeline import Services, new_run_id
+from engine.privacy import private_dir
 from engine.runbooks import load_runbooks
 from engine.server.breaker import CircuitBreaker
 from engine.server.config import ServerConfig
 from engine.server.fleet import FleetWatcher, ResolveTargets
 from engine.server.intake import Intake
 from engine.server.metrics import ServerMetrics
+from engine.server.queue import QueueItem
 from engine.server.routing import Router
 from engine.server.worker import WorkerPool
 from engine.settings import Settings
-from engine.state import AlertStore, QueueItem, SqliteAlertStore
+from engine.state import AlertStore, StateDatabase, open_database, redacted_url
 from engine.targets import resolve_targets
 
 #: How often the inventory's files are checked for changes.
@@ -39,14 +42,8 @@ INVENTORY_CHECK = 2.0
 INTAKE_BREAKER_INTERVAL = 0.5
 #: The intake's breaker checks, which run in the background, take at most this share of the time.
 INTAKE_BREAKER_SHARE = 0.2
-#: How long stopping waits for a breaker check or a checkpoint in progress to finish.
+#: How long stopping waits for a breaker check in progress to finish.
 WATCHER_JOIN = 10.0
-#: Notifications recorded between two copies of the write-ahead log back into the database
-#: (each copy syncs the log and the database: fewer, larger copies cost less).
-CHECKPOINT_AFTER = 4
-#: Log pages past which an intake commit copies the write-ahead log back itself (a stall of
-#: that commit); normally the checkpoint watcher has copied it long before.
-INTAKE_CHECKPOINT_PAGES = 10_000
 
 
 #: Seconds cancelled playbooks get to stop after the shutdown timeout.
@@ -65,6 +62,7 @@ class WebhookServer:
         executor: Executor | None = None,
         resolve: ResolveTargets = resolve_targets,
         run_ids: Callable[[], str] = new_run_id,
+        database: StateDatabase | None = None,
     ) -> None:
         self.config = config
         self.settings = settings
@@ -77,13 +75,20 @@ class WebhookServer:
         self.router = Router(runbooks)
         self._abort = threading.Event()  # set when running runs overstay the shutdown timeout
         self.executor = executor or AnsibleExecutor(
-            AnsibleSettings(work_dir=settings.state_dir / "work"), cancel=self._abort.is_set
+            AnsibleSettings(work_dir=settings.state_dir / "work"),
+            cancel=self._abort.is_set,
+            secrets=settings.secrets,
         )
-        # The checkpoint watcher copies the log back after commits, on another core; the
-        # intake's own commits do so only if the log grew large all the same.
-        self.store: AlertStore = self._open_store(checkpoint_pages=INTAKE_CHECKPOINT_PAGES)
-        self._checkpoint_due = threading.Event()
-        self._uncopied = 0  # notifications recorded since the log was last copied back
+        self._owns_database = database is None
+        if database is None:
+            private_dir(settings.state_dir)
+            database = open_database(
+                settings.database_url(config.state.url),
+                clock=clock,
+                connections=config.workers + 8,  # workers, intake, watchers, HTTP reads
+            )
+        self.database: StateDatabase = database
+        self.store: AlertStore = self.database.store(intake=True)
         self.metrics = ServerMetrics(self.store.queue_counts)
         self.fleet = FleetWatcher(
             config.inventory,
@@ -110,6 +115,7 @@ class WebhookServer:
             max_age=config.queue.max_age,
             new_run_id=run_ids,
             approval_ttl=config.approvals.ttl,
+            fleet_size=lambda pattern: len(self.fleet.current.hosts.get(pattern, ())),
         )
         self.intake = Intake(
             self.store,
@@ -119,19 +125,16 @@ class WebhookServer:
             self.metrics,
             clock=clock,
             on_queued=self._after_queued,
-            on_answered=self._after_answered,
         )
         self._watcher_stop = threading.Event()
         self._breaker_due = threading.Event()
         self._breaker_watcher: threading.Thread | None = None
-        self._checkpointer: threading.Thread | None = None
+        self._keeper: threading.Thread | None = None
 
-    def _after_answered(self, notifications: int) -> None:
-        """Notifications were answered: have the log copied back every few of them."""
-        self._uncopied += notifications
-        if self._uncopied >= CHECKPOINT_AFTER:
-            self._uncopied = 0
-            self._checkpoint_due.set()
+    @property
+    def state_url(self) -> str:
+        """The state database's URL, without a password."""
+        return redacted_url(self.database.url)
 
     def _after_queued(self) -> None:
         """New runs are queued: wake the workers and have the breaker look at them.
@@ -144,14 +147,8 @@ class WebhookServer:
         self.pool.wake()
         self._breaker_due.set()
 
-    def _open_store(self, *, checkpoint_pages: int | None = None) -> SqliteAlertStore:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteAlertStore(
-            self.settings.db_path, clock=self.clock, checkpoint_pages=checkpoint_pages
-        )
-
     def _open_services(self) -> tuple[Services, AlertStore]:
-        store = self._open_store()
+        store = self.database.store()
         services = Services(
             executor=self.executor,
             store=store,
@@ -159,27 +156,68 @@ class WebhookServer:
             new_run_id=new_run_id,
             artifacts_dir=self.settings.artifacts_dir,
             sleep=time.sleep,
+            secrets=self.settings.secrets,
+            holder=self.owner,
+            lease_ttl=self.config.state.lease_ttl,
         )
         return services, store
 
     # -- lifecycle
 
     def recover(self) -> list[QueueItem]:
-        """Mark runs a previous process left running as interrupted; they are never re-run.
+        """Mark runs a stopped server left running as interrupted; they are never re-run.
 
-        Call before :meth:`start`, holding the state directory's server lock (so no other
-        server process can be running them).
+        With a single-server backend (SQLite; the caller holds the state directory's server
+        lock) every running item is a predecessor's.  With replicas, only those of servers
+        whose heartbeat expired, and runs whose device leases expired, are.
         """
-        items = self.store.interrupt_running(
-            now=self.clock(), reason="the server stopped while the run was in progress"
-        )
+        if self.database.single_server:
+            items = self.store.interrupt_running(
+                now=self.clock(), reason="the server stopped while the run was in progress"
+            )
+            _audit_interrupted(items)
+            return items
+        return self._reap()
+
+    def _reap(self, store: AlertStore | None = None) -> list[QueueItem]:
+        """Interrupt what stopped controllers left: expired leases, silent servers' items."""
+        store = store or self.store
+        audit_interruptions(store.reap_expired())
+        items = store.interrupt_orphans(now=self.clock())
         _audit_interrupted(items)
         return items
+
+    def _keep_alive(self) -> None:
+        """Renew the heartbeat; reap stopped controllers' work (every third of a lease)."""
+        ttl = self.config.state.lease_ttl
+        store = self.database.store()
+        try:
+            while True:
+                try:
+                    store.heartbeat(self.owner, ttl)
+                    if not self.database.single_server:
+                        self._reap(store)
+                except StateError as exc:  # the database is away: keep trying
+                    structlog.get_logger().warning("server.heartbeat_failed", error=str(exc))
+                if self._watcher_stop.wait(ttl.total_seconds() / 3):
+                    return
+        finally:
+            store.close()
+
+    def state_health(self) -> dict[str, object]:
+        """The state database for /healthz: its URL (no password) and whether it answers."""
+        try:
+            self.database.ping()
+        except StateError as exc:
+            return {"url": self.state_url, "reachable": False, "error": str(exc)}
+        return {"url": self.state_url, "reachable": True}
 
     def start(self) -> None:
         """Load the inventory and the breaker; start the workers, inventory and breaker watchers."""
         self.fleet.load()
         self.breaker.load(self.store)
+        # Alive before the first claim: a replica that dies right after it is still found.
+        self.store.heartbeat(self.owner, self.config.state.lease_ttl)
         self.pool.start()
         threading.Thread(
             target=self._watch_inventory, name="remediate-inventory", daemon=True
@@ -188,10 +226,10 @@ class WebhookServer:
             target=self._watch_breaker, name="remediate-breaker", daemon=True
         )
         self._breaker_watcher.start()
-        self._checkpointer = threading.Thread(
-            target=self._checkpoint_wal, name="remediate-checkpoint", daemon=True
+        self._keeper = threading.Thread(
+            target=self._keep_alive, name="remediate-heartbeat", daemon=True
         )
-        self._checkpointer.start()
+        self._keeper.start()
         structlog.get_logger().info(
             "server.started",
             owner=self.owner,
@@ -210,8 +248,7 @@ class WebhookServer:
         structlog.get_logger().info("server.stopping", running=running, timeout=timeout)
         self.pool.stop()
         self._watcher_stop.set()
-        self._checkpoint_due.set()
-        for watcher in (self._breaker_watcher, self._checkpointer):
+        for watcher in (self._breaker_watcher, self._keeper):
             if watcher is not None:
                 watcher.join(WATCHER_JOIN)
         interrupted: list[QueueItem] = []
@@ -230,9 +267,11 @@ class WebhookServer:
         return interrupted
 
     def close(self) -> None:
-        """Stop the intake (recording what is waiting), then close the store."""
+        """Stop the intake (recording what is waiting), then close the store (and the database)."""
         self.intake.close()
         self.store.close()
+        if self._owns_database:
+            self.database.close()
 
     def _watch_inventory(self) -> None:
         while not self._watcher_stop.wait(INVENTORY_CHECK):
@@ -244,7 +283,7 @@ class WebhookServer:
         At most every ``INTAKE_BREAKER_INTERVAL``, and when its queries are slow (a window
         holding many runs) at most ``INTAKE_BREAKER_SHARE`` of the time.
         """
-        store = self._open_store()
+        store = self.database.store()
         try:
             while not self._watcher_stop.is_set():
                 if not self._breaker_due.wait(INTAKE_BREAKER_INTERVAL):
@@ -257,26 +296,6 @@ class WebhookServer:
                     structlog.get_logger().warning("breaker.check_failed", error=str(exc))
                 took = time.monotonic() - started
                 self._watcher_stop.wait(max(INTAKE_BREAKER_INTERVAL, took / INTAKE_BREAKER_SHARE))
-        finally:
-            store.close()
-
-    def _checkpoint_wal(self) -> None:
-        """After intake commits, copy the write-ahead log back, on its own connection.
-
-        The copy (PASSIVE: it waits for nobody) runs while the intake goes on, on the other
-        core (SQLite lets go of the GIL); it usually ends before the next commit, which then
-        starts the log over.  So no commit pays for a copy, and the log stays small.
-        """
-        store = self._open_store()
-        try:
-            while not self._watcher_stop.is_set():
-                self._checkpoint_due.wait()
-                self._checkpoint_due.clear()
-                try:
-                    store.checkpoint()
-                except StateError as exc:  # the log keeps the data; a later copy catches up
-                    structlog.get_logger().warning("wal.checkpoint_failed", error=str(exc))
-                    self._watcher_stop.wait(INVENTORY_CHECK)
         finally:
             store.close()
 

@@ -22,16 +22,18 @@ from pathlib import Path
 import structlog
 
 from engine.approvals import apply_approved, expire_approvals, request_approval
-from engine.errors import EngineError
+from engine.audit import audit_context
+from engine.errors import EngineError, StateError
 from engine.outcomes import RunStatus
 from engine.pipeline import RunReport, RunRequest, Services, run_runbook
-from engine.planfiles import SavedPlan
+from engine.planfiles import seal_plan
 from engine.plans import Plan
 from engine.runbooks import Runbook
 from engine.runbooks.spec import TriggerMode
 from engine.server.breaker import CircuitBreaker
 from engine.server.metrics import ServerMetrics
-from engine.state import AlertStore, ApprovalStatus, QueueItem, QueueState
+from engine.server.queue import QueueItem, QueueState
+from engine.state import AlertStore, ApprovalStatus
 
 #: Who alert-triggered runs are recorded as.
 ALERT_USER = "alertmanager"
@@ -75,6 +77,7 @@ class WorkerPool:
         max_age: timedelta,
         new_run_id: Callable[[], str],
         approval_ttl: timedelta = timedelta(hours=1),
+        fleet_size: Callable[[str], int] = lambda _pattern: 0,
     ) -> None:
         self.count = count
         self.owner = owner
@@ -87,6 +90,7 @@ class WorkerPool:
         self._max_age = max_age
         self._new_run_id = new_run_id
         self._approval_ttl = approval_ttl
+        self._fleet_size = fleet_size
         self._stopping = threading.Event()
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -129,7 +133,12 @@ class WorkerPool:
         services, store = self._open_services()
         try:
             while not self._stopping.is_set():
-                if not self._step(services, store):
+                try:
+                    found = self._step(services, store)
+                except StateError as exc:  # the database is away: wait, then look again
+                    structlog.get_logger().warning("worker.state_error", error=str(exc))
+                    found = False
+                if not found:
                     with self._wake:
                         if not self._stopping.is_set():
                             self._wake.wait(IDLE_POLL)
@@ -221,17 +230,59 @@ class WorkerPool:
         )
         started = time.monotonic()
         state, status, reason = self._execute(item, run_id, services)
+        reason = services.secrets.scrub(reason)  # an error's text may quote one
         self._metrics.run_duration.labels(item.runbook).observe(time.monotonic() - started)
         self._metrics.runs.labels(status.value if status else state.value).inc()
-        store.finish_queue_item(
-            item.item_id, self.owner, state, now=self._clock(), run_status=status, reason=reason
-        )
+        self._finish(store, item, state, status, reason)
         log.info(
             "queue.finished",
             state=state.value,
             status=status.value if status else None,
             reason=reason,
         )
+
+    def _finish(
+        self,
+        store: AlertStore,
+        item: QueueItem,
+        state: QueueState,
+        status: RunStatus | None,
+        reason: str,
+    ) -> None:
+        """Close the item; while the database is away, try again (it stays ours meanwhile)."""
+        while True:
+            try:
+                store.finish_queue_item(
+                    item.item_id,
+                    self.owner,
+                    state,
+                    now=self._clock(),
+                    run_status=status,
+                    reason=reason,
+                )
+                self._close_run(store, item)
+            except StateError as exc:
+                structlog.get_logger().warning(
+                    "queue.finish_failed", item=item.item_id, error=str(exc)
+                )
+                if self._stopping.wait(IDLE_POLL):
+                    return  # stopping: recovery or the reaper marks it interrupted
+                continue
+            return
+
+    @staticmethod
+    def _close_run(store: AlertStore, item: QueueItem) -> None:
+        """A run whose end could not be recorded (the database was away) ends interrupted."""
+        run = store.get_run(item.run_id) if item.run_id else None
+        if run is not None and run.status is RunStatus.RUNNING:
+            store.finish_run(run.run_id, RunStatus.INTERRUPTED, {})
+            with audit_context(run.run_id, runbook=item.runbook, trigger=run.trigger):
+                structlog.get_logger().warning(
+                    "run.interrupted",
+                    item=item.item_id,
+                    host=item.host,
+                    reason="its end could not be recorded: the state database was unreachable",
+                )
 
     def _execute(
         self, item: QueueItem, run_id: str, services: Services
@@ -246,6 +297,9 @@ class WorkerPool:
             mode=item.mode,
             trigger=f"alert:{item.fingerprint}",
             user=ALERT_USER,
+            # The blast radius of an alert run is judged against the hosts its runbook
+            # targets (other replicas' runs of it count too), not the one device it acts on.
+            fleet=self._fleet_size(runbook.spec.targets.hosts) or None,
         )
         one_run = dataclasses.replace(services, new_run_id=lambda: run_id)
         try:
@@ -266,7 +320,7 @@ class WorkerPool:
         plan = report.plan
         if not plan.acting or plan.refused:
             return "approve mode: nothing to approve"
-        saved = SavedPlan(plan=plan, expires_at=plan.created_at + self._approval_ttl).sealed()
+        saved = seal_plan(plan, plan.created_at + self._approval_ttl, services.secrets)
         record = request_approval(
             services.store, saved, runbook, source=f"alert:{item.fingerprint}", now=self._clock()
         )

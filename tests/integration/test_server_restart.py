@@ -11,53 +11,24 @@ import pytest
 
 from engine.audit import utc_now, verify_audit
 from engine.outcomes import RunStatus
-from engine.state import QueueState, SqliteAlertStore, SqliteStateStore
+from engine.server.queue import QueueState
+from engine.state.sqlite import SqliteAlertStore, SqliteStateStore
+from tests.support.replicas import lines, mark, project_for, states
 from tests.support.webhook import (
-    MARK_PLAYBOOK,
     TOKEN,
-    Project,
     ServerProcess,
-    alert,
-    body,
     free_port,
-    mark_runbook,
     wait_for,
-    write_project,
 )
 
 pytestmark = pytest.mark.integration
-
-HOSTS: dict[str, dict[str, str]] = {"dev-a": {}, "dev-b": {}}
-
-
-def _mark(edge: str, fingerprint: str) -> dict[str, object]:
-    return body(alert({"alertname": "MarkMe", "edge": edge}, fingerprint=fingerprint))
-
-
-def _project(tmp_path: Path, pause: int) -> tuple[Project, Path]:
-    log = tmp_path / "acted.log"
-    project = write_project(
-        tmp_path,
-        runbooks={"mark.yml": mark_runbook(log, slow_hosts="dev-a", pause=pause)},
-        playbooks={"mark.yml": MARK_PLAYBOOK},
-        hosts=HOSTS,
-    )
-    return project, log
-
-
-def _lines(log: Path) -> list[str]:
-    return log.read_text().splitlines() if log.exists() else []
-
-
-def _states(server: ServerProcess) -> dict[str, str]:
-    return {i["fingerprint"]: i["state"] for i in server.get("/queue").json()["items"]}
 
 
 def test_kill_9_mid_run_marks_it_interrupted_and_resumes_the_queue_without_rerunning(
     tmp_path: Path, server_processes: list[ServerProcess]
 ) -> None:
     """After SIGKILL a restart marks the in-progress run interrupted and runs only the queued."""
-    project, log = _project(tmp_path, pause=120)
+    project, log = project_for(tmp_path, pause=120)
     port = free_port()
     config = project.write_config(
         f"listen: {{port: {port}}}\nauth: {{token: {TOKEN}}}\nworkers: 1\n"
@@ -65,10 +36,10 @@ def test_kill_9_mid_run_marks_it_interrupted_and_resumes_the_queue_without_rerun
     first = ServerProcess(project, config, port)
     server_processes.append(first)
     first.start()
-    assert first.post(_mark("dev-a", "aaaa")).status_code == 202
-    wait_for("the dev-a run to start acting", lambda: "start dev-a" in _lines(log))
-    assert first.post(_mark("dev-b", "bbbb")).json()["queued"] == 1
-    assert _states(first) == {"aaaa": "running", "bbbb": "queued"}
+    assert first.post(mark("dev-a", "aaaa")).status_code == 202
+    wait_for("the dev-a run to start acting", lambda: "start dev-a" in lines(log))
+    assert first.post(mark("dev-b", "bbbb")).json()["queued"] == 1
+    assert states(first) == {"aaaa": "running", "bbbb": "queued"}
     (running,) = [i for i in first.get("/queue").json()["items"] if i["state"] == "running"]
 
     first.kill_group()
@@ -76,14 +47,14 @@ def test_kill_9_mid_run_marks_it_interrupted_and_resumes_the_queue_without_rerun
     second = ServerProcess(project, config, port)
     server_processes.append(second)
     second.start()
-    wait_for("the queued dev-b run", lambda: _states(second).get("bbbb") == "done")
-    assert _states(second)["aaaa"] == "interrupted"
-    again = second.post(_mark("dev-a", "aaaa")).json()  # Alertmanager re-sends the group
+    wait_for("the queued dev-b run", lambda: states(second).get("bbbb") == "done")
+    assert states(second)["aaaa"] == "interrupted"
+    again = second.post(mark("dev-a", "aaaa")).json()  # Alertmanager re-sends the group
     assert (again["deduplicated"], again["queued"]) == (1, 0)
     second.signal(signal.SIGTERM)
     assert second.wait() == 0
 
-    assert sorted(_lines(log)) == ["acted dev-b", "start dev-a", "start dev-b"]
+    assert sorted(lines(log)) == ["acted dev-b", "start dev-a", "start dev-b"]
     with SqliteStateStore(project.state / "state.db", clock=utc_now) as store:
         run = store.get_run(running["run_id"])
         assert run is not None
@@ -101,7 +72,7 @@ def test_sigterm_drains_finishes_the_running_run_and_leaves_the_queue(
     tmp_path: Path, server_processes: list[ServerProcess]
 ) -> None:
     """SIGTERM: webhooks get 503, the running run finishes, the queued one stays queued, exit 0."""
-    project, log = _project(tmp_path, pause=2)
+    project, log = project_for(tmp_path, pause=2)
     port = free_port()
     config = project.write_config(
         f"listen: {{port: {port}}}\nauth: {{token: {TOKEN}}}\nworkers: 1\nshutdown_timeout: 2m\n"
@@ -109,20 +80,20 @@ def test_sigterm_drains_finishes_the_running_run_and_leaves_the_queue(
     server = ServerProcess(project, config, port)
     server_processes.append(server)
     server.start()
-    server.post(_mark("dev-a", "aaaa"))
-    wait_for("the dev-a run to start acting", lambda: "start dev-a" in _lines(log))
-    server.post(_mark("dev-b", "bbbb"))
+    server.post(mark("dev-a", "aaaa"))
+    wait_for("the dev-a run to start acting", lambda: "start dev-a" in lines(log))
+    server.post(mark("dev-b", "bbbb"))
     server.signal(signal.SIGTERM)
 
     def refused() -> bool:
         try:
-            return server.post(_mark("dev-b", "cccc")).status_code == 503
+            return server.post(mark("dev-b", "cccc")).status_code == 503
         except httpx.TransportError:
             return False
 
     wait_for("webhooks to be refused with 503", refused)
     assert server.wait(timeout=120) == 0
-    assert sorted(_lines(log)) == ["acted dev-a", "start dev-a"]
+    assert sorted(lines(log)) == ["acted dev-a", "start dev-a"]
     with SqliteAlertStore(project.state / "state.db", clock=utc_now) as store:
         assert [r.status for r in store.list_runs()] == [RunStatus.SUCCEEDED]
         states = {i.fingerprint: i.state for i in store.list_queue()}

@@ -21,9 +21,17 @@ def remediate_env(state_dir: Path) -> dict[str, str]:
 
 
 def run_remediate(
-    args: Sequence[str], state_dir: Path, *, cwd: Path = ROOT, timeout: float = 600
+    args: Sequence[str],
+    state_dir: Path,
+    *,
+    cwd: Path = ROOT,
+    timeout: float = 600,
+    umask: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``remediate ARGS`` with its own state dir, as user ``tester``; never raises on exit codes."""
+    """``remediate ARGS`` with its own state dir, as user ``tester``; never raises on exit codes.
+
+    ``umask``: the one the process starts with (by default this process's).
+    """
     return subprocess.run(
         [*REMEDIATE, *args],
         capture_output=True,
@@ -32,4 +40,5 @@ def run_remediate(
         env=remediate_env(state_dir),
         check=False,
         timeout=timeout,
+        umask=-1 if umask is None else umask,
     )

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -163,6 +164,7 @@ class Project:
             f"playbooks_dir: {self.playbooks}\n"
         )
         path.write_text(head + text)
+        path.chmod(0o600)  # it may hold the token: the server refuses it readable by others
         return path
 
 
@@ -279,19 +281,36 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> Non
 
 
 class ServerProcess:
-    """``python -m engine.server`` as a child process in its own process group."""
+    """``python -m engine.server`` as a child process in its own process group.
 
-    def __init__(self, project: Project, config: Path, port: int) -> None:
+    With ``tls`` (a client context trusting the server, presenting a client certificate if
+    the server wants one) it is spoken to over HTTPS.  ``umask``: the one it starts with;
+    ``env``: variables added to its environment.
+    """
+
+    def __init__(
+        self,
+        project: Project,
+        config: Path,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        umask: int | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.project = project
         self.config = config
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self.proc: subprocess.Popen[str] | None = None
         self.log = project.root / "server.log"
+        self._verify: ssl.SSLContext | bool = tls or True
+        self._umask = -1 if umask is None else umask
+        self._env = dict(env or {})
 
     def start(self) -> None:
         """Start it and wait until /healthz answers."""
-        env = {**os.environ, "REMEDIATE_STATE_DIR": str(self.project.state)}
+        env = {**os.environ, "REMEDIATE_STATE_DIR": str(self.project.state), **self._env}
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine.server", "--config", str(self.config)],
@@ -301,6 +320,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 text=True,
                 start_new_session=True,
+                umask=self._umask,
             )
         wait_for("the server to answer /healthz", self._healthy)
 
@@ -309,9 +329,10 @@ class ServerProcess:
         if self.proc.poll() is not None:
             pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            response = httpx.get(f"{self.url}/healthz", timeout=1, verify=self._verify)
         except httpx.TransportError:
             return False
+        return response.status_code == 200
 
     def post(self, payload: dict[str, Any]) -> httpx.Response:
         """POST a webhook body with the test token."""
@@ -320,12 +341,16 @@ class ServerProcess:
             json=payload,
             headers={"Authorization": f"Bearer {TOKEN}"},
             timeout=10,
+            verify=self._verify,
         )
 
     def get(self, path: str) -> httpx.Response:
         """GET an endpoint with the test token."""
         return httpx.get(
-            f"{self.url}{path}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+            f"{self.url}{path}",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=10,
+            verify=self._verify,
         )
 
     def signal(self, signum: signal.Signals) -> None:

@@ -1,14 +1,9 @@
-"""State: runs, per-host outcomes, cool-downs and device locks in an embedded store.
+"""The SQLite stores: one file (WAL, ``busy_timeout``, foreign keys) shared by processes.
 
-The pipeline talks to a :class:`StateStore`; the default is :class:`SqliteStateStore`,
-a single SQLite file (WAL, ``busy_timeout``, foreign keys) that several
-``remediate`` processes may share.  Every read-modify-write runs inside
-``BEGIN IMMEDIATE`` so that, for example, exactly one process wins a device lock.
-
-The schema is an ordered list of :data:`MIGRATIONS` applied at open and recorded
-in ``schema_version``; add tables by appending a migration, never by editing one.
-All timestamps are stored as fixed-width UTC ISO-8601 text, so text order is
-time order.
+Every read-modify-write runs inside ``BEGIN IMMEDIATE`` so that, for example, exactly one
+process wins a device lease.  All timestamps are stored as fixed-width UTC ISO-8601 text,
+so text order is time order; "now" is the injected clock (SQLite has no clock of its own
+that processes would share).
 """
 
 from __future__ import annotations
@@ -20,391 +15,58 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
-
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from typing import Self
 
 from engine.errors import StateError
 from engine.outcomes import HostOutcome, Mode, RunStatus
+from engine.privacy import private_file
+from engine.server.queue import (
+    AlertBatch,
+    BreakerRecord,
+    FiringInput,
+    FiringKey,
+    FiringOutcome,
+    FiringRecord,
+    QueueClaim,
+    QueueItem,
+    QueueState,
+    RecordedAlerts,
+    ResolvedInput,
+)
+from engine.state.migrations import Migration, check_migrations
+from engine.state.records import (
+    Admission,
+    ApprovalRecord,
+    ApprovalStatus,
+    HostRecord,
+    Interruption,
+    Lease,
+    LeaseGrant,
+    RunRecord,
+    lease_expired_reason,
+)
+from engine.state.sqlite.migrations import MIGRATIONS
 
-# --------------------------------------------------------------------------- records
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RunRecord(_Record):
-    """One run of one runbook, as the state store keeps it."""
-
-    run_id: str
-    runbook: str
-    runbook_digest: str
-    mode: Mode
-    trigger: str  # "user:alice" or "alert:<fingerprint>"
-    started_at: AwareDatetime
-    finished_at: AwareDatetime | None = None
-    status: RunStatus = RunStatus.RUNNING
-    summary: dict[str, int] = {}  # host outcome -> count
-
-
-class HostRecord(_Record):
-    """Where one host ended in one run."""
-
-    run_id: str
-    host: str
-    outcome: HostOutcome
-    reason: str
-    steps: list[str]  # ids of the steps executed, in order
-    finished_at: AwareDatetime
-
-
-class LockRecord(_Record):
-    """A live per-device lock."""
-
-    host: str
-    run_id: str
-    acquired_at: AwareDatetime
-    expires_at: AwareDatetime
-
-
-class ApprovalStatus(StrEnum):
-    """Where an approval stands."""
-
-    PENDING = "pending"
-    APPROVED = "approved"  # decided; a server worker will apply it
-    APPLYING = "applying"  # being applied (by the approver's CLI or a server worker)
-    APPLIED = "applied"  # the plan was applied (the run's own outcome is in history)
-    FAILED = "failed"  # applying it failed as a tool (plan refused, engine fault)
-    DENIED = "denied"
-    EXPIRED = "expired"
-
-
-class ApprovalRecord(_Record):
-    """A saved plan waiting for (or past) a person's decision; see :mod:`engine.approvals`."""
-
-    approval_id: str
-    runbook: str
-    source: str  # "user:<name>" or "alert:<fingerprint>"
-    requested_by: str
-    requested_at: AwareDatetime
-    expires_at: AwareDatetime
-    four_eyes: bool
-    status: ApprovalStatus = ApprovalStatus.PENDING
-    decided_by: str | None = None
-    decided_at: AwareDatetime | None = None
-    reason: str = ""
-    plan: dict[str, Any]  # the saved plan as JSON data, digest included
-
-
-# --------------------------------------------------------------------------- interface
-
-
-class StateStore(Protocol):
-    """What the engine needs from a state store; a server database can implement it later."""
-
-    def start_run(self, record: RunRecord) -> None:
-        """Record a new run; its ``run_id`` must be unused."""
-
-    def finish_run(self, run_id: str, status: RunStatus, summary: Mapping[str, int]) -> RunRecord:
-        """Set a run's final status and host-outcome counts; return the updated run."""
-
-    def record_host(self, record: HostRecord) -> None:
-        """Record (or replace) one host's outcome in a started run."""
-
-    def record_hosts(self, records: Sequence[HostRecord]) -> None:
-        """Record (or replace) hosts' outcomes in started runs, all or none (one commit)."""
-
-    def list_runs(self, limit: int = 50, runbook: str | None = None) -> list[RunRecord]:
-        """Return the most recent runs first, optionally of one runbook only."""
-
-    def get_run(self, run_id: str) -> RunRecord | None:
-        """Return one run, or None if no run has that id."""
-
-    def host_records(self, run_id: str) -> list[HostRecord]:
-        """Return the host outcomes of a run, ordered by host."""
-
-    def last_acted(self, runbook: str, host: str) -> datetime | None:
-        """Return when ``runbook`` last acted on ``host`` (for cool-downs), or None."""
-
-    def mark_acted(self, runbook: str, host: str, at: datetime) -> None:
-        """Remember that ``runbook`` acted on ``host`` at ``at`` (a later time wins)."""
-
-    def try_lock(self, host: str, run_id: str, ttl: timedelta) -> bool:
-        """Take ``host``'s lock for ``run_id`` for ``ttl``; return whether it is now held."""
-
-    def release_lock(self, host: str, run_id: str) -> bool:
-        """Release ``host``'s lock if ``run_id`` holds it; return whether it did."""
-
-    def lock_holder(self, host: str) -> LockRecord | None:
-        """Return the live lock on ``host``, or None if it is free or expired."""
-
-    def mark_interrupted(self, now: datetime) -> list[str]:
-        """Mark runs still ``running`` as ``interrupted``; return their ids."""
-
-    def save_audit_head(self, seq: int, hash_: str) -> None:
-        """Remember the audit log's last record (a higher ``seq`` wins)."""
-
-    def audit_head(self) -> tuple[int, str] | None:
-        """Return the saved audit head as (seq, hash), or None if none was saved."""
-
-    def add_approval(self, record: ApprovalRecord) -> None:
-        """Store a new pending approval."""
-
-    def get_approval(self, approval_id: str) -> ApprovalRecord | None:
-        """One approval by id."""
-
-    def list_approvals(self, status: ApprovalStatus | None = None) -> list[ApprovalRecord]:
-        """Approvals, newest first, optionally of one status."""
-
-    def transition_approval(
-        self,
-        approval_id: str,
-        *,
-        from_status: ApprovalStatus,
-        to_status: ApprovalStatus,
-        at: datetime,
-        reason: str,
-        by: str | None = None,
-    ) -> ApprovalRecord | None:
-        """Move an approval between states atomically; None if it was not in ``from_status``.
-
-        ``by`` (with ``at``) records a person's decision.
-        """
-
-    def close(self) -> None:
-        """Release the store's resources."""
-
-
-# --------------------------------------------------------------------------- schema
-
-
-@dataclass(frozen=True)
-class Migration:
-    """One step of the schema: statements run in one transaction."""
-
-    version: int
-    description: str
-    statements: tuple[str, ...]
-
-
-#: The schema, in order.  Append new migrations; never edit or reorder applied ones.
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(
-        1,
-        "runs, host results, cool-downs, device locks, audit head",
-        (
-            """
-            CREATE TABLE runs (
-                run_id         TEXT PRIMARY KEY,
-                runbook        TEXT NOT NULL,
-                runbook_digest TEXT NOT NULL,
-                mode           TEXT NOT NULL,
-                trigger        TEXT NOT NULL,
-                started_at     TEXT NOT NULL,
-                finished_at    TEXT,
-                status         TEXT NOT NULL,
-                summary        TEXT NOT NULL  -- JSON object: outcome -> count
-            )
-            """,
-            "CREATE INDEX runs_by_start ON runs (started_at)",
-            "CREATE INDEX runs_by_runbook ON runs (runbook, started_at)",
-            "CREATE INDEX runs_by_status ON runs (status)",
-            """
-            CREATE TABLE host_results (
-                run_id      TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
-                host        TEXT NOT NULL,
-                outcome     TEXT NOT NULL,
-                reason      TEXT NOT NULL,
-                steps       TEXT NOT NULL,  -- JSON array of step ids
-                finished_at TEXT NOT NULL,
-                PRIMARY KEY (run_id, host)
-            )
-            """,
-            """
-            CREATE TABLE cooldowns (
-                runbook  TEXT NOT NULL,
-                host     TEXT NOT NULL,
-                acted_at TEXT NOT NULL,
-                PRIMARY KEY (runbook, host)
-            )
-            """,
-            """
-            CREATE TABLE device_locks (
-                host        TEXT PRIMARY KEY,
-                run_id      TEXT NOT NULL,
-                acquired_at TEXT NOT NULL,
-                expires_at  TEXT NOT NULL
-            )
-            """,
-            """
-            CREATE TABLE audit_head (
-                id   INTEGER PRIMARY KEY CHECK (id = 1),
-                seq  INTEGER NOT NULL,
-                hash TEXT NOT NULL
-            )
-            """,
-        ),
-    ),
-    Migration(
-        2,
-        "alert firings, the alert run queue and the circuit breaker (webhook server)",
-        (
-            """
-            CREATE TABLE alert_firings (
-                fingerprint  TEXT NOT NULL,
-                starts_at    TEXT NOT NULL,
-                alertname    TEXT NOT NULL,
-                labels       TEXT NOT NULL,  -- JSON object, as received (untrusted data)
-                status       TEXT NOT NULL,  -- firing | resolved
-                outcome      TEXT NOT NULL,  -- queued | held | unmatched | unresolved | resolved
-                reason       TEXT NOT NULL,
-                received_at  TEXT NOT NULL,
-                last_seen_at TEXT NOT NULL,
-                times_seen   INTEGER NOT NULL,
-                resolved_at  TEXT,
-                PRIMARY KEY (fingerprint, starts_at)
-            )
-            """,
-            "CREATE INDEX alert_firings_by_outcome ON alert_firings (outcome, received_at)",
-            "CREATE INDEX alert_firings_by_received ON alert_firings (received_at)",
-            """
-            CREATE TABLE alert_queue (
-                item_id      INTEGER PRIMARY KEY AUTOINCREMENT,
-                fingerprint  TEXT NOT NULL,
-                starts_at    TEXT NOT NULL,
-                runbook      TEXT NOT NULL,
-                host         TEXT NOT NULL,  -- an inventory host name, never label text
-                trigger_mode TEXT NOT NULL,  -- apply | plan | approve (the runbook trigger's)
-                mode         TEXT NOT NULL,  -- apply | dry-run (what the run does)
-                state        TEXT NOT NULL,
-                reason       TEXT NOT NULL,
-                enqueued_at  TEXT NOT NULL,
-                claimed_at   TEXT,
-                finished_at  TEXT,
-                owner        TEXT,           -- the server process that claimed it
-                run_id       TEXT,
-                run_status   TEXT,
-                UNIQUE (fingerprint, starts_at, runbook),
-                FOREIGN KEY (fingerprint, starts_at)
-                    REFERENCES alert_firings (fingerprint, starts_at) ON DELETE CASCADE
-            )
-            """,
-            "CREATE INDEX alert_queue_by_state ON alert_queue (state, item_id)",
-            "CREATE INDEX alert_queue_by_enqueued ON alert_queue (enqueued_at)",
-            "CREATE INDEX alert_queue_by_finished ON alert_queue (finished_at)",
-            """
-            CREATE TABLE alert_breaker (
-                id        INTEGER PRIMARY KEY CHECK (id = 1),
-                open      INTEGER NOT NULL,
-                reason    TEXT NOT NULL,
-                opened_at TEXT,
-                reset_at  TEXT
-            )
-            """,
-        ),
-    ),
-    Migration(
-        3,
-        "approvals of saved plans",
-        (
-            """
-            CREATE TABLE approvals (
-                approval_id  TEXT PRIMARY KEY,
-                runbook      TEXT NOT NULL,
-                source       TEXT NOT NULL,
-                requested_by TEXT NOT NULL,
-                requested_at TEXT NOT NULL,
-                expires_at   TEXT NOT NULL,
-                four_eyes    INTEGER NOT NULL,
-                status       TEXT NOT NULL,  -- pending | approved | denied | expired
-                decided_by   TEXT,
-                decided_at   TEXT,
-                reason       TEXT NOT NULL,
-                plan         TEXT NOT NULL   -- the saved plan (JSON, with its digest)
-            )
-            """,
-            "CREATE INDEX approvals_by_status ON approvals (status, requested_at)",
-        ),
-    ),
-    Migration(
-        4,
-        "alert firings and queue keyed by start time first (new firings land together)",
-        # A firing is looked up by (fingerprint, starts_at), and either order finds it; keyed
-        # fingerprint first (a hash), every new firing lands on a random page of a large
-        # index, so each notification wrote tens of pages to the log (and the checkpoint
-        # copied them back).  Keyed start time first, new firings, which started recently,
-        # all land at the end.  SQLite cannot reorder a key in place: the tables are rebuilt
-        # (with foreign keys off, as its documentation prescribes; checked before commit).
-        (
-            """
-            CREATE TABLE alert_firings_new (
-                fingerprint  TEXT NOT NULL,
-                starts_at    TEXT NOT NULL,
-                alertname    TEXT NOT NULL,
-                labels       TEXT NOT NULL,  -- JSON object, as received (untrusted data)
-                status       TEXT NOT NULL,  -- firing | resolved
-                outcome      TEXT NOT NULL,  -- queued | held | unmatched | unresolved | resolved
-                reason       TEXT NOT NULL,
-                received_at  TEXT NOT NULL,
-                last_seen_at TEXT NOT NULL,
-                times_seen   INTEGER NOT NULL,
-                resolved_at  TEXT,
-                PRIMARY KEY (starts_at, fingerprint)
-            )
-            """,
-            "INSERT INTO alert_firings_new SELECT * FROM alert_firings",
-            """
-            CREATE TABLE alert_queue_new (
-                item_id      INTEGER PRIMARY KEY AUTOINCREMENT,
-                fingerprint  TEXT NOT NULL,
-                starts_at    TEXT NOT NULL,
-                runbook      TEXT NOT NULL,
-                host         TEXT NOT NULL,  -- an inventory host name, never label text
-                trigger_mode TEXT NOT NULL,  -- apply | plan | approve (the runbook trigger's)
-                mode         TEXT NOT NULL,  -- apply | dry-run (what the run does)
-                state        TEXT NOT NULL,
-                reason       TEXT NOT NULL,
-                enqueued_at  TEXT NOT NULL,
-                claimed_at   TEXT,
-                finished_at  TEXT,
-                owner        TEXT,           -- the server process that claimed it
-                run_id       TEXT,
-                run_status   TEXT,
-                UNIQUE (starts_at, fingerprint, runbook),
-                FOREIGN KEY (fingerprint, starts_at)
-                    REFERENCES alert_firings (fingerprint, starts_at) ON DELETE CASCADE
-            )
-            """,
-            # Item ids are never reused: the new table takes over the old one's counter.
-            "UPDATE sqlite_sequence SET name = 'alert_queue_new' WHERE name = 'alert_queue'",
-            "INSERT INTO alert_queue_new SELECT * FROM alert_queue",
-            "DROP TABLE alert_queue",
-            "DROP TABLE alert_firings",
-            "ALTER TABLE alert_firings_new RENAME TO alert_firings",
-            "ALTER TABLE alert_queue_new RENAME TO alert_queue",
-            "CREATE INDEX alert_firings_by_outcome ON alert_firings (outcome, received_at)",
-            "CREATE INDEX alert_firings_by_received ON alert_firings (received_at)",
-            "CREATE INDEX alert_queue_by_state ON alert_queue (state, item_id)",
-            "CREATE INDEX alert_queue_by_enqueued ON alert_queue (enqueued_at)",
-            "CREATE INDEX alert_queue_by_finished ON alert_queue (finished_at)",
-        ),
-    ),
+_UPSERT_HOST = (
+    "INSERT INTO host_results (run_id, host, outcome, reason, steps, finished_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (run_id, host) DO UPDATE SET outcome = excluded.outcome,"
+    " reason = excluded.reason, steps = excluded.steps, finished_at = excluded.finished_at"
 )
 
 
-def _check_migrations(migrations: tuple[Migration, ...]) -> None:
-    versions = [m.version for m in migrations]
-    if versions != list(range(1, len(migrations) + 1)):
-        raise ValueError(f"migration versions must be 1..{len(migrations)} in order: {versions}")
-
-
-_check_migrations(MIGRATIONS)
+def _host_row(record: HostRecord) -> tuple[str, str, str, str, str, str]:
+    return (
+        record.run_id,
+        record.host,
+        record.outcome.value,
+        record.reason,
+        json.dumps(record.steps),
+        _text(record.finished_at),
+    )
 
 
 # --------------------------------------------------------------------------- time
@@ -449,7 +111,7 @@ class SqliteStateStore:
         self.path = path
         self._clock = clock
         self._guard = threading.RLock()
-        _check_migrations(migrations)
+        check_migrations(migrations)
         with self._sqlite_errors("open"):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -457,6 +119,9 @@ class SqliteStateStore:
                 raise StateError(
                     f"{path}: cannot create the state directory: {exc.strerror}"
                 ) from exc
+            # Made owner-only before SQLite opens it: SQLite gives its -wal and -shm files
+            # the database's mode, whatever the process umask.
+            private_file(path)
             self._db = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, timeout=0
             )
@@ -520,7 +185,7 @@ class SqliteStateStore:
         """
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StateError(
                 f"{lock_path}: cannot open the state lock file: {exc.strerror}"
@@ -616,27 +281,48 @@ class SqliteStateStore:
             raise
 
     def finish_run(self, run_id: str, status: RunStatus, summary: Mapping[str, int]) -> RunRecord:
-        """Set a run's final status and host-outcome counts, finished now; return the run."""
+        """Set a run's final status and counts, finished now, and end its admission.
+
+        A run finished already (marked interrupted when its leases expired) keeps its status.
+        """
         if status is RunStatus.RUNNING:
             raise ValueError("finish_run needs a final status, not 'running'")
         with self._transaction(f"finish run {run_id}") as db:
-            cursor = db.execute(
-                "UPDATE runs SET status = ?, summary = ?, finished_at = ? WHERE run_id = ?",
+            db.execute(
+                "UPDATE runs SET status = ?, summary = ?, finished_at = ?"
+                " WHERE run_id = ? AND status = ?",
                 (
                     status.value,
                     json.dumps(dict(summary), sort_keys=True),
                     _text(self._clock()),
                     run_id,
+                    RunStatus.RUNNING.value,
                 ),
             )
-            if cursor.rowcount == 0:
-                raise StateError(f"{self.path}: cannot finish run {run_id}: no such run")
             row = db.execute(f"{_RUN_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise StateError(f"{self.path}: cannot finish run {run_id}: no such run")
+            db.execute("DELETE FROM admissions WHERE run_id = ?", (run_id,))
         return _run_record(row)
 
-    def record_host(self, record: HostRecord) -> None:
-        """Record one host's outcome in a started run, replacing an earlier one for that host."""
-        self.record_hosts((record,))
+    def record_host(self, record: HostRecord, *, lease: Lease | None = None) -> bool:
+        """Record one host's outcome in a started run, replacing an earlier one for that host.
+
+        With ``lease``: only while it is the device's current lease and the run is running.
+        """
+        try:
+            with self._transaction(f"record host {record.host} of run {record.run_id}") as db:
+                if lease is not None and not _fence_holds(db, lease):
+                    return False
+                db.execute(_UPSERT_HOST, _host_row(record))
+        except StateError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise StateError(
+                    f"{self.path}: cannot record host {record.host}: "
+                    f"run {record.run_id} was never started"
+                ) from exc
+            raise
+        return True
 
     def record_hosts(self, records: Sequence[HostRecord]) -> None:
         """Record hosts' outcomes in started runs, replacing earlier ones, in one transaction.
@@ -650,24 +336,7 @@ class SqliteStateStore:
         run_ids = sorted({r.run_id for r in records})
         try:
             with self._transaction(f"record {hosts} of run {', '.join(run_ids)}") as db:
-                db.executemany(
-                    "INSERT INTO host_results (run_id, host, outcome, reason, steps, finished_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (run_id, host) DO UPDATE SET outcome = excluded.outcome,"
-                    " reason = excluded.reason, steps = excluded.steps,"
-                    " finished_at = excluded.finished_at",
-                    [
-                        (
-                            record.run_id,
-                            record.host,
-                            record.outcome.value,
-                            record.reason,
-                            json.dumps(record.steps),
-                            _text(record.finished_at),
-                        )
-                        for record in records
-                    ],
-                )
+                db.executemany(_UPSERT_HOST, [_host_row(r) for r in records])
         except StateError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 unknown = ", ".join(r for r in run_ids if self.get_run(r) is None)
@@ -737,68 +406,154 @@ class SqliteStateStore:
             ).fetchone()
         return None if row is None else _moment(row[0])
 
-    def mark_acted(self, runbook: str, host: str, at: datetime) -> None:
-        """Remember that ``runbook`` acted on ``host`` at ``at`` (a later time wins)."""
+    def mark_acted(
+        self, runbook: str, host: str, at: datetime, *, lease: Lease | None = None
+    ) -> bool:
+        """Remember that ``runbook`` acted on ``host`` at ``at`` (a later time wins).
+
+        With ``lease``: only while it is the device's current lease and the run is running.
+        """
         with self._transaction(f"record cool-down of {runbook} on {host}") as db:
+            if lease is not None and not _fence_holds(db, lease):
+                return False
             db.execute(
                 "INSERT INTO cooldowns (runbook, host, acted_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (runbook, host) DO UPDATE"
                 " SET acted_at = max(acted_at, excluded.acted_at)",
                 (runbook, host, _text(at)),
             )
-
-    # -- device locks
-
-    def try_lock(self, host: str, run_id: str, ttl: timedelta) -> bool:
-        """Take ``host``'s lock for ``run_id`` until now + ``ttl``; return whether it is held.
-
-        Succeeds when the lock is free, expired, or already held by ``run_id``
-        (which extends it).  Atomic across threads and processes.
-        """
-        if ttl <= timedelta(0):
-            raise ValueError(f"lock ttl must be positive, got {ttl}")
-        now = self._clock()
-        with self._transaction(f"lock {host} for run {run_id}") as db:
-            row = db.execute(
-                "SELECT run_id, expires_at FROM device_locks WHERE host = ?", (host,)
-            ).fetchone()
-            if row is not None and row[0] != run_id and _text(now) < row[1]:
-                return False
-            acquired = _text(now) if row is None or row[0] != run_id else None
-            db.execute(
-                "INSERT INTO device_locks (host, run_id, acquired_at, expires_at)"
-                " VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (host) DO UPDATE SET run_id = excluded.run_id,"
-                " acquired_at = coalesce(?, acquired_at), expires_at = excluded.expires_at",
-                (host, run_id, _text(now), _text(now + ttl), acquired),
-            )
         return True
 
-    def release_lock(self, host: str, run_id: str) -> bool:
-        """Release ``host``'s lock if ``run_id`` holds it; return whether it did."""
-        with self._transaction(f"unlock {host} for run {run_id}") as db:
+    # -- device leases
+
+    def acquire_lease(self, host: str, run_id: str, *, holder: str, ttl: timedelta) -> LeaseGrant:
+        """Lease ``host`` to ``run_id`` until now + ``ttl`` (the injected clock), with a new token.
+
+        Granted when the device is free, its lease expired, or ``run_id`` holds it already
+        (extended, same token).  An expired lease of a run still running is reaped first: its
+        run is marked interrupted and reported.  Atomic across threads and processes.
+        """
+        if ttl <= timedelta(0):
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        now = self._clock()
+        stamp = _text(now)
+        with self._transaction(f"lease {host} to run {run_id}") as db:
+            row = db.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM device_locks WHERE host = ?",  # noqa: S608 - constant columns
+                (host,),
+            ).fetchone()
+            current = None if row is None else _lease(row)
+            if current is not None and current.run_id == run_id:
+                renewed = db.execute(
+                    "UPDATE device_locks SET expires_at = ?, holder = ? WHERE host = ?"  # noqa: S608 - constant columns
+                    f" RETURNING {_LEASE_COLUMNS}",
+                    (_text(now + ttl), holder, host),
+                ).fetchone()
+                return LeaseGrant(lease=_lease(renewed))
+            if current is not None and current.expires_at > now:
+                return LeaseGrant(held_by=current)
+            interrupted = _reap(db, [current] if current is not None else [], stamp)
+            (token,) = db.execute(
+                "UPDATE lease_tokens SET last = last + 1 WHERE id = 1 RETURNING last"
+            ).fetchone()
+            granted = db.execute(
+                "INSERT INTO device_locks (host, run_id, holder, token, acquired_at, expires_at)"  # noqa: S608 - constant columns
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (host) DO UPDATE SET run_id = excluded.run_id,"
+                " holder = excluded.holder, token = excluded.token,"
+                " acquired_at = excluded.acquired_at, expires_at = excluded.expires_at"
+                f" RETURNING {_LEASE_COLUMNS}",
+                (host, run_id, holder, token, stamp, _text(now + ttl)),
+            ).fetchone()
+        return LeaseGrant(lease=_lease(granted), interrupted=tuple(interrupted))
+
+    def renew_leases(self, leases: Sequence[Lease], ttl: timedelta) -> list[Lease]:
+        """Extend the leases still current to now + ``ttl``; those missing were lost."""
+        expires = _text(self._clock() + ttl)
+        renewed: list[Lease] = []
+        with self._transaction("renew leases") as db:
+            for lease in leases:
+                row = db.execute(
+                    "UPDATE device_locks SET expires_at = ? WHERE host = ? AND token = ?"  # noqa: S608 - constant columns
+                    f" RETURNING {_LEASE_COLUMNS}",
+                    (expires, lease.host, lease.token),
+                ).fetchone()
+                if row is not None:
+                    renewed.append(_lease(row))
+        return renewed
+
+    def release_lease(self, lease: Lease) -> bool:
+        """Give the lease up if it is still current; return whether it was."""
+        with self._transaction(f"release the lease on {lease.host}") as db:
             cursor = db.execute(
-                "DELETE FROM device_locks WHERE host = ? AND run_id = ?", (host, run_id)
+                "DELETE FROM device_locks WHERE host = ? AND token = ?", (lease.host, lease.token)
             )
         return cursor.rowcount > 0
 
-    def lock_holder(self, host: str) -> LockRecord | None:
-        """Return the live lock on ``host``, or None if it is free or expired."""
+    def lock_holder(self, host: str) -> Lease | None:
+        """Return the live lease on ``host``, or None if it is free or expired."""
         now = _text(self._clock())
-        with self._guard, self._sqlite_errors(f"read the lock of {host}"):
+        with self._guard, self._sqlite_errors(f"read the lease of {host}"):
             row = self._db.execute(
-                "SELECT host, run_id, acquired_at, expires_at FROM device_locks"
+                f"SELECT {_LEASE_COLUMNS} FROM device_locks"  # noqa: S608 - constant columns
                 " WHERE host = ? AND expires_at > ?",
                 (host, now),
             ).fetchone()
-        if row is None:
-            return None
-        return LockRecord(
-            host=row[0],
-            run_id=row[1],
-            acquired_at=_moment(row[2]),
-            expires_at=_moment(row[3]),
-        )
+        return None if row is None else _lease(row)
+
+    def reap_expired(self) -> list[Interruption]:
+        """Remove expired leases; mark their runs, if still running, interrupted; return those."""
+        stamp = _text(self._clock())
+        with self._transaction("reap expired leases") as db:
+            rows = db.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM device_locks WHERE expires_at <= ?",  # noqa: S608 - constant columns
+                (stamp,),
+            ).fetchall()
+            return _reap(db, [_lease(r) for r in rows], stamp)
+
+    # -- fleet-wide admission
+
+    def admit_hosts(
+        self,
+        runbook: str,
+        run_id: str,
+        hosts: Sequence[str],
+        *,
+        allowed: int,
+        ttl: timedelta,
+    ) -> Admission:
+        """Admit ``run_id`` to act on ``hosts`` unless the runbook's runs would exceed ``allowed``.
+
+        ``BEGIN IMMEDIATE`` takes the database's write lock: admissions are counted and
+        written by one transaction at a time.
+        """
+        now = self._clock()
+        with self._transaction(f"admit run {run_id} of {runbook}") as db:
+            rows = db.execute(
+                "SELECT DISTINCT a.host FROM admissions a JOIN runs r ON r.run_id = a.run_id"
+                " WHERE a.runbook = ? AND a.run_id != ? AND a.expires_at > ? AND r.status = ?"
+                " ORDER BY a.host",
+                (runbook, run_id, _text(now), RunStatus.RUNNING.value),
+            ).fetchall()
+            others = tuple(str(r[0]) for r in rows)
+            if len(set(others) | set(hosts)) > allowed:
+                return Admission(admitted=False, allowed=allowed, in_flight=others)
+            db.executemany(
+                "INSERT INTO admissions (runbook, run_id, host, expires_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (runbook, run_id, host)"
+                " DO UPDATE SET expires_at = excluded.expires_at",
+                [(runbook, run_id, host, _text(now + ttl)) for host in hosts],
+            )
+        return Admission(admitted=True, allowed=allowed, in_flight=others)
+
+    def renew_admission(self, run_id: str, ttl: timedelta) -> bool:
+        """Extend ``run_id``'s admission to now + ``ttl``; whether it still had one."""
+        with self._transaction(f"renew the admission of run {run_id}") as db:
+            cursor = db.execute(
+                "UPDATE admissions SET expires_at = ? WHERE run_id = ?",
+                (_text(self._clock() + ttl), run_id),
+            )
+        return cursor.rowcount > 0
 
     # -- audit head
 
@@ -939,240 +694,70 @@ def _approval_record(row: Sequence[object]) -> ApprovalRecord:
     )
 
 
-def open_state(path: Path, *, clock: Callable[[], datetime]) -> StateStore:
-    """Open the default state store at ``path`` (the entry points' one call)."""
-    return SqliteStateStore(path, clock=clock)
+_LEASE_COLUMNS = "host, run_id, holder, token, acquired_at, expires_at"
 
 
-# --------------------------------------------------------------------------- alert intake
-#
-# The webhook server's part of the store (migration 2): one row per alert *firing*
-# (fingerprint + startsAt, so a re-sent or duplicated notification is recognised), a durable
-# queue of alert-triggered runs, and the fleet-wide circuit breaker.  Label values are
-# untrusted data: they are stored as JSON and never used to build a statement.
+def _lease(row: Sequence[object]) -> Lease:
+    return Lease(
+        host=str(row[0]),
+        run_id=str(row[1]),
+        holder=str(row[2]),
+        token=int(str(row[3])),
+        acquired_at=_moment(str(row[4])),
+        expires_at=_moment(str(row[5])),
+    )
 
 
-class FiringOutcome(StrEnum):
-    """What the server decided for one alert firing."""
-
-    QUEUED = "queued"  # at least one runbook run was queued
-    HELD = "held"  # runs were recorded but the circuit breaker was open: not run
-    UNMATCHED = "unmatched"  # no runbook trigger matches the alert
-    UNRESOLVED = "unresolved"  # a trigger matches, but the device is not exactly one host
-    RESOLVED = "resolved"  # the first notification seen already said resolved
-
-
-class QueueState(StrEnum):
-    """Where one queued alert-triggered run is."""
-
-    QUEUED = "queued"  # waiting for a worker
-    RUNNING = "running"  # claimed by a worker of the server process named by ``owner``
-    DONE = "done"  # the run finished; ``run_status`` says how
-    FAILED = "failed"  # the run could not be completed (engine error); ``reason`` says why
-    CANCELLED = "cancelled"  # the alert resolved before the run started
-    HELD = "held"  # not run: the circuit breaker was open
-    EXPIRED = "expired"  # not run: it waited longer than the queue's max age
-    INTERRUPTED = "interrupted"  # the server stopped while the run was in progress
+def _fence_holds(db: sqlite3.Connection, lease: Lease) -> bool:
+    """Whether ``lease`` is still its device's current lease, and its run still running."""
+    row = db.execute(
+        "SELECT 1 FROM device_locks l JOIN runs r ON r.run_id = l.run_id"
+        " WHERE l.host = ? AND l.token = ? AND r.status = ?",
+        (lease.host, lease.token, RunStatus.RUNNING.value),
+    ).fetchone()
+    return row is not None
 
 
-class QueueRoute(_Record):
-    """One run the intake wants queued for a firing: runbook, inventory host, modes."""
-
-    runbook: str
-    host: str
-    trigger_mode: str  # the runbook trigger's mode: apply | plan | approve
-    mode: Mode
-
-
-# The intake's inputs and answers are plain frozen dataclasses, not validated models: they
-# are built per alert on the webhook hot path from values the webhook body's models have
-# validated already (mypy checks the types), so validating them again would only cost.
-
-
-@dataclass(frozen=True, slots=True)
-class FiringInput:
-    """A firing alert as the intake routed it."""
-
-    fingerprint: str
-    starts_at: datetime  # timezone-aware
-    alertname: str
-    labels: Mapping[str, str]
-    outcome: FiringOutcome
-    reason: str
-    routes: tuple[QueueRoute, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedInput:
-    """A resolved alert from a notification."""
-
-    fingerprint: str
-    starts_at: datetime  # timezone-aware
-    alertname: str
-    labels: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class AlertBatch:
-    """The alerts of one notification, routed."""
-
-    firing: tuple[FiringInput, ...] = ()
-    resolved: tuple[ResolvedInput, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class FiringKey:
-    """Identifies one firing."""
-
-    fingerprint: str
-    starts_at: datetime  # timezone-aware
-
-
-class FiringRecord(_Record):
-    """One alert firing as the store keeps it."""
-
-    fingerprint: str
-    starts_at: AwareDatetime
-    alertname: str
-    labels: dict[str, str]
-    status: str  # firing | resolved
-    outcome: FiringOutcome
-    reason: str
-    received_at: AwareDatetime
-    last_seen_at: AwareDatetime
-    times_seen: int
-    resolved_at: AwareDatetime | None = None
-
-
-class QueueItem(_Record):
-    """One alert-triggered run in the durable queue."""
-
-    item_id: int
-    fingerprint: str
-    starts_at: AwareDatetime
-    runbook: str
-    host: str
-    trigger_mode: str
-    mode: Mode
-    state: QueueState
-    reason: str
-    enqueued_at: AwareDatetime
-    claimed_at: AwareDatetime | None = None
-    finished_at: AwareDatetime | None = None
-    owner: str | None = None
-    run_id: str | None = None
-    run_status: RunStatus | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedAlerts:
-    """What one notification changed in the store."""
-
-    new: tuple[FiringKey, ...] = ()
-    deduplicated: tuple[FiringKey, ...] = ()
-    resolved: tuple[FiringKey, ...] = ()
-    queued: tuple[QueueItem, ...] = ()
-    held: tuple[QueueItem, ...] = ()
-    cancelled: tuple[QueueItem, ...] = ()
-
-
-class QueueClaim(_Record):
-    """A worker's claim: the item it now runs (if any) and items set aside on the way."""
-
-    item: QueueItem | None = None
-    held: tuple[QueueItem, ...] = ()
-    expired: tuple[QueueItem, ...] = ()
-
-
-class BreakerRecord(_Record):
-    """The circuit breaker as last saved."""
-
-    open: bool
-    reason: str
-    opened_at: AwareDatetime | None = None
-    reset_at: AwareDatetime | None = None
-
-
-class AlertStore(StateStore, Protocol):
-    """A :class:`StateStore` that also keeps alert firings, the run queue and the breaker."""
-
-    def record_alerts(
-        self,
-        firing: Sequence[FiringInput],
-        resolved: Sequence[ResolvedInput],
-        *,
-        now: datetime,
-        hold_reason: str | None,
-    ) -> RecordedAlerts:
-        """Record one notification's alerts and queue new firings' runs, in one transaction."""
-
-    def record_notifications(
-        self, notifications: Sequence[AlertBatch], *, now: datetime, hold_reason: str | None
-    ) -> list[RecordedAlerts]:
-        """Record several notifications in one transaction (group commit); one result each."""
-
-    def claim_queue_item(
-        self,
-        owner: str,
-        *,
-        now: datetime,
-        max_age: timedelta,
-        hold_reason: str | None,
-        new_run_id: Callable[[], str],
-    ) -> QueueClaim:
-        """Claim the oldest runnable queued item for ``owner``."""
-
-    def finish_queue_item(
-        self,
-        item_id: int,
-        owner: str,
-        state: QueueState,
-        *,
-        now: datetime,
-        run_status: RunStatus | None = None,
-        reason: str = "",
-    ) -> bool:
-        """Close a running item ``owner`` holds; return whether it was still running."""
-
-    def interrupt_running(
-        self, *, now: datetime, reason: str, owner: str | None = None
-    ) -> list[QueueItem]:
-        """Mark running items (of ``owner``, or all) and their runs interrupted."""
-
-    def get_queue_item(self, item_id: int) -> QueueItem | None:
-        """Return one queue item, or None."""
-
-    def list_queue(self, state: QueueState | None = None, limit: int = 100) -> list[QueueItem]:
-        """Return queue items, newest first, optionally in one state only."""
-
-    def list_firings(
-        self, outcome: FiringOutcome | None = None, limit: int = 100
-    ) -> list[FiringRecord]:
-        """Return firings, most recently received first, optionally of one outcome only."""
-
-    def queue_counts(self) -> dict[QueueState, int]:
-        """Return the number of queue items in each state."""
-
-    def firing_counts(self) -> dict[FiringOutcome, int]:
-        """Return the number of firings with each outcome."""
-
-    def count_failed_items(self, since: datetime) -> int:
-        """Count alert-triggered runs that finished unsuccessfully since ``since``."""
-
-    def count_alerting_devices(self, since: datetime, *, stop_at: int) -> int:
-        """Count distinct hosts with a still-firing alert queued since ``since`` (≤ ``stop_at``)."""
-
-    def latest_queued_per_host(self, after_item: int) -> tuple[int, dict[str, datetime]]:
-        """The last queue item id, and per host when items after ``after_item`` were queued last."""
-
-    def checkpoint(self) -> None:
-        """Copy what it can of the write-ahead log back into the database, waiting for nobody."""
-
-    def breaker_state(self) -> BreakerRecord | None:
-        """Return the saved circuit breaker, or None when never saved."""
-
-    def save_breaker(self, record: BreakerRecord) -> None:
-        """Save the circuit breaker."""
+def _reap(db: sqlite3.Connection, expired: Sequence[Lease], stamp: str) -> list[Interruption]:
+    """Delete ``expired`` leases; mark their runs (and queue items) interrupted if running."""
+    found: list[Interruption] = []
+    for lease in expired:
+        db.execute(
+            "DELETE FROM device_locks WHERE host = ? AND token = ?", (lease.host, lease.token)
+        )
+        reason = lease_expired_reason(lease)
+        run = db.execute(
+            "UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ? AND status = ?"
+            " RETURNING runbook, trigger",
+            (RunStatus.INTERRUPTED.value, stamp, lease.run_id, RunStatus.RUNNING.value),
+        ).fetchone()
+        if run is None:
+            continue
+        item = db.execute(
+            "UPDATE alert_queue SET state = ?, run_status = ?, reason = ?, finished_at = ?"
+            " WHERE run_id = ? AND state = ? RETURNING item_id",
+            (
+                QueueState.INTERRUPTED.value,
+                RunStatus.INTERRUPTED.value,
+                reason,
+                stamp,
+                lease.run_id,
+                QueueState.RUNNING.value,
+            ),
+        ).fetchone()
+        db.execute("DELETE FROM admissions WHERE run_id = ?", (lease.run_id,))
+        found.append(
+            Interruption(
+                run_id=lease.run_id,
+                runbook=str(run[0]),
+                trigger=str(run[1]),
+                reason=reason,
+                host=lease.host,
+                token=lease.token,
+                item_id=None if item is None else int(item[0]),
+            )
+        )
+    return found
 
 
 _QUEUE_COLUMNS = (
@@ -1375,7 +960,9 @@ class SqliteAlertStore(SqliteStateStore):
     set here explicitly) syncs the write-ahead log at every commit.  SQLite copies the log
     back into the database inside whichever commit passes ``checkpoint_pages`` log pages
     (1,000 by default): a stall of that commit.  A writer that has :meth:`checkpoint` called
-    on another connection after its commits sets it high, as a bound only.
+    on another connection after its commits sets it high, as a bound only; ``after_commit``
+    is told how many notifications each intake commit recorded (the database's checkpointer
+    counts them).
     """
 
     def __init__(
@@ -1386,8 +973,10 @@ class SqliteAlertStore(SqliteStateStore):
         busy_timeout: timedelta = timedelta(seconds=10),
         migrations: tuple[Migration, ...] = MIGRATIONS,
         checkpoint_pages: int | None = None,
+        after_commit: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(path, clock=clock, busy_timeout=busy_timeout, migrations=migrations)
+        self._after_commit = after_commit
         try:
             with self._sqlite_errors("configure the database"):
                 self._db.execute("PRAGMA synchronous = FULL")
@@ -1434,18 +1023,30 @@ class SqliteAlertStore(SqliteStateStore):
         return recorded
 
     def record_notifications(
-        self, notifications: Sequence[AlertBatch], *, now: datetime, hold_reason: str | None
+        self,
+        notifications: Sequence[AlertBatch],
+        *,
+        now: datetime,
+        hold_reason: str | None,
+        audit: Callable[[list[RecordedAlerts]], None] | None = None,
     ) -> list[RecordedAlerts]:
         """Record several notifications in one transaction (group commit); one result each.
 
         Each is recorded as :meth:`record_alerts` would, in order; all or none are committed.
+        ``audit`` is called with the results right after the commit (the audit log is a
+        file, synced on its own: not under the database's write lock).
         """
         stamp = _text(now)
         with self._transaction(f"record {len(notifications)} alert notifications") as db:
-            return [
+            results = [
                 _record_batch(db, batch.firing, batch.resolved, stamp, hold_reason)
                 for batch in notifications
             ]
+        if audit is not None:
+            audit(results)
+        if self._after_commit is not None:
+            self._after_commit(len(notifications))
+        return results
 
     # -- the queue
 
@@ -1562,6 +1163,35 @@ class SqliteAlertStore(SqliteStateStore):
                     (RunStatus.INTERRUPTED.value, stamp, item.run_id, RunStatus.RUNNING.value),
                 )
                 db.execute("DELETE FROM device_locks WHERE run_id = ?", (item.run_id,))
+        return items
+
+    def heartbeat(self, owner: str, ttl: timedelta) -> None:
+        """Say that controller ``owner`` is alive until now + ``ttl`` (the injected clock)."""
+        with self._transaction(f"heartbeat of {owner}") as db:
+            db.execute(
+                "INSERT INTO controllers (owner, expires_at) VALUES (?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+                (owner, _text(self._clock() + ttl)),
+            )
+
+    def interrupt_orphans(self, *, now: datetime) -> list[QueueItem]:
+        """Mark running items of controllers whose heartbeat expired (and their runs) interrupted.
+
+        A controller that never sent a heartbeat is not judged (an older engine's server).
+        """
+        stamp = _text(self._clock())
+        with self._transaction("interrupt the runs of stopped controllers") as db:
+            rows = db.execute(
+                "SELECT owner FROM controllers WHERE expires_at <= ?", (stamp,)
+            ).fetchall()
+            db.execute("DELETE FROM controllers WHERE expires_at <= ?", (stamp,))
+        items: list[QueueItem] = []
+        for (owner,) in rows:
+            items += self.interrupt_running(
+                now=now,
+                reason=f"its server {owner} stopped (no heartbeat since its expiry)",
+                owner=str(owner),
+            )
         return items
 
     def get_queue_item(self, item_id: int) -> QueueItem | None:

@@ -1,0 +1,190 @@
+"""The PostgreSQL schema, in order: append a migration, never edit or reorder an applied one.
+
+Times are ``timestamptz`` (microseconds, as the SQLite text has them); JSON is kept as the
+text the engine wrote (labels verbatim, never parsed by the database).  A firing is keyed
+start time first, so new firings land together at the end of the index.
+"""
+
+from __future__ import annotations
+
+from engine.state.migrations import Migration, check_migrations
+
+#: The schema, in order.  Append new migrations; never edit or reorder applied ones.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "runs, host results, cool-downs, device leases, admissions, approvals, alert queue",
+        (
+            """
+            CREATE TABLE runs (
+                run_id         TEXT PRIMARY KEY,
+                runbook        TEXT NOT NULL,
+                runbook_digest TEXT NOT NULL,
+                mode           TEXT NOT NULL,
+                trigger        TEXT NOT NULL,
+                started_at     TIMESTAMPTZ NOT NULL,
+                finished_at    TIMESTAMPTZ,
+                status         TEXT NOT NULL,
+                summary        TEXT NOT NULL,  -- JSON object: outcome -> count
+                created        BIGINT GENERATED ALWAYS AS IDENTITY  -- ties in started_at
+            )
+            """,
+            "CREATE INDEX runs_by_start ON runs (started_at, created)",
+            "CREATE INDEX runs_by_runbook ON runs (runbook, started_at)",
+            "CREATE INDEX runs_by_status ON runs (status)",
+            """
+            CREATE TABLE host_results (
+                run_id      TEXT NOT NULL REFERENCES runs (run_id) ON DELETE CASCADE,
+                host        TEXT NOT NULL,
+                outcome     TEXT NOT NULL,
+                reason      TEXT NOT NULL,
+                steps       TEXT NOT NULL,  -- JSON array of step ids
+                finished_at TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (run_id, host)
+            )
+            """,
+            """
+            CREATE TABLE cooldowns (
+                runbook  TEXT NOT NULL,
+                host     TEXT NOT NULL,
+                acted_at TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (runbook, host)
+            )
+            """,
+            "CREATE SEQUENCE lease_tokens",  # fencing tokens: every lease granted takes one
+            """
+            CREATE TABLE device_locks (
+                host        TEXT PRIMARY KEY,
+                run_id      TEXT NOT NULL,
+                holder      TEXT NOT NULL,
+                token       BIGINT NOT NULL,
+                acquired_at TIMESTAMPTZ NOT NULL,
+                expires_at  TIMESTAMPTZ NOT NULL  -- the database's clock
+            )
+            """,
+            "CREATE INDEX device_locks_by_expiry ON device_locks (expires_at)",
+            # One row per runbook, locked while its runs' admissions are counted and written.
+            "CREATE TABLE admission_locks (runbook TEXT PRIMARY KEY)",
+            """
+            CREATE TABLE admissions (
+                runbook    TEXT NOT NULL,
+                run_id     TEXT NOT NULL,
+                host       TEXT NOT NULL,
+                expires_at TIMESTAMPTZ NOT NULL,
+                PRIMARY KEY (runbook, run_id, host)
+            )
+            """,
+            "CREATE INDEX admissions_by_run ON admissions (run_id)",
+            """
+            CREATE TABLE controllers (
+                owner      TEXT PRIMARY KEY,
+                expires_at TIMESTAMPTZ NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE audit_head (
+                id   INTEGER PRIMARY KEY CHECK (id = 1),
+                seq  BIGINT NOT NULL,
+                hash TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE approvals (
+                approval_id  TEXT PRIMARY KEY,
+                runbook      TEXT NOT NULL,
+                source       TEXT NOT NULL,
+                requested_by TEXT NOT NULL,
+                requested_at TIMESTAMPTZ NOT NULL,
+                expires_at   TIMESTAMPTZ NOT NULL,
+                four_eyes    BOOLEAN NOT NULL,
+                status       TEXT NOT NULL,
+                decided_by   TEXT,
+                decided_at   TIMESTAMPTZ,
+                reason       TEXT NOT NULL,
+                plan         TEXT NOT NULL  -- the saved plan (JSON, with its digest)
+            )
+            """,
+            "CREATE INDEX approvals_by_status ON approvals (status, requested_at)",
+            """
+            CREATE TABLE alert_firings (
+                fingerprint  TEXT NOT NULL,
+                starts_at    TIMESTAMPTZ NOT NULL,
+                alertname    TEXT NOT NULL,
+                labels       TEXT NOT NULL,  -- JSON object, as received (untrusted data)
+                status       TEXT NOT NULL,  -- firing | resolved
+                outcome      TEXT NOT NULL,
+                reason       TEXT NOT NULL,
+                received_at  TIMESTAMPTZ NOT NULL,
+                last_seen_at TIMESTAMPTZ NOT NULL,
+                times_seen   INTEGER NOT NULL,
+                resolved_at  TIMESTAMPTZ,
+                PRIMARY KEY (starts_at, fingerprint)
+            )
+            """,
+            "CREATE INDEX alert_firings_by_outcome ON alert_firings (outcome, received_at)",
+            "CREATE INDEX alert_firings_by_received ON alert_firings (received_at)",
+            """
+            CREATE TABLE alert_queue (
+                item_id      BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+                fingerprint  TEXT NOT NULL,
+                starts_at    TIMESTAMPTZ NOT NULL,
+                runbook      TEXT NOT NULL,
+                host         TEXT NOT NULL,  -- an inventory host name, never label text
+                trigger_mode TEXT NOT NULL,
+                mode         TEXT NOT NULL,
+                state        TEXT NOT NULL,
+                reason       TEXT NOT NULL,
+                enqueued_at  TIMESTAMPTZ NOT NULL,
+                claimed_at   TIMESTAMPTZ,
+                finished_at  TIMESTAMPTZ,
+                owner        TEXT,           -- the server process that claimed it
+                run_id       TEXT,
+                run_status   TEXT,
+                UNIQUE (starts_at, fingerprint, runbook),
+                FOREIGN KEY (starts_at, fingerprint)
+                    REFERENCES alert_firings (starts_at, fingerprint) ON DELETE CASCADE
+            )
+            """,
+            "CREATE INDEX alert_queue_by_state ON alert_queue (state, item_id)",
+            "CREATE INDEX alert_queue_by_host ON alert_queue (host, state)",
+            "CREATE INDEX alert_queue_by_enqueued ON alert_queue (enqueued_at)",
+            "CREATE INDEX alert_queue_by_finished ON alert_queue (finished_at)",
+            "CREATE INDEX alert_queue_by_run ON alert_queue (run_id)",
+            """
+            CREATE TABLE alert_breaker (
+                id        INTEGER PRIMARY KEY CHECK (id = 1),
+                open      BOOLEAN NOT NULL,
+                reason    TEXT NOT NULL,
+                opened_at TIMESTAMPTZ,
+                reset_at  TIMESTAMPTZ
+            )
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "the audit chain, appended in the transactions of the changes it records",
+        (
+            # One row per record: its canonical JSON line, exactly as the file sink writes it
+            # (``remediate audit export`` writes these lines).  The application is granted
+            # INSERT only: it can neither read, edit nor delete records.
+            """
+            CREATE TABLE audit_chain (
+                seq    BIGINT PRIMARY KEY,
+                record TEXT NOT NULL
+            )
+            """,
+            # The chain's head, locked by every append: records follow commit order.
+            """
+            CREATE TABLE audit_chain_head (
+                id   INTEGER PRIMARY KEY CHECK (id = 1),
+                seq  BIGINT NOT NULL,
+                hash TEXT NOT NULL
+            )
+            """,
+            "INSERT INTO audit_chain_head (id, seq, hash) VALUES (1, 0, repeat('0', 64))",
+        ),
+    ),
+)
+
+check_migrations(MIGRATIONS)
