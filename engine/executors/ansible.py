@@ -95,6 +95,9 @@ from engine.redaction import NO_SECRETS, Secrets, is_engine_secret_env
 _ERROR_TAIL_LINES = 20
 #: Callback plugins of our own, loaded only by runs that select their hosts.
 _CALLBACKS_DIR = Path(__file__).parent / "ansible_callbacks"
+#: ansible-runner's event callback as probes use it: no ``runner_on_start`` event per host
+#: (``ansible_display/awx_display.py``); ansible-runner loads it from ``AWX_LIB_DIRECTORY``.
+_PROBE_DISPLAY_DIR = Path(__file__).parent / "ansible_display"
 #: What the remediate_targets callback reads (it knows the name: ``REQUEST_ENV``).
 _TARGETS_REQUEST_ENV = "REMEDIATE_TARGETS"
 #: Seconds between ansible-runner's checks for a cancel (``pexpect_timeout``; 5 by default).
@@ -257,7 +260,11 @@ class AnsibleExecutor:
         extra_env: Mapping[str, str],
         cancelled: Callable[[], bool] | None = None,
     ) -> None:
-        """Write ``play`` as the probe playbook in ``private`` and run it there."""
+        """Write ``play`` as the probe playbook in ``private`` and run it there.
+
+        Ansible reports each host's result, not that its task started (the probe's display
+        callback): one event per host, not two.
+        """
         playbook = private / "probe.yml"
         _write_yaml(playbook, [play])
         self._run(
@@ -270,7 +277,7 @@ class AnsibleExecutor:
             limit=limit,
             watcher=collector.watcher,
             on_event=collector.see,
-            extra_env=extra_env,
+            extra_env={**extra_env, "AWX_LIB_DIRECTORY": str(_PROBE_DISPLAY_DIR)},
             cancelled=cancelled,
         )
 
