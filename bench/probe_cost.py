@@ -30,65 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from fleet import add_device_tmp_option, device_tmp, write_inventory
+from fleet import add_fleet_options, fleet, write_runbook
 
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.probes import ProbeStatus, build_probe_script, run_probes
 from engine.runbooks import Runbook, load_runbook
 
 TARGET = 1.2
-
-#: Cheap, read-only commands of the kind device runbooks use: (command, parse kind).
-CHECKS: tuple[tuple[str, str], ...] = (
-    ("cut -d' ' -f1 /proc/loadavg", "float"),
-    ("df -P /tmp | awk 'NR==2{print 100-$5}'", "int"),
-    ("awk '/MemAvailable/{print $2}' /proc/meminfo", "int"),
-    ("cut -d' ' -f1 /proc/uptime", "float"),
-    ("uname -r", "str"),
-    ("ls -A /tmp | wc -l", "int"),
-    ("cat /proc/sys/kernel/hostname", "str"),
-    ("grep -c ^processor /proc/cpuinfo", "int"),
-    ("cut -f1 /proc/sys/fs/file-nr", "int"),
-    ("test -d /tmp", "ok"),
-    ("cat /etc/os-release", "kv"),
-    ("id -u", "int"),
-)
-
-PLAYBOOK = """\
-- name: Do nothing (benchmark runbook step)
-  hosts: all
-  gather_facts: false
-  tasks:
-    - name: Nothing
-      ansible.builtin.raw: "true"
-"""
-
-
-def write_runbook(folder: Path, checks: int) -> Path:
-    """A runbook with the first ``checks`` of :data:`CHECKS` (cycled), in ``folder/runbooks``."""
-    (folder / "runbooks").mkdir(parents=True, exist_ok=True)
-    (folder / "playbooks").mkdir(parents=True, exist_ok=True)
-    (folder / "playbooks" / "noop.yml").write_text(PLAYBOOK, encoding="utf-8")
-    spec = {
-        "apiVersion": "remediate/v1",
-        "kind": "Runbook",
-        "metadata": {"name": f"bench-{checks}-checks", "title": f"Benchmark: {checks} checks"},
-        "checks": [
-            {
-                "id": f"c{i + 1:02d}",
-                "run": CHECKS[i % len(CHECKS)][0],
-                "parse": CHECKS[i % len(CHECKS)][1],
-            }
-            for i in range(checks)
-        ],
-        "symptom": "checks.c01 == 'never'",
-        "steps": [{"id": "noop", "playbook": "noop.yml", "plan": "nothing"}],
-        "verify": "true",
-    }
-    path = folder / "runbooks" / f"bench-{checks}.yml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
-    return path
 
 
 def cpu_seconds() -> float:
@@ -146,7 +94,7 @@ def report(
     """Print the table, the ratio and its verdict, and the device-side estimate."""
     cpus = len(os.sched_getaffinity(0))
     print(
-        f"probe cost: {args.hosts} local-connection hosts, forks {args.forks}, {args.repeat} "
+        f"probe cost: {args.hosts} hosts, forks {args.forks}, {args.repeat} "
         f"rounds (+{args.warmup} warm-up), engine.probes.run_probes + AnsibleExecutor; "
         f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f} on {cpus} CPUs"
     )
@@ -197,17 +145,20 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7, help="measured rounds per size [7]")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first [1]")
     parser.add_argument("--forks", type=int, default=50, help="Ansible forks [50, the engine's]")
-    add_device_tmp_option(parser)
+    add_fleet_options(parser)
     args = parser.parse_args()
 
     load_before = os.getloadavg()[0]
     with (
         tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp,
-        device_tmp(args.device_tmp) as devices,  # also sh's, in device_seconds
+        # the devices' TMPDIR is also sh's, in device_seconds
+        fleet(Path(tmp), args.hosts, ssh=args.ssh, device_tmp_parent=args.device_tmp) as (
+            inventory,
+            hosts,
+            devices,
+        ),
     ):
         root = Path(tmp)
-        inventory = root / "inventory.yml"
-        hosts = write_inventory(inventory, args.hosts)
         sizes = (args.few, args.many)
         runbooks = {n: load_runbook(write_runbook(root, n)) for n in sizes}
         executor = AnsibleExecutor(AnsibleSettings(work_dir=root / "work", forks=args.forks))

@@ -38,7 +38,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import yaml
-from probe_cost import write_runbook
+from fleet import write_runbook
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the fake balena API and the tunnel host of the tests

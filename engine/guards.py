@@ -14,10 +14,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from engine.durations import format_duration
 from engine.expressions import EvaluationError
+from engine.models import FrozenModel
 from engine.outcomes import HostOutcome
 from engine.probes import HostProbe, ProbeStatus
 from engine.runbooks import Runbook
@@ -25,11 +24,7 @@ from engine.runbooks.spec import BlastRadiusGuard, CooldownGuard, ExprGuard, Loc
 from engine.state import StateStore
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class GuardVerdict(_Frozen):
+class GuardVerdict(FrozenModel):
     """One guard's verdict on one host."""
 
     id: str
@@ -38,7 +33,7 @@ class GuardVerdict(_Frozen):
     message: str = ""
 
 
-class Decision(_Frozen):
+class Decision(FrozenModel):
     """What evaluation decided for one host.
 
     ``outcome`` is ``None`` when the host has the symptom and passed every guard: it goes on

@@ -16,10 +16,11 @@ audited, here, in the order above, after ``run.started``.
 
 from __future__ import annotations
 
+import secrets
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,6 +81,11 @@ class NullReporter:
 
     def advance(self, amount: int = 1) -> None:
         """Ignore the progress."""
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random hex (the entry points' id factory)."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
@@ -615,9 +621,13 @@ def execute_plan(
     hosts = tuple(reports[h.host] for h in plan.hosts)
     status = _status(hosts, refused, aborted)
     now = services.clock()
-    for report in hosts:
-        if report.host not in recorded:
-            store.record_host(_host_record(plan.run_id, report, now, ctx.secrets))
+    store.record_hosts(
+        [
+            _host_record(plan.run_id, report, now, ctx.secrets)
+            for report in hosts
+            if report.host not in recorded
+        ]
+    )
     summary = dict(Counter(h.outcome.value for h in hosts))
     with audit_unit():  # the event commits with the run's end
         log.info("run.finished", status=status.value, summary=summary)

@@ -12,21 +12,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from engine.expressions import EvaluationError, Expression, Template
 from engine.guards import Decision, GuardVerdict, context_for
+from engine.models import FrozenModel
 from engine.outcomes import HostOutcome, Mode
 from engine.probes import HostProbe
 from engine.redaction import REDACTED
 from engine.runbooks import Runbook
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PlannedStep(_Frozen):
+class PlannedStep(FrozenModel):
     """One step as it will run on one host."""
 
     id: str
@@ -37,7 +34,7 @@ class PlannedStep(_Frozen):
     destructive: bool = False
 
 
-class HostPlan(_Frozen):
+class HostPlan(FrozenModel):
     """Everything decided about one host, and the evidence it rested on."""
 
     host: str
@@ -49,7 +46,7 @@ class HostPlan(_Frozen):
     steps: tuple[PlannedStep, ...] = ()
 
 
-class RunbookRef(_Frozen):
+class RunbookRef(FrozenModel):
     """Which runbook, exactly, a plan or run came from."""
 
     name: str
@@ -58,7 +55,7 @@ class RunbookRef(_Frozen):
     path: str
 
 
-class Plan(_Frozen):
+class Plan(FrozenModel):
     """The whole plan of one run."""
 
     run_id: str

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
 from engine.executors.base import (
     BackgroundSelectingExecutor,
@@ -42,6 +42,7 @@ from engine.executors.base import (
     SelectionResult,
 )
 from engine.expressions import failed_value
+from engine.models import FrozenModel
 from engine.runbooks.spec import Check, ParseKind
 
 #: Bytes of stdout kept per check (stderr: 4 KiB); more is cut and the check fails to parse.
@@ -54,11 +55,7 @@ _TRUE = frozenset({"true", "yes", "1", "on", "active"})
 _FALSE = frozenset({"false", "no", "0", "off"})
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class _Record(_Frozen):
+class _Record(FrozenModel):
     """What the probe script printed for one check."""
 
     rc: int
@@ -69,7 +66,7 @@ class _Record(_Frozen):
     stderr: str
 
 
-class CheckResult(_Frozen):
+class CheckResult(FrozenModel):
     """One check on one host: its parsed value, or why there is none."""
 
     id: str
@@ -92,12 +89,12 @@ class ProbeStatus(StrEnum):
     ERROR = "error"  # the probe script itself failed (no records)
 
 
-class HostProbe(_Frozen):
+class HostProbe(FrozenModel):
     """Every check's result on one host."""
 
     host: str
     status: ProbeStatus
-    checks: dict[str, CheckResult] = {}
+    checks: dict[str, CheckResult] = Field(default_factory=dict)
     message: str = ""
 
     def values(self) -> dict[str, Any]:
@@ -334,7 +331,7 @@ def run_probes(
     return probes
 
 
-class SelectedProbes(_Frozen):
+class SelectedProbes(FrozenModel):
     """The hosts a selection picked, and the probe of each one the script ran on."""
 
     hosts: tuple[Host, ...]

@@ -38,12 +38,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from engine.ansible_plugins import inventory_plugins_env
 from engine.balena import inventory_error
 from engine.errors import InventoryError
+from engine.executors.ansible_env import INVENTORY_ENV, PLAIN_OUTPUT_ENV
 from engine.executors.base import Host, Selection
+from engine.models import FrozenModel
 from engine.runbooks import Runbook
 
 __all__ = [
@@ -59,24 +61,10 @@ __all__ = [
 #: The Ansible side: ``python SELECT_SCRIPT INVENTORY PATTERN [LIMIT]`` prints the selection.
 SELECT_SCRIPT = Path(__file__).parent / "executors" / "ansible_callbacks" / "remediate_targets.py"
 
-#: Make Ansible fail (instead of warning and going on with no hosts) on a bad inventory.
-INVENTORY_ENV = {
-    "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
-    "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True",
-}
-_CHILD_ENV = {
-    **INVENTORY_ENV,
-    "ANSIBLE_NOCOLOR": "True",
-    "NO_COLOR": "1",
-    "ANSIBLE_FORCE_COLOR": "False",
-}
+_CHILD_ENV = {**INVENTORY_ENV, **PLAIN_OUTPUT_ENV}
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class TargetSet(_Frozen):
+class TargetSet(FrozenModel):
     """The hosts a pattern (narrowed by a limit) selects from an inventory, in Ansible's order."""
 
     inventory: Path

@@ -66,9 +66,9 @@ def _pending(
         artifacts_dir=tmp / "artifacts",
         sleep=lambda _s: None,
     )
-    inventory = tmp / "hosts.ini"
-    inventory.write_text("[all]\na\nb\n")
-    request = RunRequest(inventory=inventory, mode=Mode.DRY_RUN, trigger="user:alice", user="alice")
+    request = RunRequest(
+        inventory=Path("hosts.ini"), mode=Mode.DRY_RUN, trigger="user:alice", user="alice"
+    )
     report = run_runbook(runbook, request, services, approve=lambda _p: False)
     saved = SavedPlan(plan=report.plan, expires_at=NOW + timedelta(hours=1)).sealed()
     record = request_approval(store, saved, runbook, source="user:alice", now=NOW)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from engine.executors.base import (
     Executor,
     HostStatus,
@@ -63,15 +65,48 @@ def test_playbook_calls_are_recorded() -> None:
     assert fake.playbook_calls[0].request == request
 
 
-def test_selection_is_ansibles_and_only_kept_hosts_answer(tmp_path: Path) -> None:
-    """The fake selects hosts with Ansible, like the real executor, and answers the kept ones."""
-    inventory = tmp_path / "hosts.ini"
-    inventory.write_text("[fleet]\na x=1\nb\nc\n")
-    fake = FakeExecutor(scripts={"a": FakeReply(stdout="up\n"), "c": FakeReply(stdout="up\n")})
+def test_selection_comes_from_the_host_table_and_only_kept_hosts_answer() -> None:
+    """The fake selects from its own host table, reads no inventory file, answers kept hosts."""
+    fake = FakeExecutor(
+        scripts={"a": FakeReply(stdout="up\n"), "c": FakeReply(stdout="up\n")},
+        hosts={"a": {"x": 1}, "b": {}, "c": {}, "d": {}},
+        groups={"fleet": ["a", "b", "c"]},
+    )
     executor: SelectingExecutor = fake
-    selection = Selection(inventory=inventory, pattern="fleet", limit="!b", only=("a", "ghost"))
+    missing = Path("/nonexistent/inventory.yml")
+    selection = Selection(inventory=missing, pattern="fleet", limit="!b", only=("a", "ghost"))
     result = executor.select_and_run_script(selection, "uptime", timeout=5)
     assert [(h.name, h.vars) for h in result.hosts] == [("a", {"x": 1}), ("c", {})]
     assert list(result.results) == ["a"]
     assert result.results["a"].stdout == "up\n"
     assert fake.script_calls[0].hosts == ("a",)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "limit", "selected"),
+    [
+        ("all", None, ["a", "b", "c", "d"]),
+        ("fleet", "b:d", ["b"]),
+        ("fleet,d", "!c", ["a", "b", "d"]),
+        ("!a:fleet", None, ["b", "c"]),  # unions first, whatever the order written
+        ("all:&fleet:!b", None, ["a", "c"]),
+        ("*", "ghost", []),  # an unknown name selects nothing, as in Ansible
+    ],
+)
+def test_selection_follows_ansibles_pattern_rules(
+    pattern: str, limit: str | None, selected: list[str]
+) -> None:
+    """Unions, intersections, exclusions and groups select as Ansible selects them."""
+    fake = FakeExecutor(hosts=["a", "b", "c", "d"], groups={"fleet": ["a", "b", "c"]})
+    result = fake.select_and_run_script(
+        Selection(inventory=INV, pattern=pattern, limit=limit), "true", timeout=5
+    )
+    assert [h.name for h in result.hosts] == selected
+
+
+@pytest.mark.parametrize("pattern", ["dev*", "~^a$", "@limit.txt"])
+def test_selection_refuses_patterns_it_cannot_answer_exactly(pattern: str) -> None:
+    """Globs, regexes and @file limits are refused: only real Ansible answers them."""
+    fake = FakeExecutor(hosts=["a"])
+    with pytest.raises(ValueError, match="unsupported host pattern"):
+        fake.select_and_run_script(Selection(inventory=INV, pattern=pattern), "true", timeout=5)

@@ -67,7 +67,12 @@ def store(tmp_path: Path, clock: Clock) -> Iterator[SqliteStateStore]:
     db.close()
 
 
+#: The inventory the runs name.  A FakeExecutor never reads it: its host table is the inventory.
+INVENTORY = Path("hosts.ini")
+
+
 def _inventory(tmp_path: Path, hosts: list[str]) -> Path:
+    """A real inventory file, for the runs that resolve their targets with Ansible."""
     path = tmp_path / "hosts.ini"
     path.write_text("\n".join(["[all]", *hosts]) + "\n")
     return path
@@ -122,7 +127,7 @@ def test_dry_run_plans_without_running_any_playbook(
         report = _run(
             runbook,
             _services(executor, store, clock, tmp_path),
-            _inventory(tmp_path, ["a", "b"]),
+            INVENTORY,
             Mode.DRY_RUN,
         )
     assert _outcomes(report) == {"a": HostOutcome.PLANNED, "b": HostOutcome.HEALTHY}
@@ -155,9 +160,7 @@ def test_apply_fixes_and_verifies_on_fresh_probes(
         playbooks={"a": _fixing(states)},
     )
     with capture_logs() as events:
-        report = _run(
-            runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, ["a", "b"])
-        )
+        report = _run(runbook, _services(executor, store, clock, tmp_path), INVENTORY)
     assert _outcomes(report) == {"a": HostOutcome.FIXED, "b": HostOutcome.HEALTHY}
     steps = [
         (c.request.hosts, c.request.extravars["remediate_step"]) for c in executor.playbook_calls
@@ -187,9 +190,7 @@ def test_guard_blocks_with_its_id_and_message(
     """The first blocking guard skips the host and says why; nothing runs."""
     executor = FakeExecutor(scripts={"a": device({**SICK, "rw": "false"})})
     with capture_logs() as events:
-        report = _run(
-            runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, ["a"])
-        )
+        report = _run(runbook, _services(executor, store, clock, tmp_path), INVENTORY)
     (host,) = report.hosts
     assert host.outcome is HostOutcome.SKIPPED
     assert host.reason == "guard rw: data partition is read-only"
@@ -205,14 +206,13 @@ def test_cooldown_skips_a_device_acted_on_recently(
     store.mark_acted("pipeline-test", "a", clock.now)
     executor = FakeExecutor(scripts={"a": device(SICK)})
     services = _services(executor, store, clock, tmp_path)
-    inventory = _inventory(tmp_path, ["a"])
     clock.now += timedelta(minutes=10)
-    report = _run(runbook, services, inventory, Mode.DRY_RUN)
+    report = _run(runbook, services, INVENTORY, Mode.DRY_RUN)
     assert report.hosts[0].outcome is HostOutcome.SKIPPED
     assert "cooldown" in report.hosts[0].reason
     assert "last acted 10m ago" in report.hosts[0].reason
     clock.now += timedelta(minutes=25)
-    assert _run(runbook, services, inventory, Mode.DRY_RUN).hosts[0].outcome is HostOutcome.PLANNED
+    assert _run(runbook, services, INVENTORY, Mode.DRY_RUN).hosts[0].outcome is HostOutcome.PLANNED
 
 
 def test_lock_held_by_another_run_skips_the_device(
@@ -221,7 +221,7 @@ def test_lock_held_by_another_run_skips_the_device(
     """A device locked by another run is skipped, at plan time and at act time."""
     assert store.acquire_lease("a", "other-run", holder="ctl", ttl=timedelta(minutes=5)).lease
     executor = FakeExecutor(scripts={"a": device(SICK)})
-    report = _run(runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, ["a"]))
+    report = _run(runbook, _services(executor, store, clock, tmp_path), INVENTORY)
     assert report.hosts[0].outcome is HostOutcome.SKIPPED
     assert "other-run" in report.hosts[0].reason
     assert executor.playbook_calls == []
@@ -235,7 +235,7 @@ def test_blast_radius_refuses_the_whole_run(
     executor = FakeExecutor(
         scripts={h: device(SICK if i < 4 else HEALTHY) for i, h in enumerate(hosts)}
     )
-    report = _run(runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, hosts))
+    report = _run(runbook, _services(executor, store, clock, tmp_path), INVENTORY)
     assert report.status is RunStatus.REFUSED
     assert report.plan.refused is not None
     assert "4 hosts need action, the policy allows 3 of 6" in report.plan.refused
@@ -251,7 +251,7 @@ def test_declined_approval_refuses_destructive_steps(
     report = _run(
         runbook,
         _services(executor, store, clock, tmp_path),
-        _inventory(tmp_path, ["a"]),
+        INVENTORY,
         approve=False,
     )
     assert report.status is RunStatus.REFUSED
@@ -268,7 +268,7 @@ def test_failed_step_stops_the_host_and_the_failure_budget_stops_the_run(
         scripts={h: device(SICK if h in {"a", "b"} else HEALTHY) for h in hosts},
         playbooks={"a": HostStatus.FAILED, "b": HostStatus.OK},
     )
-    report = _run(runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, hosts))
+    report = _run(runbook, _services(executor, store, clock, tmp_path), INVENTORY)
     outcomes = _outcomes(report)
     assert outcomes["a"] is HostOutcome.FAILED
     assert outcomes["b"] is HostOutcome.NOT_FIXED  # steps ran, the device still reports sick
@@ -284,7 +284,7 @@ def test_failure_budget_skips_later_batches(
     hosts = [f"h{i}" for i in range(8)]
     scripts = {h: device(SICK if i < 4 else HEALTHY) for i, h in enumerate(hosts)}
     executor = FakeExecutor(scripts=scripts, playbooks={"h0": HostStatus.FAILED})
-    report = _run(runbook, _services(executor, store, clock, tmp_path), _inventory(tmp_path, hosts))
+    report = _run(runbook, _services(executor, store, clock, tmp_path), INVENTORY)
     outcomes = _outcomes(report)
     assert outcomes["h0"] is HostOutcome.FAILED
     assert outcomes["h2"] is HostOutcome.SKIPPED
@@ -304,7 +304,7 @@ def test_unreachable_and_failed_checks_are_outcomes(
     report = _run(
         runbook,
         _services(executor, store, clock, tmp_path),
-        _inventory(tmp_path, ["a", "b"]),
+        INVENTORY,
         Mode.DRY_RUN,
     )
     outcomes = _outcomes(report)
@@ -322,7 +322,7 @@ def test_secret_params_are_redacted_in_plan_and_audit(
         report = _run(
             runbook,
             _services(executor, store, clock, tmp_path),
-            _inventory(tmp_path, ["a"]),
+            INVENTORY,
             Mode.DRY_RUN,
         )
     assert report.plan.params["token"] == REDACTED
@@ -351,7 +351,7 @@ def test_secret_values_reach_the_playbook_and_nothing_that_is_kept(
     configure_audit(AuditLog(audit), clock=clock)
     try:
         request = RunRequest(
-            inventory=_inventory(tmp_path, ["a"]),
+            inventory=INVENTORY,
             overrides={"token": secret},
             mode=Mode.APPLY,
             trigger="user:test",
@@ -396,11 +396,12 @@ def test_recheck_skips_a_step_no_longer_needed(
     executor = FakeExecutor(
         scripts={h: device(s) for h, s in states.items()},
         playbooks={"a": _fixing(states)},  # "clean" fixes a; b stays sick
+        hosts=["a", "b", "c", "d"],  # c and d do not answer: they count for the blast radius
     )
     report = _run(
         rechecking,
         _services(executor, store, clock, tmp_path),
-        _inventory(tmp_path, ["a", "b", "c", "d"]),
+        INVENTORY,
     )
     by_host = {h.host: h for h in report.hosts}
     assert [(s.step, s.status) for s in by_host["a"].steps] == [
@@ -449,7 +450,7 @@ def test_targets_and_first_probe_come_from_one_executor_call(
         _run(
             runbook,
             _services(executor, store, clock, tmp_path),
-            _inventory(tmp_path, ["a", "b"]),
+            INVENTORY,
             Mode.DRY_RUN,
         )
     (call,) = executor.script_calls
@@ -537,15 +538,14 @@ def test_first_probe_started_ahead_is_collected_after_run_started(
 ) -> None:
     """A probe an entry point started ahead is the run's only probe, audited after run.started."""
     executor = BackgroundSelector(scripts={"a": device(SICK), "b": device(HEALTHY)})
-    inventory = _inventory(tmp_path, ["a", "b"])
-    selection = runbook_selection(runbook, inventory, None)
+    selection = runbook_selection(runbook, INVENTORY, None)
     with (
         start_probe(executor, selection, runbook.spec.checks, runbook.param_values()) as first,
         capture_logs() as events,
     ):
         (pending,) = executor.started
         assert pending.fate == (False, False)
-        request = RunRequest(inventory=inventory, mode=Mode.DRY_RUN, trigger="user:t", user="t")
+        request = RunRequest(inventory=INVENTORY, mode=Mode.DRY_RUN, trigger="user:t", user="t")
         report = run_runbook(
             runbook,
             request,
@@ -566,13 +566,12 @@ def test_first_probe_of_another_request_is_refused_and_stopped(
 ) -> None:
     """A probe started for other hosts or params is never taken for this run's; it is stopped."""
     executor = BackgroundSelector(scripts={"a": device(SICK), "b": device(HEALTHY)})
-    inventory = _inventory(tmp_path, ["a", "b"])
-    request = RunRequest(inventory=inventory, mode=Mode.DRY_RUN, trigger="user:t", user="t")
+    request = RunRequest(inventory=INVENTORY, mode=Mode.DRY_RUN, trigger="user:t", user="t")
     services = _services(executor, store, clock, tmp_path)
     checks, params = runbook.spec.checks, runbook.param_values()
     for selection, probe_params in (
-        (runbook_selection(runbook, inventory, "a"), params),
-        (runbook_selection(runbook, inventory, None), {**params, "free_min": 99}),
+        (runbook_selection(runbook, INVENTORY, "a"), params),
+        (runbook_selection(runbook, INVENTORY, None), {**params, "free_min": 99}),
     ):
         with (
             pytest.raises(ValueError, match="started for another run"),
@@ -582,10 +581,10 @@ def test_first_probe_of_another_request_is_refused_and_stopped(
         assert executor.started[-1].fate == (False, True)
 
 
-def test_first_probe_left_uncollected_is_cancelled(runbook: Runbook, tmp_path: Path) -> None:
+def test_first_probe_left_uncollected_is_cancelled(runbook: Runbook) -> None:
     """Leaving the block of a started probe without its result (a store that failed) stops it."""
     executor = BackgroundSelector(scripts={"a": device(SICK)})
-    selection = runbook_selection(runbook, _inventory(tmp_path, ["a"]), None)
+    selection = runbook_selection(runbook, INVENTORY, None)
     with (
         pytest.raises(StateError),
         start_probe(executor, selection, runbook.spec.checks, runbook.param_values()),

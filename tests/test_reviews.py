@@ -53,10 +53,11 @@ def _services(executor: FakeExecutor, store: SqliteStateStore, tmp: Path) -> Ser
     )
 
 
-def _dry_run(runbook: Runbook, services: Services, tmp: Path, hosts: list[str]) -> RunReport:
-    inventory = tmp / "hosts.ini"
-    inventory.write_text("[all]\n" + "\n".join(hosts) + "\n")
-    request = RunRequest(inventory=inventory, mode=Mode.DRY_RUN, trigger="user:ann", user="ann")
+def _dry_run(runbook: Runbook, services: Services) -> RunReport:
+    """A dry run over the FakeExecutor's host table (it never reads the inventory file)."""
+    request = RunRequest(
+        inventory=Path("hosts.ini"), mode=Mode.DRY_RUN, trigger="user:ann", user="ann"
+    )
     return run_runbook(runbook, request, services, approve=lambda _p: False)
 
 
@@ -64,8 +65,10 @@ def test_saved_plan_round_trips_and_carries_a_digest(
     runbook: Runbook, store: SqliteStateStore, tmp_path: Path
 ) -> None:
     """A saved plan loads back equal, with its digest checked."""
-    executor = FakeExecutor(scripts={"a": device(SICK), "b": device({**SICK, "free": "50"})})
-    report = _dry_run(runbook, _services(executor, store, tmp_path), tmp_path, ["a", "b", "c"])
+    executor = FakeExecutor(
+        scripts={"a": device(SICK), "b": device({**SICK, "free": "50"})}, hosts=["a", "b", "c"]
+    )
+    report = _dry_run(runbook, _services(executor, store, tmp_path))
     path = tmp_path / "plan.json"
     saved = save_plan(report.plan, path, expires_in=timedelta(hours=1))
     loaded = load_plan(path)
@@ -77,7 +80,7 @@ def test_saved_plan_round_trips_and_carries_a_digest(
 def test_edited_plan_is_refused(runbook: Runbook, store: SqliteStateStore, tmp_path: Path) -> None:
     """Changing one item in the file breaks the digest."""
     executor = FakeExecutor(scripts={"a": device(SICK), "b": device({**SICK, "free": "50"})})
-    report = _dry_run(runbook, _services(executor, store, tmp_path), tmp_path, ["a", "b"])
+    report = _dry_run(runbook, _services(executor, store, tmp_path))
     path = tmp_path / "plan.json"
     save_plan(report.plan, path, expires_in=timedelta(hours=1))
     path.write_text(path.read_text().replace("/junk/a", "/etc/passwd"))
@@ -90,7 +93,7 @@ def test_expired_plan_and_changed_runbook_are_refused(
 ) -> None:
     """A plan past its expiry, or made from another runbook version, is not applicable."""
     executor = FakeExecutor(scripts={"a": device(SICK), "b": device({**SICK, "free": "50"})})
-    report = _dry_run(runbook, _services(executor, store, tmp_path), tmp_path, ["a", "b"])
+    report = _dry_run(runbook, _services(executor, store, tmp_path))
     path = tmp_path / "plan.json"
     saved = save_plan(report.plan, path, expires_in=timedelta(minutes=30))
     check_applicable(saved, runbook, NOW + timedelta(minutes=29), path)
@@ -109,7 +112,7 @@ def test_markdown_review_document(
 ) -> None:
     """The markdown names the runbook, digest, steps, items, guards and evidence."""
     executor = FakeExecutor(scripts={"a": device(SICK), "b": device({**SICK, "free": "50"})})
-    report = _dry_run(runbook, _services(executor, store, tmp_path), tmp_path, ["a", "b"])
+    report = _dry_run(runbook, _services(executor, store, tmp_path))
     saved = save_plan(report.plan, tmp_path / "p.json", expires_in=timedelta(hours=1))
     text = render_markdown(saved)
     for needle in (
@@ -150,7 +153,7 @@ def test_apply_runs_exactly_the_plan_and_refuses_drifted_hosts(
     scripts = {h: device(states.get(h, {**SICK, "free": "50"})) for h in hosts}
     executor = FakeExecutor(scripts=scripts)
     services = _services(executor, store, tmp_path)
-    report = _dry_run(runbook, services, tmp_path, hosts)
+    report = _dry_run(runbook, services)
     assert [h.host for h in report.plan.acting] == ["a", "b"]
     saved = save_plan(report.plan, tmp_path / "plan.json", expires_in=timedelta(hours=1))
     states["b"]["junk"] = "/junk/a\n/junk/b\n/junk/c\n"  # a new item appeared on b
@@ -177,7 +180,7 @@ def test_applying_a_refused_plan_is_an_error(
     """A plan whose run was refused (blast radius) cannot be applied."""
     executor = FakeExecutor(scripts={h: device(SICK) for h in ["a", "b"]})
     services = _services(executor, store, tmp_path)
-    report = _dry_run(runbook, services, tmp_path, ["a", "b"])
+    report = _dry_run(runbook, services)
     assert report.plan.refused
     saved = save_plan(report.plan, tmp_path / "plan.json", expires_in=timedelta(hours=1))
     with pytest.raises(PlanFileError, match="nothing to apply"):
@@ -196,7 +199,7 @@ def test_a_saved_plan_holds_no_secret_and_applies_without_drift(
     sick = {"free": "5", "junk": "/junk/a\n"}
     executor = FakeExecutor(scripts={"a": device(sick)})
     services = _services(executor, store, tmp_path)
-    report = _dry_run(runbook, services, tmp_path, ["a"])
+    report = _dry_run(runbook, services)
     path = tmp_path / "plan.json"
     save_plan(report.plan, path, expires_in=timedelta(hours=1), secrets=Secrets([secret]))
     assert secret not in path.read_text()

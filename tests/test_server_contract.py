@@ -39,6 +39,7 @@ from tests.support.webhook import (
     body,
     fake_resolver,
     fixture_body,
+    fleet_executor,
     wait_for,
     write_project,
 )
@@ -114,7 +115,7 @@ def make_server(project: Project, audit_path: Path) -> Iterator[ServerFactory]:
             config,
             project.settings(),
             clock=Clock(),
-            executor=executor or FakeExecutor(),
+            executor=executor or fleet_executor(),
             resolve=fake_resolver(FLEET),
             database=database,
         )
@@ -544,7 +545,7 @@ def test_hostile_other_labels_stay_data_through_a_run(
     make_server: ServerFactory, audit_path: Path
 ) -> None:
     """Hostile non-device labels reach the audit log verbatim and never a command or template."""
-    executor = FakeExecutor(scripts={"dev-a": _probe_answers})
+    executor = fleet_executor(scripts={"dev-a": _probe_answers})
     server, client = make_server(workers=1, executor=executor)
     labels = {
         "alertname": "NodeFilesystemAlmostOutOfSpace",

@@ -37,6 +37,7 @@ from tests.support.webhook import (
     alert,
     body,
     fake_resolver,
+    fleet_executor,
     wait_for,
     write_project,
 )
@@ -253,7 +254,7 @@ def _down(host_edge: str, fingerprint: str) -> dict[str, Any]:
 
 
 def _executor(devices: dict[str, Device]) -> FakeExecutor:
-    return FakeExecutor(
+    return fleet_executor(
         scripts={name: d.probe for name, d in devices.items()},
         playbooks={name: d.act for name, d in devices.items()},
     )

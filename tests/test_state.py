@@ -119,6 +119,21 @@ def test_record_host_replaces_earlier_outcome(store: AlertStore) -> None:
     assert store.host_records("run-1") == [second]
 
 
+def test_record_hosts_commits_all_or_none(store: AlertStore) -> None:
+    """A run's hosts are recorded in one commit; if one cannot be, none of them is."""
+    store.start_run(_run())
+    hosts = [_host("run-1", f"dev-{i}", HostOutcome.HEALTHY) for i in range(3)]
+    store.record_hosts(hosts)
+    assert store.host_records("run-1") == hosts
+    orphan = _host("ghost", "dev-9")
+    replaced = hosts[1].model_copy(update={"outcome": HostOutcome.FAILED})
+    never = "cannot record host dev-1 and 1 more: run ghost was never started"
+    with pytest.raises(StateError, match=never):
+        store.record_hosts([replaced, orphan])
+    assert store.host_records("run-1") == hosts  # the replacement was rolled back too
+    assert store.host_records("ghost") == []
+
+
 def test_list_runs_newest_first_and_by_runbook(store: AlertStore) -> None:
     """list_runs returns the newest runs first, limited, optionally of one runbook."""
     for n in range(5):

@@ -18,19 +18,29 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from engine.cli import approvals, audit, route, runbooks, runs, serve  # noqa: F401 - registers commands
-from engine.cli.app import EXIT_FAULT, EXIT_NOT_FIXED, EXIT_OK, app
+from engine.cli import (  # noqa: F401 - registers commands
+    approvals,
+    audit,
+    demo,
+    route,
+    runbooks,
+    runs,
+    serve,
+)
+from engine.cli.app import (
+    EXIT_FAULT,
+    EXIT_NOT_FIXED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    app,
+)
 from engine.errors import EngineError, RunbookError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 __all__ = ["app", "main", "run_cli"]
-
-
-#: Exit codes of a command stopped by SIGINT or SIGTERM (128 + the signal, as shells report).
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 class Terminated(BaseException):

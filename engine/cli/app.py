@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 EXIT_OK, EXIT_NOT_FIXED, EXIT_INPUT, EXIT_FAULT = 0, 1, 2, 3
+#: Exit codes of a command stopped by SIGINT or SIGTERM (128 + the signal, as shells report).
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 EPILOG = (
     "Exit codes: 0 all fixed/healthy (or valid), 1 something not fixed or failed, "

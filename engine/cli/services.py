@@ -7,13 +7,11 @@ the state store, the audit log and the pipeline are imported and opened.
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,11 +24,6 @@ if TYPE_CHECKING:
     from engine.pipeline import Reporter, Services
     from engine.settings import Settings
     from engine.state import StateDatabase, StateStore
-
-
-def new_run_id() -> str:
-    """A sortable, unique run id: UTC time plus random hex."""
-    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 class RichReporter:
@@ -143,7 +136,7 @@ def open_services(
     ``executor``: the one that started the run's first probe, if any (else a new one).
     """
     from engine.audit import configure_audit, utc_now
-    from engine.pipeline import NullReporter, Services
+    from engine.pipeline import NullReporter, Services, new_run_id
 
     executor = executor or new_executor(settings)
     with open_database(settings) as database:

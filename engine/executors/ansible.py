@@ -83,6 +83,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.ansible_plugins import inventory_plugins_env
 from engine.balena import carries_error, inventory_error
 from engine.errors import ExecutorError, InventoryError
+from engine.executors.ansible_env import INVENTORY_ENV, PLAIN_OUTPUT_ENV
 from engine.executors.base import (
     CommandResult,
     Host,
@@ -100,13 +101,11 @@ from engine.redaction import NO_SECRETS, Secrets, is_engine_secret_env
 _ERROR_TAIL_LINES = 20
 #: Callback plugins of our own, loaded only by runs that select their hosts.
 _CALLBACKS_DIR = Path(__file__).parent / "ansible_callbacks"
+#: ansible-runner's event callback as probes use it: no ``runner_on_start`` event per host
+#: (``ansible_display/awx_display.py``); ansible-runner loads it from ``AWX_LIB_DIRECTORY``.
+_PROBE_DISPLAY_DIR = Path(__file__).parent / "ansible_display"
 #: What the remediate_targets callback reads (it knows the name: ``REQUEST_ENV``).
 _TARGETS_REQUEST_ENV = "REMEDIATE_TARGETS"
-#: Make Ansible fail (instead of warning and going on with no hosts) on a bad inventory.
-_INVENTORY_ENV = {
-    "ANSIBLE_INVENTORY_UNPARSED_FAILED": "True",
-    "ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED": "True",
-}
 #: Seconds between ansible-runner's checks for a cancel (``pexpect_timeout``; 5 by default).
 _CANCEL_CHECK = 0.2
 _LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -242,7 +241,7 @@ class AnsibleExecutor:
                 limit=limit,
                 collector=collector,
                 extra_env={
-                    **_INVENTORY_ENV,
+                    **INVENTORY_ENV,
                     "ANSIBLE_CALLBACK_PLUGINS": plugins,
                     _TARGETS_REQUEST_ENV: json.dumps(request),
                 },
@@ -267,7 +266,11 @@ class AnsibleExecutor:
         extra_env: Mapping[str, str],
         cancelled: Callable[[], bool] | None = None,
     ) -> None:
-        """Write ``play`` as the probe playbook in ``private`` and run it there."""
+        """Write ``play`` as the probe playbook in ``private`` and run it there.
+
+        Ansible reports each host's result, not that its task started (the probe's display
+        callback): one event per host, not two.
+        """
         playbook = private / "probe.yml"
         _write_yaml(playbook, [play])
         self._run(
@@ -280,7 +283,7 @@ class AnsibleExecutor:
             limit=limit,
             watcher=collector.watcher,
             on_event=collector.see,
-            extra_env=extra_env,
+            extra_env={**extra_env, "AWX_LIB_DIRECTORY": str(_PROBE_DISPLAY_DIR)},
             cancelled=cancelled,
         )
 
@@ -368,9 +371,7 @@ class AnsibleExecutor:
             "ANSIBLE_PIPELINING": "True",
             "ANSIBLE_RETRY_FILES_ENABLED": "False",
             "ANSIBLE_NOCOWS": "True",
-            "ANSIBLE_NOCOLOR": "True",
-            "ANSIBLE_FORCE_COLOR": "False",
-            "NO_COLOR": "1",
+            **PLAIN_OUTPUT_ENV,
             # ansible-runner hands ansible-playbook this process's whole environment: the
             # engine's own credentials (webhook, approvers) are blanked, no task needs them.
             **{name: "" for name in os.environ if is_engine_secret_env(name)},

@@ -17,11 +17,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from engine.models import FrozenModel
 
 
 class HostStatus(StrEnum):
@@ -32,7 +30,7 @@ class HostStatus(StrEnum):
     UNREACHABLE = "unreachable"
 
 
-class CommandResult(_Frozen):
+class CommandResult(FrozenModel):
     """Result of one ``raw`` command on one host."""
 
     host: str
@@ -43,7 +41,7 @@ class CommandResult(_Frozen):
     message: str = ""
 
 
-class TaskResult(_Frozen):
+class TaskResult(FrozenModel):
     """One task of a playbook on one host, as ansible-runner reported it."""
 
     name: str
@@ -53,7 +51,7 @@ class TaskResult(_Frozen):
     stdout: str = ""
 
 
-class PlaybookResult(_Frozen):
+class PlaybookResult(FrozenModel):
     """Result of one playbook run on one host."""
 
     host: str
@@ -67,7 +65,7 @@ class PlaybookResult(_Frozen):
         return any(t.changed for t in self.tasks)
 
 
-class PlaybookRequest(_Frozen):
+class PlaybookRequest(FrozenModel):
     """A playbook to run on some hosts with extra vars."""
 
     playbook: Path
@@ -79,14 +77,14 @@ class PlaybookRequest(_Frozen):
     executor's own (see :mod:`engine.redaction`)."""
 
 
-class Host(_Frozen):
+class Host(FrozenModel):
     """One inventory host with its merged (untemplated) inventory variables."""
 
     name: str
     vars: dict[str, Any]
 
 
-class Selection(_Frozen):
+class Selection(FrozenModel):
     """Which inventory hosts a call is about, chosen the way ansible-playbook chooses them."""
 
     inventory: Path
@@ -98,7 +96,7 @@ class Selection(_Frozen):
     """If set, exact host names: the script runs on the selected hosts among them only."""
 
 
-class SelectionResult(_Frozen):
+class SelectionResult(FrozenModel):
     """The hosts a selection picked and a script's result on each host it ran on."""
 
     hosts: tuple[Host, ...]

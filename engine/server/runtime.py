@@ -21,7 +21,7 @@ from engine.errors import StateError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import Executor
 from engine.leases import audit_interruptions
-from engine.pipeline import Services
+from engine.pipeline import Services, new_run_id
 from engine.privacy import private_dir
 from engine.runbooks import load_runbooks
 from engine.server.breaker import CircuitBreaker
@@ -44,11 +44,6 @@ INTAKE_BREAKER_INTERVAL = 0.5
 INTAKE_BREAKER_SHARE = 0.2
 #: How long stopping waits for a breaker check in progress to finish.
 WATCHER_JOIN = 10.0
-
-
-def new_run_id() -> str:
-    """A sortable, unique run id: UTC time plus random hex (as the CLI makes them)."""
-    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 #: Seconds cancelled playbooks get to stop after the shutdown timeout.

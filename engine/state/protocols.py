@@ -62,6 +62,12 @@ class StateStore(Protocol):
     def record_host(self, record: HostRecord, *, lease: Lease | None = None) -> bool:
         """Record (or replace) one host's outcome in a started run; whether it was written."""
 
+    def record_hosts(self, records: Sequence[HostRecord]) -> None:
+        """Record (or replace) hosts' outcomes in started runs, unfenced, all or none.
+
+        One transaction (one commit) for a run's hosts, not one each.
+        """
+
     def list_runs(
         self,
         limit: int = 50,

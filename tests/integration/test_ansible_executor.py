@@ -170,6 +170,7 @@ def test_host_missing_from_inventory_is_failed(executor: AnsibleExecutor, invent
 def test_no_requested_host_in_inventory(executor: AnsibleExecutor, inventory: Path) -> None:
     """When no requested host is in the inventory, each is FAILED; nothing raises."""
     results = executor.run_script(inventory, ["ghost", "spook"], "echo up", timeout=30)
+    assert set(results) == {"ghost", "spook"}
     assert {r.status for r in results.values()} == {HostStatus.FAILED}
 
 
@@ -490,6 +491,7 @@ def test_module_task_fails_without_python(
     )
     request = PlaybookRequest(playbook=playbook, hosts=("dev1", "dev2"), label="step one")
     results = executor.run_playbook(inventory, request, artifacts_dir=tmp_path / "artifacts")
+    assert set(results) == {"dev1", "dev2"}
     for result in results.values():
         assert result.status is HostStatus.FAILED
         assert [(t.name, t.status) for t in result.tasks] == [
@@ -674,3 +676,53 @@ def test_runner_closes_its_pty_without_sleeping_and_still_stops_live_children() 
     alive.close()
     assert not alive.isalive()
     assert alive.signalstatus is not None
+
+
+#: The display callback probes use (ansible-runner loads it from ``AWX_LIB_DIRECTORY``).
+PROBE_DISPLAY = Path(__file__).parents[2] / "engine" / "executors" / "ansible_display"
+
+
+@pytest.mark.parametrize("probe_display", [False, True], ids=["ansible-runner's", "probes'"])
+def test_the_probes_display_callback_sends_one_event_per_host(
+    tmp_path: Path, probe_display: bool
+) -> None:
+    """Probes' callback sends each host's result (with its duration) but no task-start event."""
+    inventory = write_inventory(
+        tmp_path / "hosts.yml",
+        {name: {"ansible_connection": "local", **NO_PYTHON} for name in ("dev1", "dev2")},
+    )
+    playbook = tmp_path / "probe.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [{"hosts": "all", "gather_facts": False, "tasks": [{"ansible.builtin.raw": "echo hi"}]}]
+        )
+    )
+    events: list[dict[str, Any]] = []
+
+    def keep(event: dict[str, Any]) -> bool:
+        events.append(event)
+        return False
+
+    (tmp_path / "private").mkdir()
+    runner = ansible_runner.run(
+        private_data_dir=str(tmp_path / "private"),
+        playbook=str(playbook),
+        inventory=str(inventory),
+        envvars={
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+            **({"AWX_LIB_DIRECTORY": str(PROBE_DISPLAY)} if probe_display else {}),
+        },
+        quiet=True,
+        event_handler=keep,
+    )
+    assert runner.status == "successful"
+    per_host = [e for e in events if e.get("event_data", {}).get("host")]
+    ok = {
+        e["event_data"]["host"]: e["event_data"] for e in per_host if e["event"] == "runner_on_ok"
+    }
+    assert sorted(ok) == ["dev1", "dev2"]
+    assert all(
+        data["res"]["stdout"].strip() == "hi" and data["duration"] >= 0 for data in ok.values()
+    )
+    started = [e for e in per_host if e["event"] == "runner_on_start"]
+    assert len(started) == (0 if probe_display else 2)

@@ -28,6 +28,7 @@ import pytest
 from starlette.types import ASGIApp
 
 from engine.errors import InventoryError
+from engine.executors.fake import FakeExecutor, PlaybookAnswer, ScriptAnswer
 from engine.server.fleet import ResolveTargets
 from engine.settings import Settings
 from engine.targets import Host, TargetSet
@@ -210,6 +211,14 @@ def fake_resolver(hosts: Mapping[str, Mapping[str, str]]) -> ResolveTargets:
         )
 
     return resolve
+
+
+def fleet_executor(
+    scripts: Mapping[str, ScriptAnswer] | None = None,
+    playbooks: Mapping[str, PlaybookAnswer] | None = None,
+) -> FakeExecutor:
+    """A FakeExecutor whose host table is the project's ``hosts.ini``: FLEET in ``fleet``."""
+    return FakeExecutor(scripts, playbooks, hosts=FLEET, groups={"fleet": list(FLEET)})
 
 
 def fixture_body(name: str) -> dict[str, Any]:

@@ -89,6 +89,25 @@ def _aware(moment: datetime) -> datetime:
     return moment
 
 
+_UPSERT_HOST = (
+    "INSERT INTO host_results (run_id, host, outcome, reason, steps, finished_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (run_id, host) DO UPDATE SET outcome = excluded.outcome,"
+    " reason = excluded.reason, steps = excluded.steps, finished_at = excluded.finished_at"
+)
+
+
+def _host_row(record: HostRecord) -> tuple[str, str, str, str, str, datetime]:
+    return (
+        record.run_id,
+        record.host,
+        record.outcome.value,
+        record.reason,
+        json.dumps(record.steps),
+        _aware(record.finished_at),
+    )
+
+
 class PostgresStore:
     """An :class:`~engine.state.AlertStore` on a shared pool; safe to use from many threads."""
 
@@ -247,21 +266,7 @@ class PostgresStore:
         def work(cur: Cursor) -> bool:
             if lease is not None and not _fence_holds(cur, lease):
                 return False
-            cur.execute(
-                "INSERT INTO host_results (run_id, host, outcome, reason, steps, finished_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (run_id, host) DO UPDATE SET outcome = excluded.outcome,"
-                " reason = excluded.reason, steps = excluded.steps,"
-                " finished_at = excluded.finished_at",
-                (
-                    record.run_id,
-                    record.host,
-                    record.outcome.value,
-                    record.reason,
-                    json.dumps(record.steps),
-                    _aware(record.finished_at),
-                ),
-            )
+            cur.execute(_UPSERT_HOST, _host_row(record))
             return True
 
         try:
@@ -271,6 +276,27 @@ class PostgresStore:
                 raise StateError(
                     f"{self.url}: cannot record host {record.host}: "
                     f"run {record.run_id} was never started"
+                ) from exc
+            raise
+
+    def record_hosts(self, records: Sequence[HostRecord]) -> None:
+        """Record hosts' outcomes in started runs, replacing earlier ones, in one transaction."""
+        if not records:
+            return
+        more = f" and {len(records) - 1} more" if len(records) > 1 else ""
+        hosts = f"host {records[0].host}{more}"
+        run_ids = sorted({r.run_id for r in records})
+
+        def work(cur: Cursor) -> None:
+            cur.executemany(_UPSERT_HOST, [_host_row(r) for r in records])
+
+        try:
+            self._run(f"record {hosts} of run {', '.join(run_ids)}", work)
+        except StateError as exc:
+            if isinstance(exc.__cause__, pg_errors.ForeignKeyViolation):
+                unknown = ", ".join(r for r in run_ids if self.get_run(r) is None)
+                raise StateError(
+                    f"{self.url}: cannot record {hosts}: run {unknown} was never started"
                 ) from exc
             raise
 

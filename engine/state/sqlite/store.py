@@ -55,6 +55,25 @@ from engine.state.records import (
 )
 from engine.state.sqlite.migrations import MIGRATIONS
 
+_UPSERT_HOST = (
+    "INSERT INTO host_results (run_id, host, outcome, reason, steps, finished_at)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (run_id, host) DO UPDATE SET outcome = excluded.outcome,"
+    " reason = excluded.reason, steps = excluded.steps, finished_at = excluded.finished_at"
+)
+
+
+def _host_row(record: HostRecord) -> tuple[str, str, str, str, str, str]:
+    return (
+        record.run_id,
+        record.host,
+        record.outcome.value,
+        record.reason,
+        json.dumps(record.steps),
+        _text(record.finished_at),
+    )
+
+
 # --------------------------------------------------------------------------- time
 
 
@@ -300,21 +319,7 @@ class SqliteStateStore:
             with self._transaction(f"record host {record.host} of run {record.run_id}") as db:
                 if lease is not None and not _fence_holds(db, lease):
                     return False
-                db.execute(
-                    "INSERT INTO host_results (run_id, host, outcome, reason, steps, finished_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (run_id, host) DO UPDATE SET outcome = excluded.outcome,"
-                    " reason = excluded.reason, steps = excluded.steps,"
-                    " finished_at = excluded.finished_at",
-                    (
-                        record.run_id,
-                        record.host,
-                        record.outcome.value,
-                        record.reason,
-                        json.dumps(record.steps),
-                        _text(record.finished_at),
-                    ),
-                )
+                db.execute(_UPSERT_HOST, _host_row(record))
         except StateError as exc:
             if isinstance(exc.__cause__, sqlite3.IntegrityError):
                 raise StateError(
@@ -323,6 +328,27 @@ class SqliteStateStore:
                 ) from exc
             raise
         return True
+
+    def record_hosts(self, records: Sequence[HostRecord]) -> None:
+        """Record hosts' outcomes in started runs, replacing earlier ones, in one transaction.
+
+        One commit (one sync of the write-ahead log) for a whole run's hosts, not one each.
+        """
+        if not records:
+            return
+        more = f" and {len(records) - 1} more" if len(records) > 1 else ""
+        hosts = f"host {records[0].host}{more}"
+        run_ids = sorted({r.run_id for r in records})
+        try:
+            with self._transaction(f"record {hosts} of run {', '.join(run_ids)}") as db:
+                db.executemany(_UPSERT_HOST, [_host_row(r) for r in records])
+        except StateError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                unknown = ", ".join(r for r in run_ids if self.get_run(r) is None)
+                raise StateError(
+                    f"{self.path}: cannot record {hosts}: run {unknown} was never started"
+                ) from exc
+            raise
 
     def list_runs(
         self,
