@@ -646,7 +646,7 @@ def test_workers_survive_store_errors_and_faults_then_run_the_queue(
         },
         open_faults=[StateError("state.db: state store cannot open: disk I/O error")],
     )
-    executor = FakeExecutor(scripts={"dev-a": _probe_answers})
+    executor = fleet_executor(scripts={"dev-a": _probe_answers})
     with capture_logs() as events:
         server, client = make_server(workers=1, executor=executor, database=faulty)
         assert _post(client, fixture_body("firing-single.json")).json()["queued"] == 1
