@@ -249,7 +249,8 @@ def prometheus_config(directory: Path, *, alertmanager: str, targets: Mapping[st
 
     ``targets`` maps balena UUIDs to ``address:port``; each gets the target file the shipped
     config's comments describe (named after the UUID, which its relabeling turns into the
-    ``balena_uuid`` label).
+    ``balena_uuid`` label).  Only job ``node`` is kept: the lab runs no blackbox_exporter for
+    job ``balena-supervisor-health``.
     """
     config = load_yaml(CONFIG / "prometheus.yml")
     config["global"].update(
@@ -260,7 +261,8 @@ def prometheus_config(directory: Path, *, alertmanager: str, targets: Mapping[st
     ]
     short_rules(directory)
     assert config["rule_files"] == list(RULE_FILES)
-    (job,) = config["scrape_configs"]
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "node"]
+    config["scrape_configs"] = [job]
     (sd,) = job["file_sd_configs"]
     (pattern,) = sd["files"]
     folder = directory / Path(pattern).parent
