@@ -210,7 +210,7 @@ def test_example_supervisor_alerts_start_the_supervisor_runbook() -> None:
     (trigger,) = runbook.spec.triggers
     assert {rule["alert"] for rule in group["rules"]} == set(trigger.alertname)
     assert (trigger.device_label, trigger.device_var, trigger.mode) == (
-        "balena_uuid",
+        ("balena_uuid",),
         "balena_uuid",
         TriggerMode.APPROVE,
     )

@@ -374,7 +374,7 @@ def test_older_devices_resin_names_are_read_as_the_balena_ones(
         args = ["plan", RUNBOOK, "-i", str(lab_inventory([device])), "-o", "json"]
         proc = _cli(args, tmp_path / "state")
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        evidence = _host(json.loads(proc.stdout), device.name)["evidence"]
+        evidence = _host(json.loads(proc.stdout)["plan"], device.name)["evidence"]
         locks, supervisor = evidence["update_locks"], evidence["supervisor"]
         assert [(lock["path"], lock["flocked"]) for lock in locks["held"]] == [(legacy_lock, False)]
         assert (locks["override"], locks["override_setting"]) == (True, "RESIN_OVERRIDE_LOCK=true")
