@@ -58,7 +58,7 @@ def test_the_shipped_rules_pass_promtool() -> None:
 
 
 def test_the_shipped_rules_raise_what_their_tests_expect() -> None:
-    """``promtool test rules``: once per device, as df counts, prefixed mounts, engine down."""
+    """``promtool test rules``: once per device, as df counts, prefixes, engine, Supervisor."""
     proc = promtool("test", "rules", str(RULE_TESTS))
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -118,6 +118,8 @@ def test_every_alert_the_rule_tests_expect_reaches_its_runbook(
         "BalenaDataPartitionLowSpace": "data-partition-full",
         "BalenaEngineDown": "engine-unresponsive",
         "BalenaDataPartitionReadOnly": None,  # a person repairs the file system
+        "BalenaSupervisorDown": "supervisor-unhealthy",
+        "BalenaSupervisorUnhealthy": "supervisor-unhealthy",
     }
     seen = set()
     for case in load_yaml(RULE_TESTS)["tests"]:

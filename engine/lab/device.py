@@ -8,11 +8,12 @@ namespaces, with a clean environment) or over SSH as Ansible would.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -21,6 +22,25 @@ from engine.errors import ExecutorError
 
 SSH_PORT = 22222
 SUPERVISOR_PORT = 48484
+#: Where a device sees the host's network namespace (its sshd socket, exposed ports).
+HOST_NETNS = "/run/lab-host-netns"
+#: A port of a device's own loopback, offered in the host's namespace (see Device.expose).
+_EXPOSE_SOCKET = """[Unit]
+Description=lab: the device's 127.0.0.1:{port} on {address}:{port} in the host's namespace
+
+[Socket]
+ListenStream={address}:{port}
+NetworkNamespacePath={netns}
+Accept=no
+"""
+_EXPOSE_SERVICE = """[Unit]
+Description=lab: forward {address}:{port} to 127.0.0.1:{port}
+Requires=lab-expose-{port}.socket
+After=lab-expose-{port}.socket
+
+[Service]
+ExecStart=/usr/lib/systemd/systemd-socket-proxyd 127.0.0.1:{port}
+"""
 DEVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin"
 REQUIRED_TOOLS: Mapping[str, str] = {
@@ -175,6 +195,32 @@ class Device:
         return run_command(
             self.nsenter_args(args), check=check, input_data=input_data, timeout=timeout
         )
+
+    @contextlib.contextmanager
+    def expose(self, port: int) -> Iterator[str]:
+        """Offer the device's ``127.0.0.1:PORT`` to the host as ``ADDRESS:PORT``; yields that.
+
+        A device has a network namespace of its own (loopback only), so a service on its host
+        network (a container with ``network_mode: host``) is out of the host's reach, as a real
+        device's is until a VPN or LAN connects them.  As for its sshd, a socket unit binds the
+        port in the host's namespace and ``systemd-socket-proxyd`` in the device forwards each
+        connection to ``127.0.0.1:PORT``.  Both units are removed afterwards.
+        """
+        names = {"socket": f"lab-expose-{port}.socket", "service": f"lab-expose-{port}.service"}
+        texts = {"socket": _EXPOSE_SOCKET, "service": _EXPOSE_SERVICE}
+        units = self.path("/run/systemd/system")
+        for kind, name in names.items():
+            text = texts[kind].format(address=self.address, port=port, netns=HOST_NETNS)
+            (units / name).write_text(text)
+        try:
+            self.run(["systemctl", "daemon-reload"])
+            self.run(["systemctl", "start", names["socket"]])
+            yield f"{self.address}:{port}"
+        finally:
+            self.run(["systemctl", "stop", names["socket"], names["service"]], check=False)
+            for name in names.values():
+                (units / name).unlink(missing_ok=True)
+            self.run(["systemctl", "daemon-reload"], check=False)
 
     def sh(self, script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a fixed POSIX sh script inside the device with positional arguments."""

@@ -75,6 +75,7 @@ from ruamel.yaml import YAML
 from engine.errors import ConfigError, ExecutorError
 from engine.lab import images
 from engine.lab.device import (
+    HOST_NETNS,
     HOST_PATH,
     REQUIRED_TOOLS,
     SSH_PORT,
@@ -90,8 +91,6 @@ DEFAULT_DATA_MB = 256
 STATE_FILE = "lab-state.json"
 INVENTORY_FILE = "inventory.yml"
 SLOT_DIR = Path("/run/remediate-lab")
-#: Where a device sees the host's network namespace (for its sshd socket; see the docstring).
-HOST_NETNS = "/run/lab-host-netns"
 #: Units the template enables, with the target that wants each.
 _ENABLED_UNITS: tuple[tuple[str, str], ...] = (
     ("balena.service", "multi-user.target"),

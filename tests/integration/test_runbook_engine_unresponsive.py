@@ -3,26 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import ansible_runner
 import pytest
 
 from engine.lab import Device
 from engine.lab import faults as lab_faults
 from engine.lab.images import APP_CONTAINER, SUPERVISOR_CONTAINER
 from tests.support.cli import run_remediate
-from tests.support.lab import LabDevices, LabInventory
+from tests.support.lab import LabDevices, LabInventory, run_step_playbook
 
 pytestmark = [pytest.mark.lab, pytest.mark.integration]
 
-ROOT = Path(__file__).resolve().parents[2]
 RUNBOOK = "engine-unresponsive"
 UNIT = "balena.service"
 #: A container with restart policy "always": the engine itself starts it again after a restart.
@@ -319,22 +315,17 @@ def test_restart_playbook_checks_the_device_again_before_acting(
     """A lock or pull that appears after the probe: the playbook refuses, the engine untouched."""
     inject(device)
     before = _engine(device)
-    private = tmp_path / "runner"
-    private.mkdir()
-    run = ansible_runner.run(
-        private_data_dir=str(private),
-        playbook=str(ROOT / "playbooks" / "engine-restart.yml"),
-        inventory=str(lab_inventory([device])),
-        extravars={"engine_unit": UNIT, "override_lock": "False", "device_override_lock": "True"},
-        quiet=True,
-        envvars={"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])},
+    status, failed = run_step_playbook(
+        "engine-restart.yml",
+        lab_inventory([device]),
+        {"engine_unit": UNIT, "override_lock": "False", "device_override_lock": "True"},
+        tmp_path / "runner",
     )
-    assert run.status == "failed"
-    failed = [e for e in run.events if e.get("event") == "runner_on_failed"]
-    assert [e["event_data"]["task"] for e in failed] == [
+    assert status == "failed"
+    assert [task for task, _out in failed] == [
         "Refuse when an update lock is held, a pull or OS update runs, or /mnt/data is unwritable"
     ]
-    assert failed[0]["event_data"]["res"]["stdout"].startswith(refusal)
+    assert failed[0][1].startswith(refusal)
     assert _engine(device) == before
 
 
@@ -367,3 +358,31 @@ def test_device_override_lock_counts_only_when_asked(
         assert device.path(lab_faults.update_lock_path()).exists()  # the lock itself untouched
     finally:
         config.unlink(missing_ok=True)
+
+
+def test_older_devices_resin_names_are_read_as_the_balena_ones(
+    device: Device, lab_inventory: LabInventory, tmp_path: Path
+) -> None:
+    """resin-updates.lock is held, RESIN_OVERRIDE_LOCK is the override, resin_supervisor found."""
+    legacy_lock = lab_faults.update_lock_path().replace("/updates.lock", "/resin-updates.lock")
+    config = device.path("/tmp/balena-supervisor/target-state-config")
+    lab_faults.stop_supervisor(device)
+    device.balena("rename", SUPERVISOR_CONTAINER, "resin_supervisor")
+    try:
+        device.sh('mkdir -p "${1%/*}" && : > "$1"', legacy_lock)
+        config.write_text('{"RESIN_OVERRIDE_LOCK":"true"}')
+        args = ["plan", RUNBOOK, "-i", str(lab_inventory([device])), "-o", "json"]
+        proc = _cli(args, tmp_path / "state")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        evidence = _host(json.loads(proc.stdout)["plan"], device.name)["evidence"]
+        locks, supervisor = evidence["update_locks"], evidence["supervisor"]
+        assert [(lock["path"], lock["flocked"]) for lock in locks["held"]] == [(legacy_lock, False)]
+        assert (locks["override"], locks["override_setting"]) == (True, "RESIN_OVERRIDE_LOCK=true")
+        assert (supervisor["container"], supervisor["container_state"]) == (
+            "resin_supervisor",
+            "exited",
+        )
+    finally:
+        config.unlink(missing_ok=True)
+        device.path(legacy_lock).unlink(missing_ok=True)
+        device.balena("rename", "resin_supervisor", SUPERVISOR_CONTAINER)

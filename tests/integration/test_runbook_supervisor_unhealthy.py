@@ -18,7 +18,7 @@ from engine.lab import faults as lab_faults
 from engine.lab.device import wait_for
 from engine.lab.images import APP_CONTAINER, SUPERVISOR_CONTAINER, SUPERVISOR_UNIT
 from tests.support.cli import apply_runbook, report_of, run_remediate
-from tests.support.lab import LabInventory
+from tests.support.lab import LabInventory, run_step_playbook
 
 pytestmark = [pytest.mark.lab, pytest.mark.integration]
 
@@ -218,3 +218,36 @@ def test_guard_skips_the_device(
     assert after == before
     if guard == "engine_healthy":
         assert "runbook engine-unresponsive" in result["reason"]
+
+
+def _ext4_error(dev: Device) -> None:
+    lab_faults.make_data_readonly(dev, lab_faults.DataRoForm.EMERGENCY_RO)
+
+
+@pytest.mark.parametrize(
+    ("inject", "refusal"),
+    [
+        (lab_faults.start_os_update, "refusing: host OS update in progress"),
+        (_ext4_error, "refusing: the data partition cannot be written"),
+    ],
+    ids=["os-update", "emergency-ro"],
+)
+def test_restart_playbook_checks_the_device_again_before_acting(
+    lab_device: Device,
+    lab_inventory: LabInventory,
+    tmp_path: Path,
+    inject: Callable[[Device], object],
+    refusal: str,
+) -> None:
+    """An OS update or ext4 error that appears after the probe: the playbook restarts nothing."""
+    inject(lab_device)
+    before = _snapshot(lab_device)
+    status, failed = run_step_playbook(
+        "supervisor-restart.yml", lab_inventory([lab_device]), {}, tmp_path / "runner"
+    )
+    assert status == "failed"
+    assert [task for task, _out in failed] == [
+        "Refuse during a host OS update, on an unwritable /mnt/data, or with a sick engine"
+    ]
+    assert failed[0][1].startswith(refusal)
+    assert _snapshot(lab_device) == before

@@ -8,18 +8,25 @@
 * ``lab_device`` (function): one shared device, faults cleared before and after the test.
 * ``lab_pair`` (function): the first two shared devices, faults cleared before and after.
 * ``lab_inventory`` (function): a factory writing an inventory for some devices into tmp_path.
+
+:func:`run_step_playbook` runs one of the project's playbooks on devices directly, as a step
+of a plan made before the device changed would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import ansible_runner
 import pytest
 
 from engine.lab import Device, Lab, missing_requirements
 from engine.lab import faults as lab_faults
 
+ROOT = Path(__file__).resolve().parents[2]
 LabDevices = Callable[[int], list[Device]]
 LabInventory = Callable[[Sequence[Device]], Path]
 
@@ -88,3 +95,20 @@ def lab_inventory(lab: Lab, tmp_path: Path) -> LabInventory:
         return lab.write_inventory(tmp_path / "inventory.yml", devices)
 
     return write
+
+
+def run_step_playbook(
+    playbook: str, inventory: Path, extravars: Mapping[str, str], private: Path
+) -> tuple[str, list[tuple[str, str]]]:
+    """Run ``playbooks/PLAYBOOK`` with ansible-runner: its status and (task, stdout) that failed."""
+    private.mkdir(parents=True)
+    run = ansible_runner.run(
+        private_data_dir=str(private),
+        playbook=str(ROOT / "playbooks" / playbook),
+        inventory=str(inventory),
+        extravars=dict(extravars),
+        quiet=True,
+        envvars={"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])},
+    )
+    failed = [e["event_data"] for e in run.events if e.get("event") == "runner_on_failed"]
+    return str(run.status), [(e["task"], str(e["res"].get("stdout", ""))) for e in failed]

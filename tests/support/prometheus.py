@@ -152,13 +152,14 @@ def exporter_container(
     """node_exporter as the shipped compose service, on ``device``'s engine; yields its URL.
 
     ``command`` replaces the service's flags, ``without`` leaves some of its keys out;
-    ``--web.listen-address`` (the device's own loopback address) is added to the flags.
+    ``--web.listen-address`` (a port of the device's 127.0.0.1, which the host reaches through
+    :meth:`Device.expose` at the device's address) is added to the flags.
     Container and image are removed afterwards.
     """
     service = {k: v for k, v in compose_service().items() if k not in without}
     port = free_port(device.address)
     flags = list(service["command"] if command is None else command)
-    flags.append(f"--web.listen-address={device.address}:{port}")
+    flags.append(f"--web.listen-address=127.0.0.1:{port}")
     tar = tmp_path / "node-exporter-image.tar"
     if not tar.exists():
         _exporter_image_tar(tar)
@@ -173,9 +174,10 @@ def exporter_container(
             EXPORTER_IMAGE,
             *flags,
         )
-        url = f"http://{device.address}:{port}/metrics"
-        wait_for(f"node_exporter in {device.name}", lambda: _answers(url), timeout=30)
-        yield url
+        with device.expose(port) as address:
+            url = f"http://{address}/metrics"
+            wait_for(f"node_exporter in {device.name}", lambda: _answers(url), timeout=30)
+            yield url
     finally:
         device.balena("rm", "--force", EXPORTER_CONTAINER, check=False)
         device.balena("rmi", EXPORTER_IMAGE, check=False)
@@ -200,7 +202,7 @@ def host_node_exporter(device: Device, flags: Sequence[str]) -> Iterator[str]:
     takes such a container with it.  Stopped (its whole process group) afterwards.
     """
     port = free_port(device.address)
-    args = [NODE_EXPORTER, *flags, f"--web.listen-address={device.address}:{port}"]
+    args = [NODE_EXPORTER, *flags, f"--web.listen-address=127.0.0.1:{port}"]
     proc = subprocess.Popen(
         device.nsenter_args(args),
         stdin=subprocess.DEVNULL,
@@ -208,10 +210,11 @@ def host_node_exporter(device: Device, flags: Sequence[str]) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    url = f"http://{device.address}:{port}/metrics"
     try:
-        wait_for(f"node_exporter in {device.name}", lambda: _answers(url), timeout=30)
-        yield url
+        with device.expose(port) as address:
+            url = f"http://{address}/metrics"
+            wait_for(f"node_exporter in {device.name}", lambda: _answers(url), timeout=30)
+            yield url
     finally:
         # nsenter forks the exporter into the device's PID namespace and does not pass
         # signals on: stop the whole process group (the session started above).
@@ -241,7 +244,8 @@ def prometheus_config(directory: Path, *, alertmanager: str, targets: Mapping[st
 
     ``targets`` maps balena UUIDs to ``address:port``; each gets the target file the shipped
     config's comments describe (named after the UUID, which its relabeling turns into the
-    ``balena_uuid`` label).
+    ``balena_uuid`` label).  Only job ``node`` is kept: the lab runs no blackbox_exporter for
+    job ``balena-supervisor-health``.
     """
     config = load_yaml(CONFIG / "prometheus.yml")
     config["global"].update(
@@ -252,7 +256,8 @@ def prometheus_config(directory: Path, *, alertmanager: str, targets: Mapping[st
     ]
     short_rules(directory)
     assert config["rule_files"] == list(RULE_FILES)
-    (job,) = config["scrape_configs"]
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == "node"]
+    config["scrape_configs"] = [job]
     (sd,) = job["file_sd_configs"]
     (pattern,) = sd["files"]
     folder = directory / Path(pattern).parent
