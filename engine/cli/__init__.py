@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from engine.cli import approvals, audit, route, runbooks, runs, serve  # noqa: F401 - registers commands
+from engine.cli import (  # noqa: F401 - registers commands
+    approvals,
+    audit,
+    distributed,
+    route,
+    runbooks,
+    runs,
+    serve,
+)
 from engine.cli.app import EXIT_FAULT, EXIT_NOT_FIXED, EXIT_OK, app
 from engine.errors import EngineError, RunbookError
 
