@@ -144,7 +144,7 @@ def _running_shard(cluster: Cluster, kind: str) -> tuple[int, int] | None:
 def test_worker_killed_mid_act_interrupts_its_hosts_and_never_reruns_them_blindly(
     tmp_path: Path, cluster_factory: Make
 ) -> None:
-    """kill -9 of a worker mid-act: its hosts are interrupted; a retry acts only where still sick."""
+    """A worker killed mid-act: its hosts are interrupted; a retry acts only where still sick."""
     fleet = make_fleet(tmp_path, 40)
     sick = fleet.names[:20]
     fleet.make_sick(sick)
@@ -199,7 +199,7 @@ def test_worker_killed_mid_act_interrupts_its_hosts_and_never_reruns_them_blindl
 def test_worker_killed_mid_probe_has_its_shard_retried(
     tmp_path: Path, cluster_factory: Make
 ) -> None:
-    """kill -9 of a worker mid-probe: the stalled probe shard is retried and the run completes."""
+    """A worker killed mid-probe: its stalled probe shard is retried and the run completes."""
     fleet = make_fleet(tmp_path, 40)
     sick = fleet.names[5:15]
     fleet.make_sick(sick)
@@ -231,6 +231,6 @@ def test_worker_killed_mid_probe_has_its_shard_retried(
         " AND (args->>'shard')::int = %s",
         (shard,),
     )
-    assert max(t[0] for t in tries) >= 2  # noqa: PLR2004 - tried again after the kill
+    assert max(t[0] for t in tries) >= 2  # tried again after the kill
     _check_invariants(cluster, run_id)
     shutil.rmtree(fleet.root, ignore_errors=True)

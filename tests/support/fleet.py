@@ -4,7 +4,8 @@ Every host connects with the ``sim_device`` connection plugin (``ansible.builtin
 with ``DEVICE`` set to the host's name in each command), so one machine stands in for a
 fleet: a host is "sick" while ``ROOT/DEVICE`` holds ``sick``, and the runbook's step writes
 ``fixed`` there, appending a line to ``ROOT/DEVICE.log`` each time it acts (so a test counts
-the fixes a host got).  Marker files beside it slow a probe or a fix down, or break a fix.  Only ``raw`` runs, as on a balenaOS device.
+the fixes a host got).  Marker files beside it slow a probe or a fix down, or break a fix.
+Only ``raw`` runs, as on a balenaOS device.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ params:
 checks:
   - id: state
     run: >-
-      if [ -f "$param_root/$DEVICE.probe_slow" ]; then sleep "$(cat "$param_root/$DEVICE.probe_slow")"; fi;
+      slow="$param_root/$DEVICE.probe_slow";
+      if [ -f "$slow" ]; then sleep "$(cat "$slow")"; fi;
       cat "$param_root/$DEVICE" 2>/dev/null || echo ok
     parse: str
 symptom: "checks.state == 'sick'"
@@ -52,7 +54,8 @@ PLAYBOOK = """\
         if [ -f "{{ root }}/$DEVICE.slow" ]; then sleep "$(cat "{{ root }}/$DEVICE.slow")"; fi;
         if [ -f "{{ root }}/$DEVICE.broken" ]; then exit 1; fi;
         echo fixed > "{{ root }}/$DEVICE";
-        if [ -f "{{ root }}/$DEVICE.slow_after" ]; then sleep "$(cat "{{ root }}/$DEVICE.slow_after")"; fi
+        after="{{ root }}/$DEVICE.slow_after";
+        if [ -f "$after" ]; then sleep "$(cat "$after")"; fi
 """
 
 
@@ -114,9 +117,7 @@ class SimFleet:
         return len(log.read_text().splitlines()) if log.exists() else 0
 
 
-def make_fleet(
-    base: Path, hosts: int, *, serial: int = 1000, max_fail_pct: int = 100
-) -> SimFleet:
+def make_fleet(base: Path, hosts: int, *, serial: int = 1000, max_fail_pct: int = 100) -> SimFleet:
     """A fleet of ``hosts`` simulated devices ``dev0001``...; none sick yet."""
     project, root = base / "project", base / "devices"
     for folder in (project / "runbooks", project / "playbooks", root):
