@@ -55,7 +55,7 @@ def test_distributed_apply_matches_a_single_process_run(
     tmp_path: Path, cluster_factory: Make
 ) -> None:
     """Three workers fix the same hosts, with the same report, history and audit events."""
-    fleet = make_fleet(tmp_path / "dist", 200)
+    fleet = make_fleet(tmp_path / "dist", 120)
     sick = fleet.names[::4]
     fleet.make_sick(sick)
     cluster = cluster_factory(fleet)
@@ -64,7 +64,7 @@ def test_distributed_apply_matches_a_single_process_run(
     plan_file = tmp_path / "plan.json"
     dry = cluster.remediate(
         "plan", "sim-fleet", "-i", str(fleet.inventory), "--distributed",
-        "--shard-size", "50", "-o", "json", "--out", str(plan_file),
+        "--shard-size", "40", "-o", "json", "--out", str(plan_file),
     )  # fmt: skip
     assert dry.returncode == 0, dry.stderr
     planned = json.loads(dry.stdout)
@@ -73,7 +73,7 @@ def test_distributed_apply_matches_a_single_process_run(
 
     done = cluster.remediate(
         "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
-        "--shard-size", "50", "-o", "json",
+        "--shard-size", "40", "-o", "json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -90,7 +90,7 @@ def test_distributed_apply_matches_a_single_process_run(
     assert dict(shards)["probe"] >= 2  # the probe shards were spread over workers
 
     # The same fleet, one process, SQLite: the same outcomes and audit events.
-    single = make_fleet(tmp_path / "single", 200)
+    single = make_fleet(tmp_path / "single", 120)
     single.make_sick(sick)
     alone = run_remediate(
         ["run", "sim-fleet", "-i", str(single.inventory), "--apply", "-o", "json"],
@@ -234,3 +234,29 @@ def test_worker_killed_mid_probe_has_its_shard_retried(
     assert max(t[0] for t in tries) >= 2  # tried again after the kill
     _check_invariants(cluster, run_id)
     shutil.rmtree(fleet.root, ignore_errors=True)
+
+
+def test_failures_across_shards_stop_the_next_batch(tmp_path: Path, cluster_factory: Make) -> None:
+    """Failures in two shards of one batch breach max_fail_pct together: no later batch acts."""
+    fleet = make_fleet(tmp_path, 40, serial=10, max_fail_pct=20)
+    sick = fleet.names[:20]
+    fleet.make_sick(sick)
+    # Batch 1 is two act shards of 5: 2 failures in one, 1 in the other, 30% of the batch.
+    fleet.break_fix([sick[0], sick[1], sick[5]])
+    cluster = cluster_factory(fleet)
+    for _ in range(2):
+        cluster.start_worker()
+    done = cluster.remediate(
+        "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
+        "--shard-size", "5", "-o", "json",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["status"] == "aborted"
+    outcomes = {h["host"]: h for h in report["hosts"]}
+    first, second = sick[:10], sick[10:]
+    assert sum(fleet.fixes(n) for n in first) == len(first)  # the whole batch ran
+    assert all(fleet.fixes(n) == 0 for n in second)  # the next one never started
+    assert all(outcomes[n]["outcome"] == "skipped" for n in second)
+    assert "max_fail_pct 20" in outcomes[second[0]]["reason"]
+    _check_invariants(cluster, report["plan"]["run_id"])
