@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from engine.distributed.queue import ProcrastinateQueue, coordinator_job
-from engine.distributed.runs import final_report, start_run
+from engine.distributed.runs import DEFAULT_SHARD_SIZE, final_report, start_run
 from engine.errors import (
     ConfigError,
     EngineError,
@@ -23,7 +23,14 @@ from engine.errors import (
     StateError,
 )
 from engine.outcomes import HostOutcome
-from engine.pipeline import HostReport, NullReporter, Reporter, RunReport, RunRequest
+from engine.pipeline import (
+    HostReport,
+    NullReporter,
+    Reporter,
+    RunReport,
+    RunRequest,
+    Services,
+)
 from engine.plans import HostPlan, Plan
 from engine.redaction import Secrets
 from engine.runbooks import Runbook
@@ -143,6 +150,32 @@ def run_report(board: RunBoard, store: StateStore, run_id: str, *, secrets: Secr
             plan=whole, status=record.status, hosts=tuple(reports), finished_at=record.finished_at
         )
     )
+
+
+def runner(
+    board: RunBoard, *, shard_size: int = DEFAULT_SHARD_SIZE
+) -> Callable[[Runbook, RunRequest, Services], RunReport]:
+    """What ``remediate serve`` with ``executor: distributed`` runs an alert's run with.
+
+    It enqueues the run (its id from ``services``, as the claimed queue item has it) and
+    follows it to its end; the report is the one a run in the server's thread gives.
+    """
+
+    def execute(runbook: Runbook, request: RunRequest, services: Services) -> RunReport:
+        run_id = enqueue(
+            runbook,
+            request,
+            board=board,
+            run_id=services.new_run_id(),
+            clock=services.clock,
+            secrets=services.secrets,
+            shard_size=shard_size,
+            approved=False,  # nobody approves an alert's run: destructive steps are declined
+            targeted=request.fleet,
+        )
+        return follow(board, services.store, run_id, secrets=services.secrets, sleep=services.sleep)
+
+    return execute
 
 
 def cancel(board: RunBoard, run_id: str, *, by: str) -> bool:

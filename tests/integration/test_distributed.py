@@ -19,6 +19,8 @@ import pytest
 
 from tests.support.cli import run_remediate
 from tests.support.fleet import SimFleet, make_fleet
+from tests.support.replicas import lines, mark, new_replica, project_for, states
+from tests.support.webhook import ServerProcess, wait_for
 from tests.support.workers import Cluster
 
 pytestmark = pytest.mark.integration
@@ -260,3 +262,30 @@ def test_failures_across_shards_stop_the_next_batch(tmp_path: Path, cluster_fact
     assert all(outcomes[n]["outcome"] == "skipped" for n in second)
     assert "max_fail_pct 20" in outcomes[second[0]]["reason"]
     _check_invariants(cluster, report["plan"]["run_id"])
+
+
+def test_serve_with_the_distributed_executor_runs_an_alert_on_a_worker(
+    tmp_path: Path, cluster_factory: Make, server_processes: list[ServerProcess]
+) -> None:
+    """`executor: distributed`: the server enqueues the alert's run; a worker runs it, once."""
+    project, log = project_for(tmp_path, pause=0)
+    cluster = cluster_factory(SimFleet(project=project.root, root=tmp_path, names=()))
+    cluster.start_worker()
+    server = new_replica(project, cluster.url, "serve")
+    server.config.write_text(server.config.read_text() + "executor: distributed\n")
+    server_processes.append(server)
+    server.start()
+    assert server.post(mark("dev-b", "ffff")).status_code == 202
+    assert server.post(mark("dev-b", "ffff")).json()["queued"] == 0  # one run per firing
+    wait_for("the alert's run", lambda: states(server).get("ffff") == "done", timeout=120)
+    assert [line for line in lines(log) if line.startswith("acted")] == ["acted dev-b"]
+    (item,) = server.get("/queue").json()["items"]
+    ran = cluster.query(
+        "SELECT s.worker FROM dist_shards s WHERE s.run_id = %s AND s.kind = 'act'",
+        (item["run_id"],),
+    )
+    assert [w.rpartition(":")[2] for (w,) in ran] == [str(cluster.workers[0].pid)]  # not serve
+    assert cluster.query("SELECT status FROM runs WHERE run_id = %s", (item["run_id"],)) == [
+        ("succeeded",)
+    ]
+    assert cluster.remediate("audit", "verify").returncode == 0
