@@ -291,11 +291,15 @@ def _fail(worker: WorkerContext, dist: DistRun, record: RunRecord, exc: Exceptio
 
 def _step(run: _Run) -> None:
     phase = run.dist.phase
-    if phase is Phase.RESOLVE:
-        if run.dist.cancelled:
-            _finish(run)
-        else:
-            _resolve(run)
+    if run.dist.cancelled and phase in {Phase.RESOLVE, Phase.PROBE}:
+        if phase is Phase.PROBE and _shards_open(run, ShardKind.PROBE, 0):
+            return  # the running probe shards end first (the last one wakes us)
+        reason = f"run cancelled by {run.dist.cancelled}"
+        run.log.warning("run.aborted", reason=reason)
+        run.worker.board.update(run.run_id, stopped=reason, phase=Phase.FINISH)
+        _finish(_reloaded(run))
+    elif phase is Phase.RESOLVE:
+        _resolve(run)
     elif phase is Phase.PROBE:
         if _shards_open(run, ShardKind.PROBE, 0):
             return
@@ -489,6 +493,9 @@ def _after_batch(run: _Run) -> None:
 def _finish(run: _Run) -> None:
     """Record every host not recorded yet, then end the run (``run.finished``)."""
     board, store = run.worker.board, run.worker.services.store
+    if run.dist.meta is None:  # stopped before it was planned: the report needs the plan's head
+        board.update(run.run_id, meta=run.plan_meta().model_dump(mode="json"))
+        run = _reloaded(run)
     now = run.worker.services.clock()
     summary: Counter[str] = Counter()
     bad = False
@@ -506,7 +513,7 @@ def _finish(run: _Run) -> None:
             pending_records, pending_hosts = [], []
     board.record_hosts(pending_records, pending_hosts)
     meta = run.dist.meta or {}
-    if run.dist.stopped:
+    if run.dist.stopped or run.dist.cancelled:
         status = RunStatus.ABORTED
     elif meta.get("refused"):
         status = RunStatus.REFUSED
@@ -525,7 +532,9 @@ def final_report(host: BoardHost, dist: DistRun) -> HostReport:
     if host.report is not None:
         return HostReport.model_validate(host.report)
     if host.plan is not None:
-        return host_report(HostPlan.model_validate(host.plan))
+        plan = HostPlan.model_validate(host.plan)
+        if not (dist.cancelled and plan.outcome is HostOutcome.PLANNED):
+            return host_report(plan)
     if dist.cancelled:
         return HostReport(
             host=host.host, outcome=HostOutcome.SKIPPED, reason=f"run cancelled by {dist.cancelled}"

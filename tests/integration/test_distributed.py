@@ -289,3 +289,36 @@ def test_serve_with_the_distributed_executor_runs_an_alert_on_a_worker(
         ("succeeded",)
     ]
     assert cluster.remediate("audit", "verify").returncode == 0
+
+
+def test_a_cancelled_run_acts_on_nothing_and_ends_aborted(
+    tmp_path: Path, cluster_factory: Make
+) -> None:
+    """`remediate cancel` mid-probe: no host is acted on, the run ends aborted, exit 1."""
+    fleet = make_fleet(tmp_path, 20)
+    fleet.make_sick(fleet.names)
+    fleet.slow_probe(fleet.names, 4)
+    cluster = cluster_factory(fleet)
+    cluster.start_worker()
+    follower = cluster.submit(
+        "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
+        "--shard-size", "10", "-o", "json",
+    )  # fmt: skip
+    try:
+        cluster.wait_for("a probe shard", lambda: _running_shard(cluster, "probe"))
+        run_id = cluster.query("SELECT run_id FROM dist_runs")[0][0]
+        cancelled = cluster.remediate("cancel", run_id)
+        assert cancelled.returncode == 0, cancelled.stderr
+        again = cluster.remediate("cancel", run_id)
+        assert again.returncode == 2  # invalid input: cancelled already
+        out, _ = follower.communicate(timeout=120)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 1
+    report = json.loads(out)
+    assert report["status"] == "aborted"
+    assert {h["outcome"] for h in report["hosts"]} == {"skipped"}
+    assert all(fleet.fixes(n) == 0 for n in fleet.names)
+    _check_invariants(cluster, run_id)
