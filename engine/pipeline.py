@@ -172,6 +172,34 @@ def _secret_keys(runbook: Runbook) -> list[str]:
     return sorted(runbook.secret_params)
 
 
+def started_run(
+    runbook: Runbook,
+    request: RunRequest,
+    run_id: str,
+    params: Mapping[str, Any],
+    started: datetime,
+    **extra: object,
+) -> RunRecord:
+    """Audit ``run.started`` (in the caller's audit context); the run's record to keep."""
+    structlog.get_logger().info(
+        "run.started",
+        user=request.user,
+        inventory=str(request.inventory),
+        limit=request.limit,
+        params=params,
+        secret_keys=_secret_keys(runbook),
+        **extra,
+    )
+    return RunRecord(
+        run_id=run_id,
+        runbook=runbook.name,
+        runbook_digest=runbook.digest,
+        mode=request.mode,
+        trigger=request.trigger,
+        started_at=started,
+    )
+
+
 def run_secrets(runbook: Runbook, params: Mapping[str, Any], known: Secrets) -> Secrets:
     """``known`` and the values of the runbook's secret params (see :mod:`engine.redaction`)."""
     return known.with_values(params[name] for name in runbook.secret_params if name in params)
@@ -713,24 +741,7 @@ def _recorded_run(
     ):
         log = structlog.get_logger()
         with audit_unit():  # the event commits with the run's record
-            log.info(
-                "run.started",
-                user=request.user,
-                inventory=str(request.inventory),
-                limit=request.limit,
-                params=params,
-                secret_keys=_secret_keys(runbook),
-            )
-            services.store.start_run(
-                RunRecord(
-                    run_id=run_id,
-                    runbook=runbook.name,
-                    runbook_digest=runbook.digest,
-                    mode=request.mode,
-                    trigger=request.trigger,
-                    started_at=started,
-                )
-            )
+            services.store.start_run(started_run(runbook, request, run_id, params, started))
         try:
             return body(run_id)
         except BaseException as exc:

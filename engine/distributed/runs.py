@@ -52,6 +52,7 @@ from engine.pipeline import (
     host_report,
     needs_approval,
     run_secrets,
+    started_run,
 )
 from engine.plans import HostPlan, Plan, runbook_ref, shown_params
 from engine.privacy import private_dir
@@ -138,24 +139,8 @@ def start_run(
         targeted=targeted,
     )
     with _run_context(run_id, runbook, request, secrets, params, **context), audit_unit():
-        structlog.get_logger().info(
-            "run.started",
-            user=request.user,
-            inventory=str(request.inventory),
-            limit=request.limit,
-            params=params,
-            secret_keys=sorted(runbook.secret_params),
-            distributed=True,
-        )
         board.create_run(
-            RunRecord(
-                run_id=run_id,
-                runbook=runbook.name,
-                runbook_digest=runbook.digest,
-                mode=request.mode,
-                trigger=request.trigger,
-                started_at=clock(),
-            ),
+            started_run(runbook, request, run_id, params, clock(), distributed=True),
             stored.model_dump(mode="json"),
             coordinator_job(run_id),
             jobs,

@@ -156,11 +156,10 @@ def test_worker_killed_mid_act_interrupts_its_hosts_and_never_reruns_them_blindl
     cluster = cluster_factory(fleet)
     for _ in range(3):
         cluster.start_worker()
-    follower = cluster.submit(
+    with cluster.following(
         "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed", "--yes",
         "--shard-size", "10", "-o", "json",
-    )  # fmt: skip
-    try:
+    ) as follower:  # fmt: skip
         shard, pid = cluster.wait_for("an act shard", lambda: _running_shard(cluster, "act"))
         run_id = cluster.query("SELECT run_id FROM dist_runs")[0][0]
         hosts = [
@@ -173,11 +172,7 @@ def test_worker_killed_mid_act_interrupts_its_hosts_and_never_reruns_them_blindl
         fleet.slow(before, 0)
         fleet.slow_after(after, 0)
         cluster.kill(pid)
-        out, err = follower.communicate(timeout=180)
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
+        out, _ = follower.communicate(timeout=180)
     report = json.loads(out)
     outcomes = {h["host"]: (h["outcome"], h["reason"]) for h in report["hosts"]}
     for host in hosts:
@@ -195,7 +190,6 @@ def test_worker_killed_mid_act_interrupts_its_hosts_and_never_reruns_them_blindl
     assert len(interrupted) == 1
     assert f":{pid}" in interrupted[0]["reason"]
     _check_invariants(cluster, run_id)
-    del err
 
 
 def test_worker_killed_mid_probe_has_its_shard_retried(
@@ -209,20 +203,15 @@ def test_worker_killed_mid_probe_has_its_shard_retried(
     cluster = cluster_factory(fleet)
     for _ in range(2):
         cluster.start_worker()
-    follower = cluster.submit(
+    with cluster.following(
         "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
         "--shard-size", "20", "-o", "json",
-    )  # fmt: skip
-    try:
+    ) as follower:  # fmt: skip
         shard, pid = cluster.wait_for("a probe shard", lambda: _running_shard(cluster, "probe"))
         fleet.slow_probe(fleet.names, 0)
         cluster.kill(pid)
         cluster.start_worker()  # a replacement, as a supervisor would start
         out, _ = follower.communicate(timeout=180)
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
     report = json.loads(out)
     run_id = report["plan"]["run_id"]
     assert report["status"] == "succeeded"
@@ -300,11 +289,10 @@ def test_a_cancelled_run_acts_on_nothing_and_ends_aborted(
     fleet.slow_probe(fleet.names, 4)
     cluster = cluster_factory(fleet)
     cluster.start_worker()
-    follower = cluster.submit(
+    with cluster.following(
         "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
         "--shard-size", "10", "-o", "json",
-    )  # fmt: skip
-    try:
+    ) as follower:  # fmt: skip
         cluster.wait_for("a probe shard", lambda: _running_shard(cluster, "probe"))
         run_id = cluster.query("SELECT run_id FROM dist_runs")[0][0]
         cancelled = cluster.remediate("cancel", run_id)
@@ -312,10 +300,6 @@ def test_a_cancelled_run_acts_on_nothing_and_ends_aborted(
         again = cluster.remediate("cancel", run_id)
         assert again.returncode == 2  # invalid input: cancelled already
         out, _ = follower.communicate(timeout=120)
-    finally:
-        if follower.poll() is None:
-            follower.kill()
-            follower.wait()
     assert follower.returncode == 1
     report = json.loads(out)
     assert report["status"] == "aborted"

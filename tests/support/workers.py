@@ -93,9 +93,10 @@ class Cluster:
             timeout=timeout,
         )
 
-    def submit(self, *args: str) -> subprocess.Popen[str]:
-        """``remediate ARGS`` in the background (a followed distributed run)."""
-        return subprocess.Popen(
+    @contextlib.contextmanager
+    def following(self, *args: str) -> Iterator[subprocess.Popen[str]]:
+        """``remediate ARGS`` in the background (a followed run); killed if left running."""
+        proc = subprocess.Popen(
             [*REMEDIATE, *args],
             env=self.env,
             cwd=ROOT,
@@ -103,6 +104,12 @@ class Cluster:
             stderr=subprocess.PIPE,
             text=True,
         )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
     def query(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Rows of one query on the state database."""
