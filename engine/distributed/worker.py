@@ -151,6 +151,11 @@ class _Worker(Worker):
         self._grace = kwargs.get("shutdown_graceful_timeout") or 0.0
         self._timer: threading.Timer | None = None
 
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._timer is not None
+
     def stop(self) -> None:
         """Stop taking jobs; past the grace time, running act shards stop stepping."""
         if self._timer is None:
@@ -214,7 +219,7 @@ async def _serve(
         )
         side = [
             asyncio.create_task(_register(worker, context, concurrency, queues)),
-            asyncio.create_task(_recover(app.job_manager, context, timings)),
+            asyncio.create_task(_recover(app.job_manager, context, timings, worker)),
         ]
         try:
             await worker.run()  # type: ignore[no-untyped-call] # procrastinate leaves it unannotated
@@ -257,11 +262,19 @@ async def _register(
             await asyncio.to_thread(context.board.unregister_worker, worker_id)
 
 
-async def _recover(manager: Any, context: WorkerContext, timings: WorkerTimings) -> None:
-    """Every ``check_every``: recover stalled jobs (see the module docstring)."""
+async def _recover(
+    manager: Any, context: WorkerContext, timings: WorkerTimings, worker: _Worker
+) -> None:
+    """Every ``check_every``: recover stalled jobs (see the module docstring).
+
+    A stopping worker recovers nothing: its own jobs, still finishing, would look stalled
+    to it once procrastinate stops its heartbeat; the other workers recover them if it dies.
+    """
     log = structlog.get_logger()
     while True:
         await asyncio.sleep(timings.check_every)
+        if worker.stopping:
+            return
         try:
             stalled = await manager.get_stalled_jobs(
                 queue=QUEUE, seconds_since_heartbeat=timings.stalled_after
