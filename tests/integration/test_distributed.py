@@ -278,6 +278,9 @@ def test_serve_with_the_distributed_executor_runs_an_alert_on_a_worker(
         ("succeeded",)
     ]
     assert cluster.remediate("audit", "verify").returncode == 0
+    listed = json.loads(cluster.remediate("workers", "-o", "json").stdout)
+    assert [w["pid"] for w in listed["workers"]] == [cluster.workers[0].pid]
+    assert listed["stalled"] == []
 
 
 def test_a_cancelled_run_acts_on_nothing_and_ends_aborted(
