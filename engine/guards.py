@@ -64,7 +64,12 @@ def context_for(
 
 
 def _verdict(
-    guard: object, runbook: Runbook, context: Mapping[str, Any], store: StateStore, now: datetime
+    guard: object,
+    runbook: Runbook,
+    context: Mapping[str, Any],
+    store: StateStore,
+    now: datetime,
+    own_run: str | None = None,
 ) -> GuardVerdict:
     if isinstance(guard, ExprGuard):
         passed = runbook.guards[guard.id].test(context)
@@ -82,7 +87,7 @@ def _verdict(
         return GuardVerdict(id=guard.id, kind="cooldown", passed=True)
     if isinstance(guard, LockGuard):
         holder = store.lock_holder(host)  # a live lease, on the store's clock
-        if holder is not None:
+        if holder is not None and holder.run_id != own_run:
             message = f"{guard.message} (run {holder.run_id})"
             return GuardVerdict(id=guard.id, kind="lock", passed=False, message=message)
         return GuardVerdict(id=guard.id, kind="lock", passed=True)
@@ -98,8 +103,14 @@ def evaluate_host(
     host_vars: Mapping[str, Any],
     store: StateStore,
     now: datetime,
+    *,
+    own_run: str | None = None,
 ) -> Decision:
-    """Decide one host: unreachable, error, healthy, skipped by a guard, or on to planning."""
+    """Decide one host: unreachable, error, healthy, skipped by a guard, or on to planning.
+
+    ``own_run``: a run deciding again while it holds the device's lease (an act shard,
+    right before acting): its own lease does not block it.
+    """
     host = probe.host
     if probe.status is ProbeStatus.UNREACHABLE:
         return Decision(host=host, outcome=HostOutcome.UNREACHABLE, reason=probe.message)
@@ -118,7 +129,7 @@ def evaluate_host(
         guards.append(LockGuard(id="device_lock", lock=True))
     for guard in guards:
         try:
-            verdict = _verdict(guard, runbook, context, store, now)
+            verdict = _verdict(guard, runbook, context, store, now, own_run)
         except EvaluationError as exc:
             return Decision(
                 host=host,

@@ -178,6 +178,34 @@ def _secret_keys(runbook: Runbook) -> list[str]:
     return sorted(runbook.secret_params)
 
 
+def started_run(
+    runbook: Runbook,
+    request: RunRequest,
+    run_id: str,
+    params: Mapping[str, Any],
+    started: datetime,
+    **extra: object,
+) -> RunRecord:
+    """Audit ``run.started`` (in the caller's audit context); the run's record to keep."""
+    structlog.get_logger().info(
+        "run.started",
+        user=request.user,
+        inventory=str(request.inventory),
+        limit=request.limit,
+        params=params,
+        secret_keys=_secret_keys(runbook),
+        **extra,
+    )
+    return RunRecord(
+        run_id=run_id,
+        runbook=runbook.name,
+        runbook_digest=runbook.digest,
+        mode=request.mode,
+        trigger=request.trigger,
+        started_at=started,
+    )
+
+
 def run_secrets(runbook: Runbook, params: Mapping[str, Any], known: Secrets) -> Secrets:
     """``known`` and the values of the runbook's secret params (see :mod:`engine.redaction`)."""
     return known.with_values(params[name] for name in runbook.secret_params if name in params)
@@ -208,7 +236,7 @@ def plan_run(
     services.reporter.phase("evaluating guards", len(targets.hosts))
     with audit_unit():  # a database-kept chain takes the per-host events in few commits
         plans = tuple(
-            _decide_host(runbook, host, probes, params, services, run_id, now)
+            decide_host(runbook, host, probes, params, services, run_id, now)
             for host in targets.hosts
         )
     acting = sum(1 for h in plans if h.outcome is HostOutcome.PLANNED)
@@ -243,7 +271,7 @@ def plan_run(
     return plan, PlanContext(runbook, request, targets, params, probes, targeted, secrets)
 
 
-def _decide_host(
+def decide_host(
     runbook: Runbook,
     host: Host,
     probes: Mapping[str, HostProbe],
@@ -252,7 +280,7 @@ def _decide_host(
     run_id: str,
     now: datetime,
 ) -> HostPlan:
-    """Evaluate and plan one probed host, with its audit events."""
+    """Evaluate and plan one probed host, with its audit events (a probe shard calls it too)."""
     log = structlog.get_logger()
     probe = probes[host.name]
     log.info(
@@ -348,7 +376,8 @@ def needs_approval(runbook: Runbook, plan: Plan) -> bool:
     return approval is Approval.ALWAYS or (approval is Approval.DESTRUCTIVE and plan.destructive)
 
 
-def _status(hosts: tuple[HostReport, ...], refused: bool, aborted: bool) -> RunStatus:
+def run_status(hosts: Sequence[HostReport], refused: bool, aborted: bool) -> RunStatus:
+    """How a run ended, from its hosts' reports and whether it was refused or stopped."""
     if aborted:
         return RunStatus.ABORTED
     if refused:
@@ -358,9 +387,10 @@ def _status(hosts: tuple[HostReport, ...], refused: bool, aborted: bool) -> RunS
     return RunStatus.SUCCEEDED
 
 
-def _from_plan(
+def host_report(
     host_plan: HostPlan, outcome: HostOutcome | None = None, reason: str = ""
 ) -> HostReport:
+    """The report of a host that was not acted on: its plan's outcome, or the one given."""
     return HostReport(
         host=host_plan.host,
         outcome=outcome or host_plan.outcome,
@@ -372,7 +402,7 @@ def _batches(hosts: tuple[HostPlan, ...], size: int) -> list[tuple[HostPlan, ...
     return [hosts[i : i + size] for i in range(0, len(hosts), size)]
 
 
-class _Apply:
+class Apply:
     """One apply over a plan: batches, leases, steps, verify, failure budget.
 
     Each batch's devices are leased (renewed by a :class:`LeaseKeeper` while its playbooks
@@ -380,10 +410,24 @@ class _Apply:
     are written fenced by the lease, as soon as its batch ends.
     """
 
-    def __init__(self, plan: Plan, ctx: PlanContext, services: Services) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        ctx: PlanContext,
+        services: Services,
+        *,
+        stop: Callable[[], str | None] = lambda: None,
+        before_acting: Callable[[Sequence[HostPlan]], dict[str, HostReport]] | None = None,
+    ) -> None:
         self.plan, self.ctx, self.services = plan, ctx, services
+        #: Called with a batch's leased hosts before acting: reports of those that must not
+        #: be acted on after all (an act shard probes and decides them again).
+        self.before_acting = before_acting
+        #: Why no further step runs on any host (a cancel, a worker stopping), or None.
+        self.stop = stop
         self.reports: dict[str, HostReport] = {}
         self.recorded: set[str] = set()  # hosts whose outcome is in the store already
+        self.untouched: set[str] = set()  # hosts stopped before their first step
         self.failures = 0
         self.attempted = 0
         self.log = structlog.get_logger()
@@ -414,14 +458,15 @@ class _Apply:
                 self.log.warning("run.aborted", reason=reason)
                 for later in batches[number - 1 :]:
                     for host_plan in later:
-                        self.reports[host_plan.host] = _from_plan(
+                        self.reports[host_plan.host] = host_report(
                             host_plan, HostOutcome.SKIPPED, reason
                         )
                 return True
-            self._batch(number, batch)
+            self.act_on(number, batch)
         return False
 
-    def _batch(self, number: int, batch: tuple[HostPlan, ...]) -> None:
+    def act_on(self, number: int, batch: tuple[HostPlan, ...]) -> None:
+        """Lease, act on, verify and record one batch (a serial batch, or an act shard)."""
         locked: list[HostPlan] = []
         for host_plan in batch:
             grant = self.keeper.acquire(host_plan.host)
@@ -431,8 +476,12 @@ class _Apply:
             holder = grant.held_by
             reason = f"device lock held by run {holder.run_id if holder else 'another run'}"
             self.log.info("guard.denied", host=host_plan.host, guard="device_lock", message=reason)
-            self.reports[host_plan.host] = _from_plan(host_plan, HostOutcome.SKIPPED, reason)
+            self.reports[host_plan.host] = host_report(host_plan, HostOutcome.SKIPPED, reason)
         try:
+            if self.before_acting is not None and locked:
+                dropped = self.before_acting(locked)
+                self.reports.update(dropped)
+                locked = [h for h in locked if h.host not in dropped]
             self._act(number, tuple(locked))
             self._record(tuple(locked))
         finally:
@@ -461,6 +510,12 @@ class _Apply:
                 self.log.warning("step.recheck_failed", host=host, step=step_id, error=str(exc))
         return still
 
+    def _stopped(self) -> set[str]:
+        """Hosts that get no further step: their lease was lost, or every host, when stopping."""
+        if self.stop() is not None:
+            return set(self.reports) | {h.host for h in self.plan.acting}
+        return set(self.keeper.lost)
+
     def _lost(self, host: str, runs: Sequence[StepRun] = ()) -> HostReport:
         return HostReport(
             host=host,
@@ -484,13 +539,13 @@ class _Apply:
                 label=f"batch{number}",
                 recheck=self._still_needed,
                 secrets=ctx.secrets,
-                stopped=lambda: set(self.keeper.lost),
+                stopped=self._stopped,
             )
         except BaseException:
             for host_plan in batch:
                 self.reports.setdefault(
                     host_plan.host,
-                    _from_plan(host_plan, HostOutcome.INTERRUPTED, "the engine stopped mid-step"),
+                    host_report(host_plan, HostOutcome.INTERRUPTED, "the engine stopped mid-step"),
                 )
             raise
         now = services.clock()
@@ -507,6 +562,11 @@ class _Apply:
                 self.keeper.mark_lost(host, "the store refused the fenced cool-down")
             if host in self.keeper.lost:
                 self.reports[host] = self._lost(host, runs)
+                continue
+            stopped = self.stop() if not runs else None
+            if stopped is not None:  # not one step ran: nothing was done to it
+                self.reports[host] = host_report(host_plan, HostOutcome.SKIPPED, stopped)
+                self.untouched.add(host)
                 continue
             failed = next(
                 (r for r in runs if r.status is not None and r.status is not HostStatus.OK), None
@@ -544,9 +604,10 @@ class _Apply:
                 steps=tuple(step_runs[host]),
                 evidence_after=result.evidence,
             )
-        self.attempted += len(batch)
+        touched = [h.host for h in batch if h.host not in self.untouched]
+        self.attempted += len(touched)
         self.failures += sum(
-            1 for h in batch if self.reports[h.host].outcome is not HostOutcome.FIXED
+            1 for host in touched if self.reports[host].outcome is not HostOutcome.FIXED
         )
         services.reporter.advance(len(batch))
 
@@ -559,7 +620,7 @@ class _Apply:
             if lease is None:
                 continue  # lost: recorded (unfenced, as interrupted) with the run's other hosts
             if self.services.store.record_host(
-                _host_record(self.plan.run_id, self.reports[host], now, self.ctx.secrets),
+                host_record(self.plan.run_id, self.reports[host], now, self.ctx.secrets),
                 lease=lease,
             ):
                 self.recorded.add(host)
@@ -568,7 +629,8 @@ class _Apply:
                 self.reports[host] = self._lost(host, self.reports[host].steps)
 
 
-def _host_record(run_id: str, report: HostReport, now: datetime, secrets: Secrets) -> HostRecord:
+def host_record(run_id: str, report: HostReport, now: datetime, secrets: Secrets) -> HostRecord:
+    """What the state store keeps of a host's report (its reason scrubbed)."""
     return HostRecord(
         run_id=run_id,
         host=report.host,
@@ -610,20 +672,20 @@ def execute_plan(
             )
     recorded: set[str] = set()
     if plan.mode is Mode.APPLY and plan.acting and not refused:
-        apply = _Apply(plan, ctx, services)
+        apply = Apply(plan, ctx, services)
         try:
             aborted = apply.run()
         finally:
             reports.update(apply.reports)
             recorded = apply.recorded
     for host_plan in plan.hosts:
-        reports.setdefault(host_plan.host, _from_plan(host_plan))
+        reports.setdefault(host_plan.host, host_report(host_plan))
     hosts = tuple(reports[h.host] for h in plan.hosts)
-    status = _status(hosts, refused, aborted)
+    status = run_status(hosts, refused, aborted)
     now = services.clock()
     store.record_hosts(
         [
-            _host_record(plan.run_id, report, now, ctx.secrets)
+            host_record(plan.run_id, report, now, ctx.secrets)
             for report in hosts
             if report.host not in recorded
         ]
@@ -689,24 +751,7 @@ def _recorded_run(
     ):
         log = structlog.get_logger()
         with audit_unit():  # the event commits with the run's record
-            log.info(
-                "run.started",
-                user=request.user,
-                inventory=str(request.inventory),
-                limit=request.limit,
-                params=params,
-                secret_keys=_secret_keys(runbook),
-            )
-            services.store.start_run(
-                RunRecord(
-                    run_id=run_id,
-                    runbook=runbook.name,
-                    runbook_digest=runbook.digest,
-                    mode=request.mode,
-                    trigger=request.trigger,
-                    started_at=started,
-                )
-            )
+            services.store.start_run(started_run(runbook, request, run_id, params, started))
         try:
             return body(run_id)
         except BaseException as exc:

@@ -35,7 +35,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -55,6 +55,7 @@ __all__ = [
     "resolve_targets",
     "runbook_selection",
     "select_hosts",
+    "stream_hosts",
     "target_set",
 ]
 
@@ -146,6 +147,52 @@ def select_hosts(inventory: Path, pattern: str, limit: str | None = None) -> tup
         return tuple(Host(name=name, vars=host_vars) for name, host_vars in json.loads(proc.stdout))
     except (ValueError, ValidationError) as exc:
         raise InventoryError(f"inventory {inventory}: unreadable Ansible output: {exc}") from exc
+
+
+def stream_hosts(
+    inventory: Path, pattern: str, limit: str | None = None
+) -> Iterator[tuple[Host, tuple[str, ...]]]:
+    """Each host ``pattern`` and ``limit`` select, with its groups, read as Ansible prints it.
+
+    For a selection too large to hold at once (a coordinator writing a fleet into the state
+    database): one JSON line per host from the child process, never the whole list.
+    Raises :class:`InventoryError` when the inventory cannot be read.
+    """
+    if not inventory.exists():
+        raise InventoryError(f"inventory {inventory}: no such file or directory")
+    argv = [sys.executable, str(SELECT_SCRIPT), "--lines", str(inventory), pattern]
+    if limit is not None:
+        argv.append(limit)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **_CHILD_ENV},
+        )
+    except OSError as exc:
+        raise InventoryError(f"inventory {inventory}: cannot run Ansible: {exc}") from exc
+    try:
+        assert proc.stdout is not None  # noqa: S101 - asked for above
+        for line in proc.stdout:
+            try:
+                name, host_vars, groups = json.loads(line)
+                yield Host(name=name, vars=host_vars), tuple(groups)
+            except (ValueError, ValidationError) as exc:
+                raise InventoryError(
+                    f"inventory {inventory}: unreadable Ansible output: {exc}"
+                ) from exc
+        stderr = proc.stderr.read() if proc.stderr is not None else ""
+        if proc.wait() != 0:
+            raise InventoryError(f"inventory {inventory}: {_last_error(stderr)}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def _last_error(stderr: str) -> str:

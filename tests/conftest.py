@@ -10,4 +10,5 @@ pytest_plugins: list[str] = [
     "tests.support.prometheus",
     "tests.support.postgres",
     "tests.support.stores",
+    "tests.support.workers",
 ]

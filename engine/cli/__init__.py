@@ -22,6 +22,7 @@ from engine.cli import (  # noqa: F401 - registers commands
     approvals,
     audit,
     demo,
+    distributed,
     route,
     runbooks,
     runs,

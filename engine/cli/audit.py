@@ -117,7 +117,7 @@ def state_migrate(
     from engine.cli.services import open_database
 
     state = cli_state(ctx)
-    with open_database(state.settings, migrate=False) as database:
+    with open_database(state.settings) as database:  # migrates it (procrastinate's schema too)
         version = database.migrate()
         if app_role is not None:
             database.grant(app_role)

@@ -28,6 +28,8 @@ from engine.errors import InputError
 from engine.outcomes import Mode, RunStatus
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from rich.console import Console
 
     from engine.executors.ansible import AnsibleExecutor
@@ -46,6 +48,18 @@ class PlanFormat(StrEnum):
     JSON = "json"
     MARKDOWN = "markdown"
 
+
+DistributedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--distributed",
+        help="Enqueue the run for `remediate worker` processes and follow it "
+        "(needs --state-url postgresql://...)",
+    ),
+]
+ShardSizeOpt = Annotated[
+    int, typer.Option("--shard-size", min=1, help="Hosts per shard of a distributed run")
+]
 
 PlanFormatOpt = Annotated[
     PlanFormat,
@@ -128,6 +142,72 @@ def _start_first_probe(
     return executor, start_probe(executor, selection, runbook.spec.checks, params)
 
 
+def _plan_here(
+    state: CliState,
+    settings: Settings,
+    found: Runbook,
+    inventory: Path,
+    limit: str | None,
+    overrides: dict[str, str],
+    output: PlanFormat,
+    request_approval: bool,
+    expires_in: timedelta,
+) -> RunReport:
+    """The dry-run in this process (targets and first probe started before the store opens)."""
+    from engine.cli.services import open_services
+
+    executor, first_probe = _start_first_probe(settings, found, inventory, limit, overrides)
+    # ansible-playbook runs: the pipeline is imported (and the store opened) meanwhile.
+    from engine.pipeline import run_runbook
+
+    with (
+        first_probe,
+        open_services(
+            settings,
+            reporter_console=_progress_console(output is PlanFormat.TABLE),
+            executor=executor,
+        ) as services,
+    ):
+        request = _request(state, inventory, limit, overrides, Mode.DRY_RUN)
+        report = run_runbook(
+            found, request, services, approve=lambda _plan: False, first_probe=first_probe
+        )
+        if request_approval:
+            _keep_for_approval(services.store, settings, report, found, expires_in)
+    return report
+
+
+def _request_approval_of(
+    settings: Settings, report: RunReport, found: Runbook, expires_in: timedelta
+) -> None:
+    from engine.cli.services import open_store
+
+    with open_store(settings) as store:
+        _keep_for_approval(store, settings, report, found, expires_in)
+
+
+def _keep_for_approval(
+    store: StateStore, settings: Settings, report: RunReport, found: Runbook, expires_in: timedelta
+) -> None:
+    """Keep the plan as a pending approval, if it acts on anything."""
+    if not report.plan.acting or report.plan.refused:
+        return
+    from engine.approvals import request_approval as request_approval_for
+    from engine.audit import utc_now
+    from engine.planfiles import seal_plan
+
+    expiry = report.plan.created_at + expires_in
+    pending = seal_plan(report.plan, expiry, settings.secrets)
+    record = request_approval_for(
+        store, pending, found, source=f"user:{settings.user}", now=utc_now()
+    )
+    _stderr().print(
+        f"approval {record.approval_id} requested; decide with "
+        f"`remediate approvals approve|deny {record.approval_id}`",
+        markup=False,
+    )
+
+
 @app.command()
 def plan(
     ctx: typer.Context,
@@ -148,9 +228,11 @@ def plan(
         ),
     ] = False,
     output: PlanFormatOpt = PlanFormat.TABLE,
+    distributed: DistributedOpt = False,
+    shard_size: ShardSizeOpt = 250,
 ) -> None:
     """Dry-run: probe, evaluate guards and show the plan. Nothing on a device changes."""
-    from engine.cli.services import open_services, with_inventory_secrets
+    from engine.cli.services import with_inventory_secrets
     from engine.durations import parse_duration
     from engine.runbooks import find_runbook
 
@@ -162,39 +244,32 @@ def plan(
         raise typer.BadParameter(str(exc), param_hint="--expires") from exc
     found = find_runbook(runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir)
     overrides = parse_overrides(extra)
-    executor, first_probe = _start_first_probe(settings, found, inventory, limit, overrides)
-    # ansible-playbook runs: the pipeline is imported (and the store opened) meanwhile.
-    from engine.pipeline import run_runbook
+    if distributed:
+        from engine.cli.distributed import run_distributed
 
-    with (
-        first_probe,
-        open_services(
-            settings,
-            reporter_console=_progress_console(output is PlanFormat.TABLE),
-            executor=executor,
-        ) as services,
-    ):
         request = _request(state, inventory, limit, overrides, Mode.DRY_RUN)
-        report = run_runbook(
-            found, request, services, approve=lambda _plan: False, first_probe=first_probe
+        report = run_distributed(
+            settings,
+            found,
+            request,
+            approved=False,
+            shard_size=shard_size,
+            console=_progress_console(output is PlanFormat.TABLE),
         )
-        if request_approval and report.plan.acting and not report.plan.refused:
-            from engine.approvals import request_approval as request_approval_for
-            from engine.audit import utc_now
-            from engine.planfiles import seal_plan
-
-            expiry = report.plan.created_at + expires_in
-            pending = seal_plan(report.plan, expiry, settings.secrets)
-            record = request_approval_for(
-                services.store, pending, found, source=f"user:{settings.user}", now=utc_now()
-            )
-            from rich.console import Console
-
-            Console(stderr=True).print(
-                f"approval {record.approval_id} requested; decide with "
-                f"`remediate approvals approve|deny {record.approval_id}`",
-                markup=False,
-            )
+        if request_approval:
+            _request_approval_of(settings, report, found, expires_in)
+    else:
+        report = _plan_here(
+            state,
+            settings,
+            found,
+            inventory,
+            limit,
+            overrides,
+            output,
+            request_approval,
+            expires_in,
+        )
     if out is not None:
         from engine.planfiles import save_plan
 
@@ -231,6 +306,8 @@ def run(
         bool, typer.Option("--yes", "-y", help="Approve steps that need approval without asking")
     ] = False,
     output: OutputOpt = Output.TABLE,
+    distributed: DistributedOpt = False,
+    shard_size: ShardSizeOpt = 250,
 ) -> None:
     """Run a runbook: dry-run unless --apply; destructive steps ask first unless --yes."""
     from engine.cli.services import open_services, with_inventory_secrets
@@ -240,6 +317,23 @@ def run(
     settings = with_inventory_secrets(state.settings, inventory)
     found = find_runbook(runbook, settings.runbooks_dir, playbooks_dir=settings.playbooks_dir)
     overrides = parse_overrides(extra)
+    if distributed:
+        from engine.cli.distributed import run_distributed
+
+        request = _request(
+            state, inventory, limit, overrides, Mode.APPLY if apply else Mode.DRY_RUN
+        )
+        # Nobody is asked during a distributed run: --yes approves destructive steps.
+        report = run_distributed(
+            settings,
+            found,
+            request,
+            approved=yes,
+            shard_size=shard_size,
+            console=_progress_console(output is Output.TABLE),
+        )
+        _show_report(state, report, output)
+        return
     executor, first_probe = _start_first_probe(settings, found, inventory, limit, overrides)
     # ansible-playbook runs: the pipeline is imported (and the store opened) meanwhile.
     from engine.pipeline import run_runbook

@@ -49,7 +49,8 @@ class RichReporter:
         return task.total if task.total is not None else task.completed
 
 
-def _progress(console: Console) -> Progress:
+def progress_display(console: Console) -> Progress:
+    """The progress display runs show on ``console`` (a line per phase, a bar)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -144,7 +145,7 @@ def open_services(
         configure_audit(audit, clock=utc_now, secrets=settings.secrets)
         store = database.store()
         progress = (
-            _progress(reporter_console)
+            progress_display(reporter_console)
             if reporter_console is not None and reporter_console.is_terminal
             else None
         )

@@ -12,7 +12,7 @@ import stat
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from ruamel.yaml import YAML
@@ -176,6 +176,12 @@ class ServerConfig(_Section):
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     workers: Annotated[int, Field(ge=0, le=64)] = Field(
         default=2, description="Runs at once; 0 records and queues but runs nothing."
+    )
+    executor: Literal["local", "distributed"] = Field(
+        default="local",
+        description="local: runs execute in this server's worker threads; distributed: each "
+        "run is enqueued for `remediate worker` processes (state in PostgreSQL, see "
+        "docs/distributed.md) and a worker thread follows it to its end.",
     )
     queue: Queue = Queue()
     breaker: Breaker = Breaker()

@@ -17,7 +17,7 @@ from datetime import datetime
 import structlog
 
 from engine.audit import audit_context
-from engine.errors import StateError
+from engine.errors import ConfigError, StateError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import Executor
 from engine.leases import audit_interruptions
@@ -90,6 +90,17 @@ class WebhookServer:
         self.database: StateDatabase = database
         self.store: AlertStore = self.database.store(intake=True)
         self.metrics = ServerMetrics(self.store.queue_counts)
+        execute = None
+        if config.executor == "distributed":  # runs go to `remediate worker` processes
+            board = self.database.run_board()  # ConfigError for SQLite
+            try:
+                from engine.distributed.client import runner  # noqa: PLC0415 - optional extra
+            except ImportError as exc:
+                raise ConfigError(
+                    "executor: distributed needs procrastinate: install remediate with its "
+                    "`distributed` extra"
+                ) from exc
+            execute = runner(board)
         self.fleet = FleetWatcher(
             config.inventory,
             self.router.index_keys,
@@ -116,6 +127,7 @@ class WebhookServer:
             new_run_id=run_ids,
             approval_ttl=config.approvals.ttl,
             fleet_size=lambda pattern: len(self.fleet.current.hosts.get(pattern, ())),
+            execute=execute,
         )
         self.intake = Intake(
             self.store,

@@ -67,6 +67,11 @@ def audit_set_aside(kind: str, items: tuple[QueueItem, ...], metrics: ServerMetr
     )
 
 
+def _run_here(runbook: Runbook, request: RunRequest, services: Services) -> RunReport:
+    """An alert's run, in this thread."""
+    return run_runbook(runbook, request, services, approve=_no_approver)
+
+
 class WorkerPool:
     """``count`` worker threads; stop claiming on :meth:`stop`, then :meth:`join`."""
 
@@ -85,6 +90,7 @@ class WorkerPool:
         new_run_id: Callable[[], str],
         approval_ttl: timedelta = timedelta(hours=1),
         fleet_size: Callable[[str], int] = lambda _pattern: 0,
+        execute: Callable[[Runbook, RunRequest, Services], RunReport] | None = None,
     ) -> None:
         self.count = count
         self.owner = owner
@@ -98,6 +104,8 @@ class WorkerPool:
         self._new_run_id = new_run_id
         self._approval_ttl = approval_ttl
         self._fleet_size = fleet_size
+        #: Runs a claimed item's run: here (the default), or on distributed workers.
+        self._execute_run = execute or _run_here
         self._stopping = threading.Event()
         self._wake = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -365,7 +373,7 @@ class WorkerPool:
         )
         one_run = dataclasses.replace(services, new_run_id=lambda: run_id)
         try:
-            report = run_runbook(runbook, request, one_run, approve=_no_approver)
+            report = self._execute_run(runbook, request, one_run)
             reason = self._request_approval(item, runbook, report, services)
         except EngineError as exc:
             return QueueState.FAILED, RunStatus.ERROR, f"{type(exc).__name__}: {exc}"

@@ -29,6 +29,7 @@ from engine.server.queue import (
     RecordedAlerts,
     ResolvedInput,
 )
+from engine.state.board import RunBoard
 from engine.state.records import (
     Admission,
     ApprovalRecord,
@@ -309,6 +310,12 @@ class StateDatabase(Protocol):
 
     def audit_log(self) -> AuditSink | None:
         """The audit chain this database keeps, or None (the entry point keeps a file)."""
+
+    def run_board(self) -> RunBoard:
+        """Where distributed runs keep their hosts and shards (PostgreSQL only).
+
+        Raises :class:`~engine.errors.ConfigError` for a backend that keeps none.
+        """
 
     def migrate(self) -> int:
         """Apply the migrations the database lacks (one transaction); return its version."""

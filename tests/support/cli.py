@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +29,19 @@ def run_remediate(
     cwd: Path = ROOT,
     timeout: float = 600,
     umask: int | None = None,
+    env_extra: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``remediate ARGS`` with its own state dir, as user ``tester``; never raises on exit codes.
 
-    ``umask``: the one the process starts with (by default this process's).
+    ``umask``: the one the process starts with (by default this process's); ``env_extra``:
+    more environment variables.
     """
     return subprocess.run(
         [*REMEDIATE, *args],
         capture_output=True,
         text=True,
         cwd=cwd,
-        env=remediate_env(state_dir),
+        env={**remediate_env(state_dir), **(env_extra or {})},
         check=False,
         timeout=timeout,
         umask=-1 if umask is None else umask,

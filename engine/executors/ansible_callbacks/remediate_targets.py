@@ -10,7 +10,9 @@ configuration and plugin state stay out of the engine), in two ways:
   dynamic inventory cannot answer the selection and the play differently;
 * as a script, ``python remediate_targets.py INVENTORY PATTERN [LIMIT]``, printing the
   selection as JSON on stdout, or Ansible's error on stderr with exit code 3
-  (:func:`engine.targets.select_hosts`).
+  (:func:`engine.targets.select_hosts`); with ``--lines`` first, one JSON line per host
+  (name, vars, groups) as it is read, for a reader that streams them
+  (:func:`engine.targets.stream_hosts`).
 
 Both answer with :func:`selected`, over what ``ansible-inventory --list`` uses
 (``InventoryManager`` and ``VariableManager``): every inventory format, ``group_vars`` and
@@ -68,6 +70,23 @@ def selected(hosts: InventoryManager, variables: VariableManager, pattern: str) 
     return answer
 
 
+def host_lines(inventory: str, pattern: str, limit: str | None) -> Any:
+    """Yield ``[name, vars, groups]`` of each selected host, in Ansible's order."""
+    loader = DataLoader()
+    hosts = InventoryManager(loader=loader, sources=[inventory])
+    hosts.subset(limit)
+    variables = VariableManager(loader=loader, inventory=hosts)
+    internal = C.INTERNAL_STATIC_VARS | set(load_options_vars(None))
+    for host in hosts.get_hosts(pattern, ignore_restrictions=True):
+        if host.implicit:
+            continue
+        host_vars = variables.get_vars(host=host, include_hostvars=False, stage="all")
+        for name in internal:
+            host_vars.pop(name, None)
+        groups = sorted(g.name for g in host.get_groups() if g.name not in {"all", "ungrouped"})
+        yield [host.name, dict(host_vars), groups]
+
+
 def _plain(value: object) -> str:
     """JSON for the odd value a YAML inventory can hold (dates); a placeholder otherwise."""
     isoformat = getattr(value, "isoformat", None)
@@ -116,7 +135,9 @@ class CallbackModule(CallbackBase):  # type: ignore[misc] # Ansible ships no typ
 
 
 def main(argv: list[str]) -> int:
-    """The script: ``INVENTORY PATTERN [LIMIT]``; JSON on stdout, or the error and exit 3."""
+    """The script: ``[--lines] INVENTORY PATTERN [LIMIT]``; JSON on stdout, or exit 3."""
+    if argv and argv[0] == "--lines":
+        return _lines(argv[1:])
     inventory, pattern = argv[0], argv[1]
     limit = argv[2] if len(argv) > 2 else None  # noqa: PLR2004 - the optional third argument
     try:
@@ -125,6 +146,18 @@ def main(argv: list[str]) -> int:
         sys.stderr.write(f"{exc.message or exc}\n")
         return 3
     sys.stdout.write(_dump(selected))
+    return 0
+
+
+def _lines(argv: list[str]) -> int:
+    inventory, pattern = argv[0], argv[1]
+    limit = argv[2] if len(argv) > 2 else None  # noqa: PLR2004 - the optional third argument
+    try:
+        for line in host_lines(inventory, pattern, limit):
+            sys.stdout.write(_dump(line) + "\n")
+    except AnsibleError as exc:
+        sys.stderr.write(f"{exc.message or exc}\n")
+        return 3
     return 0
 
 

@@ -29,6 +29,8 @@ from engine.audit import (
 from engine.errors import StateError
 from engine.state.factory import redacted_url
 from engine.state.migrations import Migration, check_migrations
+from engine.state.postgres.board import PostgresRunBoard
+from engine.state.postgres.jobs import apply_job_schema, job_schema_grants, job_schema_pending
 from engine.state.postgres.migrations import MIGRATIONS
 from engine.state.postgres.store import PostgresStore
 
@@ -59,6 +61,10 @@ APP_TABLES = (
     "alert_queue",
     "queue_firings",
     "alert_breaker",
+    "dist_runs",
+    "dist_hosts",
+    "dist_shards",
+    "dist_workers",
 )
 
 
@@ -114,6 +120,10 @@ class PostgresDatabase:
         """A store on the shared pool (``intake`` makes no difference here)."""
         del intake
         return PostgresStore(self._pool, self.url)
+
+    def run_board(self) -> PostgresRunBoard:
+        """The board of distributed runs, on the shared pool."""
+        return PostgresRunBoard(self._pool, self.url)
 
     def audit_log(self) -> DatabaseAuditSink:
         """The audit chain in this database (appended in the state changes' transactions)."""
@@ -195,6 +205,7 @@ class PostgresDatabase:
             conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE lease_tokens TO {}").format(ident))
             for extra in self._extra_grants():
                 conn.execute(extra.format(ident))
+            job_schema_grants(conn, ident)
 
     def _extra_grants(self) -> list[sql.SQL]:
         # The chain: INSERT only (the head row is read and moved by every append).
@@ -210,19 +221,22 @@ class PostgresDatabase:
         known = len(self._migrations)
         with self._errors("migrate the schema"), self._pool.connection() as conn:
             current = _applied(conn)
+            jobs_pending = job_schema_pending(conn, self.url)
             conn.rollback()
             if current > known:
                 raise StateError(
                     f"{self.url}: schema version {current} is newer than this engine knows "
                     f"({known}); upgrade remediate"
                 )
-            if current == known:
+            if current == known and not jobs_pending:
                 return []
             if not apply:
-                raise StateError(
-                    f"{self.url}: schema version {current}, this engine needs {known}: "
-                    "run `remediate state migrate`"
+                what = (
+                    f"schema version {current}, this engine needs {known}"
+                    if current != known
+                    else "the task engine's schema (procrastinate) is missing or older"
                 )
+                raise StateError(f"{self.url}: {what}: run `remediate state migrate`")
             try:
                 return self._apply(conn)
             except psycopg.errors.InsufficientPrivilege as exc:
@@ -254,6 +268,7 @@ class PostgresDatabase:
                     (migration.version, migration.description),
                 )
                 applied.append(migration)
+            apply_job_schema(conn, self.url)  # procrastinate's, for distributed runs
         return applied
 
 

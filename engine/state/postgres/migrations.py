@@ -232,6 +232,81 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        4,
+        "distributed runs: their request and phase, their hosts, their shards, their workers",
+        (
+            # One row per run spread over workers (remediate worker): what was asked, where
+            # the coordinator is (phase, serial batch), and why it stopped, if it did.
+            """
+            CREATE TABLE dist_runs (
+                run_id     TEXT PRIMARY KEY REFERENCES runs (run_id) ON DELETE CASCADE,
+                request    TEXT NOT NULL,  -- JSON: the run's request and settings
+                phase      TEXT NOT NULL,  -- resolve | probe | act | finish | done
+                batch      INTEGER NOT NULL DEFAULT 0,  -- the serial batch acting now
+                targeted   INTEGER NOT NULL DEFAULT 0,
+                hosts      INTEGER NOT NULL DEFAULT 0,  -- hosts resolved
+                meta       TEXT,           -- JSON: the plan without its hosts, once planned
+                stopped    TEXT,           -- why no more batches run (budget, cancel)
+                cancelled  TEXT,           -- who cancelled it
+                error      TEXT,
+                updated_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+            )
+            """,
+            # Its hosts, one row each (never all in one process): vars as Ansible merged
+            # them, the probe shard, the host's plan, its serial batch and act shard, and
+            # its report once it ended.  ``recorded``: its outcome is in host_results.
+            """
+            CREATE TABLE dist_hosts (
+                run_id    TEXT NOT NULL REFERENCES dist_runs (run_id) ON DELETE CASCADE,
+                host      TEXT NOT NULL,
+                position  INTEGER NOT NULL,  -- inventory order
+                vars      TEXT NOT NULL,     -- JSON: {"vars": {...}, "groups": [...]}
+                shard     INTEGER NOT NULL,  -- its probe shard
+                plan      TEXT,              -- JSON HostPlan, once probed and decided
+                outcome   TEXT,              -- the plan's outcome, then the report's
+                batch     INTEGER,           -- acting hosts: the serial batch
+                act_shard INTEGER,
+                report    TEXT,              -- JSON HostReport, once it ended
+                attempts  INTEGER NOT NULL DEFAULT 0,  -- act attempts
+                recorded  BOOLEAN NOT NULL DEFAULT false,
+                PRIMARY KEY (run_id, host)
+            )
+            """,
+            "CREATE INDEX dist_hosts_by_position ON dist_hosts (run_id, position)",
+            "CREATE INDEX dist_hosts_by_shard ON dist_hosts (run_id, shard)",
+            "CREATE INDEX dist_hosts_by_act_shard ON dist_hosts (run_id, act_shard)",
+            # The shards: a probe shard or an act shard (of one serial batch), the job that
+            # runs it, and how it ended.
+            """
+            CREATE TABLE dist_shards (
+                run_id   TEXT NOT NULL REFERENCES dist_runs (run_id) ON DELETE CASCADE,
+                kind     TEXT NOT NULL,     -- probe | act
+                shard    INTEGER NOT NULL,
+                batch    INTEGER NOT NULL DEFAULT 0,
+                state    TEXT NOT NULL,     -- queued | running | done | interrupted | failed
+                attempts INTEGER NOT NULL DEFAULT 0,
+                job_id   BIGINT,
+                worker   TEXT,
+                reason   TEXT NOT NULL DEFAULT '',
+                PRIMARY KEY (run_id, kind, shard)
+            )
+            """,
+            "CREATE INDEX dist_shards_by_job ON dist_shards (job_id)",
+            # The task engine's workers as people know them (machine, pid), by its worker id.
+            """
+            CREATE TABLE dist_workers (
+                worker_id   BIGINT PRIMARY KEY,
+                name        TEXT NOT NULL,
+                host        TEXT NOT NULL,
+                pid         INTEGER NOT NULL,
+                concurrency INTEGER NOT NULL,
+                queues      TEXT NOT NULL,  -- JSON array
+                started_at  TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+            )
+            """,
+        ),
+    ),
 )
 
 check_migrations(MIGRATIONS)

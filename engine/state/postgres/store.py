@@ -1194,9 +1194,13 @@ def _reap(cur: Cursor, expired: Sequence[Lease]) -> list[Interruption]:
             (lease.host, lease.token),
         )
         reason = lease_expired_reason(lease)
+        # A run spread over workers (dist_runs) goes on: its coordinator marks the shard's
+        # hosts interrupted once the task engine finds the worker stalled.
         run = cur.execute(
             "UPDATE runs SET status = %s, finished_at = clock_timestamp()"
-            " WHERE run_id = %s AND status = %s RETURNING runbook, trigger",
+            " WHERE run_id = %s AND status = %s AND NOT EXISTS"
+            " (SELECT 1 FROM dist_runs d WHERE d.run_id = runs.run_id)"
+            " RETURNING runbook, trigger",
             (RunStatus.INTERRUPTED.value, lease.run_id, RunStatus.RUNNING.value),
         ).fetchone()
         if run is None:

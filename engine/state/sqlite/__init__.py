@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import NoReturn, Self
 
 import structlog
 
@@ -76,6 +76,14 @@ class SqliteDatabase:
     def audit_log(self) -> None:
         """None: with SQLite the audit log is the JSON-lines file next to the database."""
         return
+
+    def run_board(self) -> NoReturn:
+        """None here: runs spread over workers need the state in PostgreSQL."""
+        raise ConfigError(
+            f"state URL sqlite:///{self.path}: distributed runs (--distributed, remediate "
+            "worker, executor: distributed) need the state in PostgreSQL: pass --state-url "
+            "postgresql://... (or set REMEDIATE_STATE_URL) on every controller and worker"
+        )
 
     def migrate(self) -> int:
         """Apply missing migrations (opening a connection does); return the schema version."""

@@ -1,0 +1,183 @@
+"""The side of a distributed run that asks for it: enqueue, follow, report, cancel.
+
+``remediate run|plan --distributed`` records the run and its coordinator job (one
+transaction), then follows it on the board with the same progress display a
+single-process run has, and shows the same report (built from the board's rows), with the
+same exit codes.  Ctrl-C stops following only; ``remediate cancel RUN_ID`` stops the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from engine.distributed.queue import ProcrastinateQueue, coordinator_job
+from engine.distributed.runs import DEFAULT_SHARD_SIZE, final_report, start_run
+from engine.errors import (
+    ConfigError,
+    EngineError,
+    ExecutorError,
+    InputError,
+    InventoryError,
+    ParamError,
+    StateError,
+)
+from engine.outcomes import HostOutcome
+from engine.pipeline import (
+    HostReport,
+    NullReporter,
+    Reporter,
+    RunReport,
+    RunRequest,
+    Services,
+)
+from engine.plans import HostPlan, Plan
+from engine.redaction import Secrets
+from engine.runbooks import Runbook
+from engine.state import StateStore
+from engine.state.board import Phase, RunBoard
+
+#: Seconds between looks at a followed run.
+POLL = 0.5
+#: A batch number above any run's: outcome counts of every acting host.
+_EVERY_BATCH = 2**31 - 1
+
+_ERRORS: dict[str, Callable[[str], EngineError]] = {
+    "InventoryError": InventoryError,
+    "ParamError": ParamError,
+    "ConfigError": ConfigError,
+    "ExecutorError": ExecutorError,
+    "StateError": StateError,
+}
+
+
+def enqueue(
+    runbook: Runbook,
+    request: RunRequest,
+    *,
+    board: RunBoard,
+    run_id: str,
+    clock: Callable[[], datetime],
+    secrets: Secrets,
+    shard_size: int,
+    approved: bool,
+    targeted: int | None = None,
+) -> str:
+    """Record the run and its coordinator job; its id.
+
+    The inventory is kept as an absolute path: workers read it from their own directory.
+    """
+    return start_run(
+        runbook,
+        request.model_copy(update={"inventory": request.inventory.resolve()}),
+        board=board,
+        jobs=ProcrastinateQueue(),
+        clock=clock,
+        run_id=run_id,
+        secrets=secrets,
+        shard_size=shard_size,
+        approved=approved,
+        targeted=targeted,
+    )
+
+
+def follow(
+    board: RunBoard,
+    store: StateStore,
+    run_id: str,
+    *,
+    secrets: Secrets,
+    reporter: Reporter | None = None,
+    sleep: Callable[[float], None],
+) -> RunReport:
+    """Show the run's progress until it is done; its report (as a single run's)."""
+    reporter = reporter or NullReporter()
+    shown: str | None = None
+    done = 0
+    while True:
+        dist = board.get(run_id)
+        if dist is None:
+            raise InputError(f"no distributed run {run_id!r}")
+        if dist.phase is Phase.DONE:
+            break
+        total: int | None = None
+        reached = 0
+        if dist.phase is Phase.ACT:
+            acting = board.outcome_counts(run_id, batch_at_most=_EVERY_BATCH)
+            total = sum(acting.values())
+            reached = total - acting.get(HostOutcome.PLANNED.value, 0)
+            title = f"acting on {total} hosts"
+        elif dist.phase is Phase.PROBE:
+            total = dist.hosts
+            reached = sum(board.outcome_counts(run_id).values())
+            title = f"probing {total} hosts"
+        else:
+            title = "resolving targets" if dist.phase is Phase.RESOLVE else "recording outcomes"
+        if title != shown:
+            reporter.phase(title, total)
+            shown, done = title, 0
+        if reached > done:
+            reporter.advance(reached - done)
+            done = reached
+        sleep(POLL)
+    return run_report(board, store, run_id, secrets=secrets)
+
+
+def run_report(board: RunBoard, store: StateStore, run_id: str, *, secrets: Secrets) -> RunReport:
+    """The report of a finished distributed run, from its rows; its error, if it had one."""
+    dist = board.get(run_id)
+    record = store.get_run(run_id)
+    if dist is None or record is None:
+        raise InputError(f"no distributed run {run_id!r}")
+    if dist.error:
+        kind, _, message = dist.error.partition(": ")
+        raise _ERRORS.get(kind, StateError)(message or dist.error)
+    if dist.meta is None or record.finished_at is None:
+        raise StateError(f"run {run_id} ended {record.status.value} before it was planned")
+    hosts: list[HostPlan] = []
+    reports: list[HostReport] = []
+    for host in board.all_hosts(run_id):
+        report = final_report(host, dist)
+        hosts.append(
+            HostPlan.model_validate(host.plan)
+            if host.plan is not None
+            else HostPlan(host=host.host, outcome=report.outcome, reason=report.reason)
+        )
+        reports.append(report)
+    whole = Plan.model_validate(dist.meta).model_copy(update={"hosts": tuple(hosts)})
+    return secrets.scrub_model(
+        RunReport(
+            plan=whole, status=record.status, hosts=tuple(reports), finished_at=record.finished_at
+        )
+    )
+
+
+def runner(
+    board: RunBoard, *, shard_size: int = DEFAULT_SHARD_SIZE
+) -> Callable[[Runbook, RunRequest, Services], RunReport]:
+    """What ``remediate serve`` with ``executor: distributed`` runs an alert's run with.
+
+    It enqueues the run (its id from ``services``, as the claimed queue item has it) and
+    follows it to its end; the report is the one a run in the server's thread gives.
+    """
+
+    def execute(runbook: Runbook, request: RunRequest, services: Services) -> RunReport:
+        run_id = enqueue(
+            runbook,
+            request,
+            board=board,
+            run_id=services.new_run_id(),
+            clock=services.clock,
+            secrets=services.secrets,
+            shard_size=shard_size,
+            approved=False,  # nobody approves an alert's run: destructive steps are declined
+            targeted=request.fleet,
+        )
+        return follow(board, services.store, run_id, secrets=services.secrets, sleep=services.sleep)
+
+    return execute
+
+
+def cancel(board: RunBoard, run_id: str, *, by: str) -> bool:
+    """Ask the run to stop (no new shard starts); whether it was still going."""
+    return board.cancel(run_id, by, ProcrastinateQueue(), coordinator_job(run_id))
