@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -42,7 +43,7 @@ from typing import Any, Protocol, cast
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from engine.errors import AuditError
+from engine.errors import AuditError, EngineError
 from engine.redaction import NO_SECRETS, REDACTED, Secrets, is_secret_name
 
 #: ``prev`` of the first record.
@@ -766,6 +767,26 @@ def configure_audit(
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+
+
+def log_anyway(method: Callable[..., Any], event: str, **fields: Any) -> None:
+    """Log ``event`` with ``method`` (a bound logger's ``warning``, ``error``...), never raising.
+
+    For background threads reporting a fault of the state database, which is also where the
+    audit log may live: when the audit cannot take the event, it is written to stderr only
+    (one line, with the traceback when ``exc_info`` asks for it), and the thread goes on.
+    """
+    try:
+        method(event, **fields)
+    except EngineError as exc:
+        shown = {k: v for k, v in fields.items() if k != "exc_info"}
+        sys.stderr.write(f"{event} {shown} (not audited: {exc})\n")
+        reported = fields.get("exc_info")
+        if reported is True:  # the exception being handled where it was logged
+            reported = exc.__context__
+        if isinstance(reported, BaseException):
+            traceback.print_exception(reported, file=sys.stderr)
+        sys.stderr.flush()
 
 
 @contextmanager

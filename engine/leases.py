@@ -25,7 +25,7 @@ from typing import Self
 
 import structlog
 
-from engine.audit import audit_context
+from engine.audit import audit_context, log_anyway
 from engine.errors import StateError
 from engine.state import Interruption, Lease, LeaseGrant, StateStore
 
@@ -120,15 +120,21 @@ class LeaseKeeper:
             try:
                 self._store.release_lease(lease)
             except StateError as exc:  # it expires on its own
-                self._log.warning("lease.release_failed", host=lease.host, error=str(exc))
+                log_anyway(
+                    self._log.warning, "lease.release_failed", host=lease.host, error=str(exc)
+                )
 
     def mark_lost(self, host: str, why: str) -> None:
         """Stop acting on ``host``: its lease is gone (audited as ``lease.lost``)."""
         with self._lock:
             held = self._held.pop(host, None)
             self.lost[host] = why
-        self._log.warning(
-            "lease.lost", host=host, token=held[0].token if held else None, reason=why
+        log_anyway(
+            self._log.warning,
+            "lease.lost",
+            host=host,
+            token=held[0].token if held else None,
+            reason=why,
         )
 
     def renew(self) -> None:
@@ -147,7 +153,7 @@ class LeaseKeeper:
             renewed = self._store.renew_leases(leases, self._ttl)
             self._store.renew_admission(self._run_id, self._ttl)
         except StateError as exc:
-            self._log.warning("lease.renew_failed", error=str(exc))
+            log_anyway(self._log.warning, "lease.renew_failed", error=str(exc))
             if now - self._renewed_at >= self._ttl.total_seconds():
                 for lease in leases:
                     self.mark_lost(lease.host, f"could not renew it for {self._ttl}: {exc}")

@@ -8,8 +8,9 @@ its late results are refused, and it ends interrupted, with the lease's token au
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from datetime import timedelta
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from datetime import UTC, datetime, timedelta
 from itertools import count
 from pathlib import Path
 from typing import Any, cast
@@ -21,10 +22,11 @@ from structlog.testing import capture_logs
 from engine.errors import StateError
 from engine.executors.base import HostStatus, PlaybookRequest, PlaybookResult
 from engine.executors.fake import FakeExecutor
+from engine.leases import LeaseKeeper
 from engine.outcomes import HostOutcome, Mode, RunStatus
 from engine.pipeline import RunReport, RunRequest, Services, run_runbook
 from engine.runbooks import Runbook, load_runbook
-from engine.state import AlertStore, StateStore
+from engine.state import AlertStore, Lease, LeaseGrant, StateStore
 from tests.support.probing import Answer, device
 from tests.support.stores import Backend
 
@@ -220,3 +222,63 @@ def _renewing_on_advance(services: Services, backend: Backend) -> Services:
 
     backend.advance = advance_and_wait  # type: ignore[method-assign]
     return services
+
+
+class _DatabaseAway:
+    """A store whose database went away once a lease was taken: every renewal fails."""
+
+    def __init__(self) -> None:
+        now = datetime.now(UTC)
+        self.lease = Lease(
+            host="a", run_id="r1", holder="ctl", token=7, acquired_at=now, expires_at=now
+        )
+
+    def acquire_lease(self, *_args: object, **_kwargs: object) -> LeaseGrant:
+        return LeaseGrant(lease=self.lease)
+
+    def renew_leases(self, *_args: object) -> list[Lease]:
+        raise StateError("postgresql://db/remediate: state store cannot renew: connection refused")
+
+    def renew_admission(self, *_args: object) -> None:
+        raise AssertionError("not reached: the lease renewal failed first")
+
+    def release_lease(self, *_args: object) -> None:
+        raise StateError(
+            "postgresql://db/remediate: state store cannot release: connection refused"
+        )
+
+
+def _audit_away(_logger: object, _name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    """An audit processor whose database (the same one) is away too."""
+    if event["event"] != "lease.acquired":
+        raise StateError("postgresql://db/remediate: cannot append to the audit chain")
+    return event
+
+
+def test_renewer_outlives_an_audit_log_that_is_away_with_its_database(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Renewals and their warnings both failing: the renewer goes on and marks the lease lost."""
+    structlog.configure(processors=[_audit_away, structlog.processors.JSONRenderer()])
+    try:
+        keeper = LeaseKeeper(
+            cast("StateStore", _DatabaseAway()),
+            run_id="r1",
+            holder="ctl",
+            ttl=timedelta(seconds=0.3),
+            max_hold=timedelta(minutes=5),
+        )
+        with keeper:
+            assert keeper.acquire("a").lease is not None
+            deadline = time.monotonic() + 10
+            while "a" not in keeper.lost and time.monotonic() < deadline:
+                time.sleep(0.05)
+            renewer = [t for t in threading.enumerate() if t.name == "remediate-leases-r1"]
+            assert [t.is_alive() for t in renewer] == [True]
+        assert "could not renew it" in keeper.lost["a"]
+    finally:
+        structlog.reset_defaults()
+    err = capsys.readouterr().err
+    assert "lease.renew_failed" in err
+    assert "lease.lost" in err
+    assert "not audited: postgresql://db/remediate: cannot append" in err

@@ -43,7 +43,7 @@ from procrastinate.jobs import Job, Status
 from procrastinate.worker import Worker
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.audit import audit_context, configure_audit, utc_now
+from engine.audit import audit_context, configure_audit, log_anyway, utc_now
 from engine.distributed.queue import (
     ACT_SHARD,
     COORDINATE,
@@ -283,7 +283,7 @@ async def _recover(
                 await _recover_job(manager, context, timings, job)
             await manager.prune_stalled_workers(timings.stalled_after)
         except (StateError, ConnectorException) as exc:  # the database is away: next time
-            log.warning("worker.recovery_failed", error=str(exc))
+            log_anyway(log.warning, "worker.recovery_failed", error=str(exc))
 
 
 async def _recover_job(

@@ -16,7 +16,7 @@ from datetime import datetime
 
 import structlog
 
-from engine.audit import audit_context
+from engine.audit import audit_context, log_anyway
 from engine.errors import ConfigError, StateError
 from engine.executors.ansible import AnsibleExecutor, AnsibleSettings
 from engine.executors.base import Executor
@@ -210,7 +210,11 @@ class WebhookServer:
                     if not self.database.single_server:
                         self._reap(store)
                 except StateError as exc:  # the database is away: keep trying
-                    structlog.get_logger().warning("server.heartbeat_failed", error=str(exc))
+                    log_anyway(
+                        structlog.get_logger().warning,
+                        "server.heartbeat_failed",
+                        error=str(exc),
+                    )
                 if self._watcher_stop.wait(ttl.total_seconds() / 3):
                     return
         finally:

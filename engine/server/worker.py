@@ -22,7 +22,7 @@ from pathlib import Path
 import structlog
 
 from engine.approvals import apply_approved, expire_approvals, request_approval
-from engine.audit import audit_context
+from engine.audit import audit_context, log_anyway
 from engine.errors import EngineError, StateError
 from engine.outcomes import RunStatus
 from engine.pipeline import RunReport, RunRequest, Services, run_runbook
@@ -176,15 +176,17 @@ class WorkerPool:
                     found = self._step(*opened)
                 except StateError as exc:  # the database is away: back off, then look again
                     failures += 1
-                    log.warning(
+                    log_anyway(
+                        log.warning,
                         "worker.state_error",
                         worker=name,
                         error=str(exc),
                         retry_in=_backoff(failures),
                     )
-                except Exception as exc:  # a worker outlives any one fault
+                except Exception as exc:  # noqa: BLE001 - a worker outlives any one fault
                     failures += 1
-                    log.exception(  # with the traceback
+                    log_anyway(  # with the traceback
+                        log.exception,
                         "worker.error",
                         worker=name,
                         error=f"{type(exc).__name__}: {exc}",
@@ -200,8 +202,8 @@ class WorkerPool:
                     continue
                 self._failed(name, True)
                 self._stopping.wait(_backoff(failures))
-        except BaseException as exc:  # the thread ends here, said in the log
-            log.critical("worker.died", worker=name, error=repr(exc), exc_info=exc)
+        except BaseException as exc:  # noqa: BLE001 - the thread ends here, said in the log
+            log_anyway(log.critical, "worker.died", worker=name, error=repr(exc), exc_info=exc)
         finally:
             self._failed(name, False)
             if opened is not None:
