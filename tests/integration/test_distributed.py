@@ -483,38 +483,3 @@ def test_postgres_restarted_mid_act_acts_on_no_host_twice(
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous
     finally:
         cluster.stop()
-
-
-def test_act_shard_whose_database_is_away_at_its_end_writes_its_results_later(
-    tmp_path: Path, own_postgres: PostgresServer
-) -> None:
-    """The database away when an act shard ends: it writes its results once back; the run ends."""
-    fleet = make_fleet(tmp_path, 10)
-    sick = fleet.names[:5]
-    fleet.make_sick(sick)
-    fleet.slow(sick, 3)
-    cluster = Cluster(url=own_postgres.url("remediate"), fleet=fleet, base=tmp_path)
-    try:
-        cluster.start_worker("--stalled-after", "120")  # no one else would recover the shard
-        with cluster.following(
-            "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
-            "--shard-size", "5", "-o", "json",
-        ) as follower:  # fmt: skip
-            cluster.wait_for("every fix started", lambda: all(fleet.fixes(h) for h in sick))
-            own_postgres.stop()
-            cluster.wait_for("every fix done", lambda: all(fleet.state(h) == "fixed" for h in sick))
-            time.sleep(12)  # longer than the pool waits twice: the shard's first write fails
-            own_postgres.start()
-            out, err = follower.communicate(timeout=120)
-        assert follower.returncode in {0, 1}, err
-        report = json.loads(out)
-        outcomes = {h["host"]: h["outcome"] for h in report["hosts"]}
-        assert [fleet.fixes(n) for n in sick] == [1] * len(sick)
-        assert {outcomes[h] for h in sick} <= {"fixed", "interrupted"}, outcomes
-        assert cluster.query("SELECT state FROM dist_shards WHERE kind = 'act'") != [("running",)]
-        retried = [r for r in cluster.audit() if r["event"] == "shard.write_retried"]
-        why = [(h["host"], h["outcome"], h["reason"]) for h in report["hosts"]]
-        assert retried or "shard.write_retried" in (tmp_path / "worker0.log").read_text(), why
-        _check_invariants(cluster, report["plan"]["run_id"])
-    finally:
-        cluster.stop()
