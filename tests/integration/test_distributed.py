@@ -464,7 +464,7 @@ def test_postgres_restarted_mid_act_acts_on_no_host_twice(
             cluster.wait_for("an act shard", lambda: _running_shard(cluster, "act"))
             cluster.wait_for("a fix started", lambda: any(fleet.fixes(h) for h in sick))
             own_postgres.stop()
-            time.sleep(3)
+            time.sleep(7)  # longer than a connection is waited for: following waits on
             own_postgres.start()
             out, err = follower.communicate(timeout=240)
         assert follower.returncode in {0, 1}, err
