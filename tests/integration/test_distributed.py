@@ -483,3 +483,43 @@ def test_postgres_restarted_mid_act_acts_on_no_host_twice(
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous
     finally:
         cluster.stop()
+
+
+def test_act_shard_whose_final_write_fails_tries_it_again(
+    tmp_path: Path, cluster_factory: Make
+) -> None:
+    """An act shard's final write refused by the database: it tries again; the run then ends."""
+    fleet = make_fleet(tmp_path, 10)
+    sick = fleet.names[:5]
+    fleet.make_sick(sick)
+    cluster = cluster_factory(fleet)
+    # The database refuses to end act shards (a fault of the real server) until dropped.
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute(
+            b"CREATE FUNCTION refuse_shard_end() RETURNS trigger LANGUAGE plpgsql AS $$"
+            b" BEGIN RAISE EXCEPTION 'the database is away'; END $$"
+        )
+        conn.execute(
+            b"CREATE TRIGGER refuse_shard_end BEFORE UPDATE ON dist_shards FOR EACH ROW"
+            b" WHEN (NEW.kind = 'act' AND NEW.state IN ('done', 'failed'))"
+            b" EXECUTE FUNCTION refuse_shard_end()"
+        )
+    cluster.start_worker("--stalled-after", "120")  # no one else would recover the shard
+    with cluster.following(
+        "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
+        "--shard-size", "5", "-o", "json",
+    ) as follower:  # fmt: skip
+        cluster.wait_for(
+            "a refused final write",
+            lambda: any(r["event"] == "shard.write_retried" for r in cluster.audit()),
+        )
+        assert cluster.query("SELECT state FROM dist_shards WHERE kind = 'act'") == [("running",)]
+        with psycopg.connect(cluster.url, autocommit=True) as conn:
+            conn.execute(b"DROP TRIGGER refuse_shard_end ON dist_shards")
+        out, err = follower.communicate(timeout=120)
+    assert follower.returncode == 0, err
+    report = json.loads(out)
+    assert report["status"] == "succeeded"
+    assert {h["host"] for h in report["hosts"] if h["outcome"] == "fixed"} == set(sick)
+    assert [fleet.fixes(n) for n in sick] == [1] * len(sick)
+    _check_invariants(cluster, report["plan"]["run_id"])
