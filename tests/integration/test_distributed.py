@@ -14,18 +14,16 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from engine.audit import utc_now
-from engine.state import open_database
 from tests.support.cli import run_remediate
 from tests.support.fleet import SimFleet, make_fleet
-from tests.support.postgres import PostgresServer, remove_postgres, started_or_skip
+from tests.support.postgres import PostgresServer
 from tests.support.replicas import lines, mark, new_replica, project_for, states
 from tests.support.webhook import ServerProcess, wait_for
 from tests.support.workers import Cluster
@@ -431,18 +429,6 @@ def test_worker_killed_after_its_shard_ended_leaves_the_run_to_the_others(
     assert {h["host"] for h in report["hosts"] if h["outcome"] == "fixed"} == set(sick)
     assert not [r for r in cluster.audit() if r["event"] == "shard.interrupted"]
     _check_invariants(cluster, run_id)
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL of this test's own (it is restarted), durable like a real one."""
-    server = started_or_skip(durable=True)
-    try:
-        server.execute("CREATE DATABASE remediate")
-        open_database(server.url("remediate"), clock=utc_now).close()
-        yield server
-    finally:
-        remove_postgres(server)
 
 
 def test_postgres_restarted_mid_act_acts_on_no_host_twice(
