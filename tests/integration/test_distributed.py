@@ -425,8 +425,8 @@ def test_postgres_restarted_mid_act_acts_on_no_host_twice(
     tmp_path: Path, own_postgres: PostgresServer
 ) -> None:
     """PostgreSQL restarted under acting shards: the run ends, no host acted on twice."""
-    fleet = make_fleet(tmp_path, 30)
-    sick = fleet.names[:20]
+    fleet = make_fleet(tmp_path, 20)
+    sick = fleet.names[:10]
     fleet.make_sick(sick)
     fleet.slow(sick, 4)
     cluster = Cluster(url=own_postgres.url("remediate"), fleet=fleet, base=tmp_path)
