@@ -40,8 +40,7 @@ steps:
     plan: "write fixed into the device's state file"
     vars: {{root: "{{{{ params.root }}}}"}}
 verify: "checks.state == 'fixed'"
-policy:
-  {{serial: {serial}, max_fail_pct: {max_fail_pct}, max_hosts_pct: 100,{max_hosts} approval: never}}
+policy: {{serial: {serial}, max_fail_pct: {max_fail_pct}, max_hosts_pct: 100, approval: never}}
 """
 
 PLAYBOOK = """\
@@ -118,28 +117,13 @@ class SimFleet:
         return len(log.read_text().splitlines()) if log.exists() else 0
 
 
-def make_fleet(
-    base: Path,
-    hosts: int,
-    *,
-    serial: int = 1000,
-    max_fail_pct: int = 100,
-    max_hosts: int | None = None,
-) -> SimFleet:
-    """A fleet of ``hosts`` simulated devices ``dev0001``...; none sick yet.
-
-    ``max_hosts``: the runbook's fleet-wide blast radius (hosts acted on at once, all runs).
-    """
+def make_fleet(base: Path, hosts: int, *, serial: int = 1000, max_fail_pct: int = 100) -> SimFleet:
+    """A fleet of ``hosts`` simulated devices ``dev0001``...; none sick yet."""
     project, root = base / "project", base / "devices"
     for folder in (project / "runbooks", project / "playbooks", root):
         folder.mkdir(parents=True)
     (project / "runbooks" / "sim-fleet.yml").write_text(
-        RUNBOOK.format(
-            root=root,
-            serial=serial,
-            max_fail_pct=max_fail_pct,
-            max_hosts="" if max_hosts is None else f" max_hosts: {max_hosts},",
-        )
+        RUNBOOK.format(root=root, serial=serial, max_fail_pct=max_fail_pct)
     )
     (project / "playbooks" / "sim-heal.yml").write_text(PLAYBOOK)
     names = tuple(f"dev{n:04d}" for n in range(1, hosts + 1))
