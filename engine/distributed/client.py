@@ -39,6 +39,9 @@ from engine.state.board import Phase, RunBoard
 
 #: Seconds between looks at a followed run.
 POLL = 0.5
+#: Polls in a row that may find the state database away (restarted) before following gives
+#: up; each waits for the pool's connection timeout (seconds), so a few minutes in all.
+FOLLOW_AWAY_TRIES = 30
 #: A batch number above any run's: outcome counts of every acting host.
 _EVERY_BATCH = 2**31 - 1
 
@@ -94,25 +97,20 @@ def follow(
     reporter = reporter or NullReporter()
     shown: str | None = None
     done = 0
+    away = 0  # polls in a row that found the state database away
     while True:
-        dist = board.get(run_id)
-        if dist is None:
-            raise InputError(f"no distributed run {run_id!r}")
-        if dist.phase is Phase.DONE:
+        try:
+            progress = _progress(board, run_id)
+        except StateError:  # restarted under the run: the workers go on, so does following
+            away += 1
+            if away >= FOLLOW_AWAY_TRIES:
+                raise
+            sleep(POLL)
+            continue
+        away = 0
+        if progress is None:
             break
-        total: int | None = None
-        reached = 0
-        if dist.phase is Phase.ACT:
-            acting = board.outcome_counts(run_id, batch_at_most=_EVERY_BATCH)
-            total = sum(acting.values())
-            reached = total - acting.get(HostOutcome.PLANNED.value, 0)
-            title = f"acting on {total} hosts"
-        elif dist.phase is Phase.PROBE:
-            total = dist.hosts
-            reached = sum(board.outcome_counts(run_id).values())
-            title = f"probing {total} hosts"
-        else:
-            title = "resolving targets" if dist.phase is Phase.RESOLVE else "recording outcomes"
+        title, total, reached = progress
         if title != shown:
             reporter.phase(title, total)
             shown, done = title, 0
@@ -121,6 +119,24 @@ def follow(
             done = reached
         sleep(POLL)
     return run_report(board, store, run_id, secrets=secrets)
+
+
+def _progress(board: RunBoard, run_id: str) -> tuple[str, int | None, int] | None:
+    """The run's phase title, hosts in it and hosts past it; None once it is done."""
+    dist = board.get(run_id)
+    if dist is None:
+        raise InputError(f"no distributed run {run_id!r}")
+    if dist.phase is Phase.DONE:
+        return None
+    if dist.phase is Phase.ACT:
+        acting = board.outcome_counts(run_id, batch_at_most=_EVERY_BATCH)
+        total = sum(acting.values())
+        return f"acting on {total} hosts", total, total - acting.get(HostOutcome.PLANNED.value, 0)
+    if dist.phase is Phase.PROBE:
+        reached = sum(board.outcome_counts(run_id).values())
+        return f"probing {dist.hosts} hosts", dist.hosts, reached
+    title = "resolving targets" if dist.phase is Phase.RESOLVE else "recording outcomes"
+    return title, None, 0
 
 
 def run_report(board: RunBoard, store: StateStore, run_id: str, *, secrets: Secrets) -> RunReport:

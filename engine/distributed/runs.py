@@ -35,9 +35,9 @@ import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.audit import audit_context, audit_unit
+from engine.audit import audit_context, audit_unit, log_anyway
 from engine.distributed.queue import act_job, coordinator_job, probe_job
-from engine.errors import ConfigError, EngineError, InventoryError
+from engine.errors import ConfigError, EngineError, InventoryError, StateError
 from engine.expressions import EvaluationError
 from engine.guards import admission_refusal, allowed_hosts, blast_radius_refusal, evaluate_host
 from engine.outcomes import BAD_OUTCOMES, HostOutcome, Mode, RunStatus
@@ -79,6 +79,10 @@ DEFAULT_SHARD_SIZE = 250
 DEFAULT_ACT_ATTEMPTS = 2
 #: Hosts written to the board per transaction while targets are resolved.
 _WRITE_PAGE = 1000
+#: How long an act shard keeps trying to write its hosts' results while the state is away.
+FINAL_WRITE_PATIENCE = timedelta(minutes=10)
+#: The longest wait between two of those tries.
+_FINAL_WRITE_WAIT = 5.0
 
 
 class DistributedRequest(BaseModel):
@@ -679,7 +683,7 @@ def act_shard(
                 _result(HostReport(host=h.host, outcome=HostOutcome.SKIPPED, reason=reason))
                 for h in hosts
             ]
-            _end_shard(run, ShardKind.ACT, shard, job_id, results, ShardState.DONE, reason)
+            _end_act_shard(run, shard, job_id, results, ShardState.DONE, reason, stopping)
             return
         try:
             results = _act(run, hosts, stopping)
@@ -689,9 +693,50 @@ def act_shard(
                 _result(HostReport(host=h.host, outcome=HostOutcome.INTERRUPTED, reason=why))
                 for h in hosts
             ]
-            _end_shard(run, ShardKind.ACT, shard, job_id, results, ShardState.FAILED, why)
+            _end_act_shard(run, shard, job_id, results, ShardState.FAILED, why, stopping)
             return
-        _end_shard(run, ShardKind.ACT, shard, job_id, results, ShardState.DONE, "")
+        _end_act_shard(run, shard, job_id, results, ShardState.DONE, "", stopping)
+
+
+def _end_act_shard(
+    run: _Run,
+    shard: int,
+    job_id: int,
+    results: Sequence[HostResult],
+    state: ShardState,
+    reason: str,
+    stopping: Callable[[], bool],
+) -> None:
+    """End an act shard, trying again while the state database is away.
+
+    Its hosts were acted on: a write lost here would leave the shard ``running`` for as long
+    as its worker lives (no one recovers a live worker's job) and its run waiting.  The
+    write is fenced by the job's id: a try after a commit whose answer was lost, or after
+    another worker interrupted the shard, changes nothing.  The worker stopping past its
+    grace, or :data:`FINAL_WRITE_PATIENCE` spent, gives up (the error is raised): the shard
+    is then recovered like a dead worker's once this one stops.
+    """
+    services = run.worker.services
+    deadline = services.clock() + FINAL_WRITE_PATIENCE
+    wait = 0.5
+    while True:
+        try:
+            _end_shard(run, ShardKind.ACT, shard, job_id, results, state, reason)
+        except StateError as exc:
+            if stopping() or services.clock() >= deadline:
+                raise
+            log_anyway(
+                run.log.warning,
+                "shard.write_retried",
+                kind=ShardKind.ACT.value,
+                shard=shard,
+                job=job_id,
+                error=str(exc),
+            )
+        else:
+            return
+        services.sleep(wait)
+        wait = min(wait * 2, _FINAL_WRITE_WAIT)
 
 
 def _result(report: HostReport, *, recorded: bool = False) -> HostResult:

@@ -8,17 +8,22 @@ acted on beyond the blast radius, the audit chain verifies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.support.cli import run_remediate
 from tests.support.fleet import SimFleet, make_fleet
+from tests.support.postgres import PostgresServer
 from tests.support.replicas import lines, mark, new_replica, project_for, states
 from tests.support.webhook import ServerProcess, wait_for
 from tests.support.workers import Cluster
@@ -32,15 +37,15 @@ def _hosts(report: dict[str, Any]) -> dict[str, tuple[str, int]]:
     return {h["host"]: (h["outcome"], len(h["steps"])) for h in report["hosts"]}
 
 
-def _check_invariants(cluster: Cluster, run_id: str) -> None:
-    """At most one effective fix per host; the chain verifies; every host recorded once."""
+def _check_invariants(cluster: Cluster, run_id: str, hosts: int | None = None) -> None:
+    """At most one effective fix per host; the chain verifies; each host (or ``hosts``) recorded."""
     fleet = cluster.fleet
     for name in fleet.names:
         assert fleet.state(name) in {"ok", "fixed", "sick"}
     verified = cluster.remediate("audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     recorded = cluster.query("SELECT count(*) FROM host_results WHERE run_id = %s", (run_id,))
-    assert recorded[0][0] == len(fleet.names)
+    assert recorded[0][0] == (len(fleet.names) if hosts is None else hosts)
     finished = [
         r for r in cluster.audit() if r.get("run_id") == run_id and r["event"] == "run.finished"
     ]
@@ -309,3 +314,188 @@ def test_a_cancelled_run_acts_on_nothing_and_ends_aborted(
     assert {h["outcome"] for h in report["hosts"]} == {"skipped"}
     assert all(fleet.fixes(n) == 0 for n in fleet.names)
     _check_invariants(cluster, run_id)
+
+
+def _acted(cluster: Cluster) -> dict[str, set[str]]:
+    """The runs that started a step on each host, from the audit chain."""
+    acted: dict[str, set[str]] = {}
+    for record in cluster.audit():
+        if record["event"] == "step.started":
+            acted.setdefault(record["host"], set()).add(record["run_id"])
+    return acted
+
+
+def test_two_runs_over_overlapping_hosts_act_on_each_host_once(
+    tmp_path: Path, cluster_factory: Make
+) -> None:
+    """Two runs at once over overlapping hosts: each host acted on once, by one run's lease."""
+    fleet = make_fleet(tmp_path, 24)
+    sick = fleet.names[2:14]  # dev0003..dev0014
+    fleet.make_sick(sick)
+    fleet.slow(sick, 2)  # both runs' act shards overlap in time
+    first, second = fleet.names[:16], fleet.names[4:]  # dev0005..dev0016 in both
+    cluster = cluster_factory(fleet)
+    for _ in range(3):
+        cluster.start_worker()
+
+    def run(hosts: Sequence[str]) -> subprocess.Popen[str]:
+        args = ["run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed"]
+        args += ["--limit", ":".join(hosts), "--shard-size", "4", "-o", "json"]
+        return stack.enter_context(cluster.following(*args))
+
+    with contextlib.ExitStack() as stack:
+        followers = [run(first), run(second)]
+        outs = [f.communicate(timeout=240)[0] for f in followers]
+    reports = [json.loads(out) for out in outs]
+    assert [f.returncode for f in followers] == [0, 0], [r["status"] for r in reports]
+    why = [(h["host"], h["outcome"], h["reason"]) for r in reports for h in r["hosts"]]
+    assert [fleet.fixes(n) for n in sick] == [1] * len(sick), why  # never twice
+    assert all(fleet.fixes(n) == 0 for n in fleet.names if n not in sick)
+    acted = _acted(cluster)
+    assert set(acted) == set(sick)  # 12 hosts: within both runs' blast radius (16 and 20)
+    assert all(len(runs) == 1 for runs in acted.values()), acted  # one run's lease each
+    fixed_by = Counter(h["host"] for r in reports for h in r["hosts"] if h["outcome"] == "fixed")
+    assert set(fixed_by) == set(sick)
+    assert set(fixed_by.values()) == {1}
+    for report in reports:  # the other run's hosts: leased (skipped) or cooled down/healthy
+        run_id = report["plan"]["run_id"]
+        for host in report["hosts"]:
+            if host["host"] in acted and acted[host["host"]] != {run_id}:
+                assert host["outcome"] in {"skipped", "healthy"}, host
+    for report, hosts in zip(reports, (first, second), strict=True):
+        _check_invariants(cluster, report["plan"]["run_id"], len(hosts))
+
+
+def test_worker_killed_after_its_shard_ended_leaves_the_run_to_the_others(
+    tmp_path: Path, cluster_factory: Make
+) -> None:
+    """A worker killed after its act shard's results committed, before its next step: no rerun."""
+    fleet = make_fleet(tmp_path, 20)
+    sick = fleet.names[:10]
+    fleet.make_sick(sick)
+    fleet.slow(sick, 3)  # the act job's row is locked while the shard runs
+    cluster = cluster_factory(fleet)
+    doomed = cluster.start_worker("--concurrency", "1")
+    with (
+        psycopg.connect(cluster.url) as blocker,
+        cluster.following(
+            "run",
+            "sim-fleet",
+            "-i",
+            str(fleet.inventory),
+            "--apply",
+            "--distributed",
+            "--shard-size",
+            "10",
+            "-o",
+            "json",
+        ) as follower,  # fmt: skip
+    ):
+        # The act job's row is held: the worker ends the shard (its own transaction), then
+        # waits to mark its job done, its only slot busy, the coordinator's step not taken.
+        def act_job_locked() -> bool:
+            rows = blocker.execute(
+                b"SELECT id FROM procrastinate_jobs WHERE task_name = 'remediate.act_shard'"
+                b" FOR UPDATE"
+            ).fetchall()
+            return bool(rows)
+
+        cluster.wait_for("the act job", act_job_locked)
+        cluster.wait_for(
+            "the act shard's end",
+            lambda: (
+                cluster.query("SELECT state FROM dist_shards WHERE kind = 'act'") == [("done",)]
+            ),
+        )
+        run_id = cluster.query("SELECT run_id FROM dist_runs")[0][0]
+        assert cluster.query("SELECT phase FROM dist_runs")[0][0] == "act"
+        cluster.kill(doomed.pid)
+        blocker.rollback()
+        cluster.start_worker()  # a replacement, as a supervisor would start
+        out, _ = follower.communicate(timeout=180)
+    report = json.loads(out)
+    assert report["status"] == "succeeded"
+    assert [fleet.fixes(n) for n in sick] == [1] * len(sick)
+    assert {h["host"] for h in report["hosts"] if h["outcome"] == "fixed"} == set(sick)
+    assert not [r for r in cluster.audit() if r["event"] == "shard.interrupted"]
+    _check_invariants(cluster, run_id)
+
+
+def test_postgres_restarted_mid_act_acts_on_no_host_twice(
+    tmp_path: Path, own_postgres: PostgresServer
+) -> None:
+    """PostgreSQL restarted under acting shards: the run ends, no host acted on twice."""
+    fleet = make_fleet(tmp_path, 20)
+    sick = fleet.names[:10]
+    fleet.make_sick(sick)
+    fleet.slow(sick, 4)
+    cluster = Cluster(url=own_postgres.url("remediate"), fleet=fleet, base=tmp_path)
+    try:
+        for _ in range(2):
+            cluster.start_worker()
+        with cluster.following(
+            "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
+            "--shard-size", "5", "-o", "json",
+        ) as follower:  # fmt: skip
+            cluster.wait_for("an act shard", lambda: _running_shard(cluster, "act"))
+            cluster.wait_for("a fix started", lambda: any(fleet.fixes(h) for h in sick))
+            own_postgres.stop()
+            time.sleep(7)  # longer than a connection is waited for: following waits on
+            own_postgres.start()
+            out, err = follower.communicate(timeout=240)
+        assert follower.returncode in {0, 1}, err
+        report = json.loads(out)
+        run_id = report["plan"]["run_id"]
+        outcomes = {h["host"]: h["outcome"] for h in report["hosts"]}
+        assert all(fleet.fixes(n) <= 1 for n in fleet.names)  # never double-acted
+        for host in sick:  # healthy: its fix took effect, a retry's probe found it so
+            if outcomes[host] in {"fixed", "healthy"}:
+                assert (fleet.fixes(host), fleet.state(host)) == (1, "fixed"), host
+            else:
+                assert outcomes[host] in {"interrupted", "error"}, (host, outcomes[host])
+        assert cluster.query("SELECT count(*) FROM runs WHERE status = 'running'") == [(0,)]
+        _check_invariants(cluster, run_id)
+        seqs = [r[0] for r in cluster.query("SELECT seq FROM audit_chain ORDER BY seq")]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous
+    finally:
+        cluster.stop()
+
+
+def test_act_shard_whose_final_write_fails_tries_it_again(
+    tmp_path: Path, cluster_factory: Make
+) -> None:
+    """An act shard's final write refused by the database: it tries again; the run then ends."""
+    fleet = make_fleet(tmp_path, 10)
+    sick = fleet.names[:5]
+    fleet.make_sick(sick)
+    cluster = cluster_factory(fleet)
+    # The database refuses to end act shards (a fault of the real server) until dropped.
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute(
+            b"CREATE FUNCTION refuse_shard_end() RETURNS trigger LANGUAGE plpgsql AS $$"
+            b" BEGIN RAISE EXCEPTION 'the database is away'; END $$"
+        )
+        conn.execute(
+            b"CREATE TRIGGER refuse_shard_end BEFORE UPDATE ON dist_shards FOR EACH ROW"
+            b" WHEN (NEW.kind = 'act' AND NEW.state IN ('done', 'failed'))"
+            b" EXECUTE FUNCTION refuse_shard_end()"
+        )
+    cluster.start_worker("--stalled-after", "120")  # no one else would recover the shard
+    with cluster.following(
+        "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
+        "--shard-size", "5", "-o", "json",
+    ) as follower:  # fmt: skip
+        cluster.wait_for(
+            "a refused final write",
+            lambda: any(r["event"] == "shard.write_retried" for r in cluster.audit()),
+        )
+        assert cluster.query("SELECT state FROM dist_shards WHERE kind = 'act'") == [("running",)]
+        with psycopg.connect(cluster.url, autocommit=True) as conn:
+            conn.execute(b"DROP TRIGGER refuse_shard_end ON dist_shards")
+        out, err = follower.communicate(timeout=120)
+    assert follower.returncode == 0, err
+    report = json.loads(out)
+    assert report["status"] == "succeeded"
+    assert {h["host"] for h in report["hosts"] if h["outcome"] == "fixed"} == set(sick)
+    assert [fleet.fixes(n) for n in sick] == [1] * len(sick)
+    _check_invariants(cluster, report["plan"]["run_id"])

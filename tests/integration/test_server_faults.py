@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -11,23 +11,11 @@ import pytest
 from engine.audit import utc_now
 from engine.state import open_database
 from tests.support.alertmanager import Alertmanager
-from tests.support.postgres import PostgresServer, remove_postgres, started_or_skip
+from tests.support.postgres import PostgresServer
 from tests.support.replicas import lines, mark, new_replica, project_for, states
 from tests.support.webhook import TOKEN, ServerProcess, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL of this test's own (it is restarted), durable like a real one."""
-    server = started_or_skip(durable=True)
-    try:
-        server.execute("CREATE DATABASE remediate")
-        open_database(server.url("remediate"), clock=utc_now).close()
-        yield server
-    finally:
-        remove_postgres(server)
 
 
 def test_postgres_restarted_under_a_replica_loses_nothing_and_runs_nothing_twice(

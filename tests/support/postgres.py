@@ -178,6 +178,18 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own (a test that restarts it), durable like a real one."""
+    server = started_or_skip(durable=True)
+    try:
+        server.execute("CREATE DATABASE remediate")
+        open_database(server.url("remediate"), clock=utc_now).close()
+        yield server
+    finally:
+        remove_postgres(server)
+
+
+@pytest.fixture
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh, migrated database of the session's server, for one test."""
     return postgres_server.new_database()
