@@ -44,14 +44,19 @@ def test_postgres_restarted_under_a_replica_loses_nothing_and_runs_nothing_twice
         return answer.status_code == 202
 
     wait_for("the retried notification to be recorded", accepted, timeout=60)
-    wait_for(
-        "both runs to end",
-        lambda: (
-            {states(replica).get("aaaa"), states(replica).get("bbbb")} <= {"done", "interrupted"}
-            and states(replica).get("bbbb") == "done"
-        ),
-        timeout=90,
-    )
+    try:
+        wait_for(
+            "both runs to end",
+            lambda: (
+                {states(replica).get("aaaa"), states(replica).get("bbbb")}
+                <= {"done", "interrupted"}
+                and states(replica).get("bbbb") == "done"
+            ),
+            timeout=90,
+        )
+    except pytest.fail.Exception:  # what the replica said, for the failure's reader
+        tail = replica.log.read_text(errors="replace")[-6000:]
+        pytest.fail(f"queue {states(replica)}; the replica's log ends:\n{tail}")
     assert states(replica)["aaaa"] in {"done", "interrupted"}
     assert lines(log).count("acted dev-b") == 1
     assert lines(log).count("acted dev-a") <= 1
