@@ -86,6 +86,10 @@ class AuditVerification(BaseModel):
 # --------------------------------------------------------------------------- encoding
 
 
+#: Types written as they are (exactly these: a StrEnum is a str but is written as its value).
+_NATIVE = frozenset({str, int, float, bool, type(None)})
+
+
 def _jsonable(value: object) -> Any:
     """Return ``value`` as JSON-native data (dict with str keys, list, str, int, float, bool)."""
     # Most of an event is already JSON-native (alert labels, names, counts): exact types
@@ -94,11 +98,14 @@ def _jsonable(value: object) -> Any:
     kind = type(value)
     if kind is str or kind is int or kind is bool or kind is float or value is None:
         return value
-    if kind is dict:
+    if kind is dict:  # leaves are copied without a call: most of an event is leaves
         items = cast("dict[object, object]", value).items()
-        return {k if type(k) is str else str(k): _jsonable(v) for k, v in items}
+        return {
+            k if type(k) is str else str(k): v if type(v) in _NATIVE else _jsonable(v)
+            for k, v in items
+        }
     if kind is list:
-        return [_jsonable(v) for v in cast("list[object]", value)]
+        return [v if type(v) in _NATIVE else _jsonable(v) for v in cast("list[object]", value)]
     if isinstance(value, Enum):
         return _jsonable(value.value)
     if value is None or isinstance(value, bool | int | float | str):
@@ -621,16 +628,41 @@ def _check_line(raw: bytes, *, seq: int, prev: str) -> dict[str, Any] | str:
 # --------------------------------------------------------------------------- processors
 
 
+#: Whether a key names a secret, remembered per key (events repeat the same few keys: alert
+#: labels, run fields), bounded so hostile label names cannot grow it without limit.
+_SECRET_KEYS: dict[str, bool] = {}
+_SECRET_KEYS_MAX = 4096
+
+
+def _secret_key(key: str) -> bool:
+    secret = is_secret_name(key)
+    if len(_SECRET_KEYS) < _SECRET_KEYS_MAX:
+        _SECRET_KEYS[key] = secret
+    return secret
+
+
 def _redact(value: object, names: frozenset[str]) -> object:
-    if isinstance(value, Mapping):
-        return {
-            k: REDACTED
-            if isinstance(k, str) and (k.lower() in names or is_secret_name(k))
-            else _redact(v, names)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [_redact(v, names) for v in value]
+    """``value`` with every member whose key names a secret (or is in ``names``) redacted."""
+    kind = type(value)
+    if kind is dict or (kind is not list and isinstance(value, Mapping)):
+        out: dict[object, object] = {}
+        remembered = _SECRET_KEYS.get
+        for key, item in cast("Mapping[object, object]", value).items():
+            if type(key) is str:
+                secret = remembered(key)
+                if secret is None:
+                    secret = _secret_key(key)
+                if secret or (names and key.lower() in names):
+                    out[key] = REDACTED
+                    continue
+            # Most members are strings or numbers: only containers are walked.
+            out[key] = item if type(item) in _NATIVE else _redact(item, names)
+        return out
+    if kind is list or isinstance(value, list | tuple):
+        return [
+            item if type(item) in _NATIVE else _redact(item, names)
+            for item in cast("list[object] | tuple[object, ...]", value)
+        ]
     return value
 
 
