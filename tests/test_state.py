@@ -22,6 +22,7 @@ from engine.approvals import ApprovalError, decide, expire_approvals
 from engine.errors import ConfigError, StateError
 from engine.outcomes import HostOutcome, Mode, RunStatus
 from engine.server.queue import (
+    AlertBatch,
     BreakerRecord,
     FiringInput,
     FiringOutcome,
@@ -590,6 +591,34 @@ def test_a_firing_after_the_run_finished_queues_a_new_run(store: AlertStore) -> 
     assert [i.fingerprint for i in again.queued] == ["crit"]
     assert again.coalesced == ()
     assert again.queued[0].item_id != first.item_id
+
+
+def test_one_group_commit_sees_each_notification_as_the_one_before_left_it(
+    store: AlertStore,
+) -> None:
+    """In one group commit a run queued, then cancelled, is joined, then queued anew."""
+    first, joined, cancelled, fresh = store.record_notifications(
+        [
+            AlertBatch(firing=(_firing("warn", "dev-a"),)),
+            AlertBatch(firing=(_firing("crit", "dev-a"),)),
+            AlertBatch(resolved=(_resolved("warn"), _resolved("crit"))),
+            AlertBatch(firing=(_firing("again", "dev-a"), _firing("again", "dev-a"))),
+        ],
+        now=T0,
+        hold_reason=None,
+    )
+    (item,) = first.queued
+    assert [(j.fingerprint, j.item_id) for j in joined.coalesced] == [("crit", item.item_id)]
+    assert [i.item_id for i in cancelled.cancelled] == [item.item_id]
+    assert [i.fingerprint for i in fresh.queued] == ["again"]
+    assert (fresh.coalesced, len(fresh.deduplicated)) == ((), 1)
+    assert fresh.queued[0].item_id != item.item_id
+    outcomes = {f.fingerprint: f.outcome for f in store.list_firings()}
+    assert outcomes == {
+        "warn": FiringOutcome.QUEUED,
+        "crit": FiringOutcome.COALESCED,
+        "again": FiringOutcome.QUEUED,
+    }
 
 
 def test_held_runs_are_never_joined(store: AlertStore) -> None:

@@ -9,6 +9,7 @@ that processes would share).
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import sqlite3
@@ -35,6 +36,7 @@ from engine.server.queue import (
     JoinedItem,
     QueueClaim,
     QueueItem,
+    QueueRoute,
     QueueState,
     RecordedAlerts,
     ResolvedInput,
@@ -848,14 +850,59 @@ _QUEUE_ROUTE = (
 )
 
 
+#: An active item's key (runbook, host, trigger mode) → its id and state (queued | running).
+_Active = dict[tuple[str, str, str], tuple[int, QueueState]]
+
+
+def _active_items(db: sqlite3.Connection, notifications: Sequence[AlertBatch]) -> _Active:
+    """The items queued or running for the routes of ``notifications``, in one statement.
+
+    Read inside the intake's write transaction (``BEGIN IMMEDIATE``), so nobody changes
+    them before the commit; each route is looked up in the partial unique index.
+    """
+    keys = {
+        (route.runbook, route.host, route.trigger_mode)
+        for batch in notifications
+        for alert in batch.firing
+        for route in alert.routes
+    }
+    if not keys:
+        return {}
+    active: _Active = {}
+    for start in range(0, len(keys), _ROUTES_PER_LOOKUP):
+        chunk = list(itertools.islice(keys, start, start + _ROUTES_PER_LOOKUP))
+        rows = db.execute(
+            "SELECT r.column1, r.column2, r.column3, q.item_id, q.state"  # noqa: S608 - placeholders only
+            f" FROM (VALUES {', '.join(['(?, ?, ?)'] * len(chunk))}) AS r"
+            " CROSS JOIN alert_queue q ON q.runbook = r.column1 AND q.host = r.column2"
+            " AND q.trigger_mode = r.column3 AND q.state IN ('queued', 'running')",
+            [value for key in chunk for value in key],
+        )
+        for runbook, host, trigger_mode, item_id, state in rows:
+            active[(runbook, host, trigger_mode)] = (item_id, QueueState(state))
+    return active
+
+
+def _route_key(route: QueueRoute | QueueItem) -> tuple[str, str, str]:
+    return (route.runbook, route.host, route.trigger_mode)
+
+
+#: Routes looked up per statement (three bound values each, far below SQLite's limit).
+_ROUTES_PER_LOOKUP = 2000
+
+
 def _record_batch(
     db: sqlite3.Connection,
-    firing: Sequence[FiringInput],
-    resolved: Sequence[ResolvedInput],
+    batch: AlertBatch,
     stamp: str,
     hold_reason: str | None,
+    active: _Active,
 ) -> RecordedAlerts:
-    """One notification's inserts and updates, inside the caller's transaction."""
+    """One notification's inserts and updates, inside the caller's transaction.
+
+    ``active`` (:func:`_active_items`) is kept up to date as items are queued or cancelled,
+    so a firing whose every route joins a run is inserted ``coalesced`` at once.
+    """
     new: list[FiringKey] = []
     dups: list[FiringKey] = []
     done: list[FiringKey] = []
@@ -864,12 +911,32 @@ def _record_batch(
     coalesced: list[JoinedItem] = []
     state = QueueState.HELD if hold_reason is not None else QueueState.QUEUED
     enqueued_at = _moment(stamp)
-    for alert in firing:
+    for alert in batch.firing:
         key = FiringKey(fingerprint=alert.fingerprint, starts_at=alert.starts_at)
         starts_at = _text(alert.starts_at)
         outcome, reason = alert.outcome, alert.reason
+        # A held item is never joined (the partial unique index leaves it out): when held,
+        # every route queues a held item.
+        known = [
+            None if hold_reason is not None else active.get(_route_key(route))
+            for route in alert.routes
+        ]
+        joins = [
+            JoinedItem(
+                fingerprint=alert.fingerprint,
+                starts_at=alert.starts_at,
+                item_id=item[0],
+                state=item[1],
+                runbook=route.runbook,
+                host=route.host,
+            )
+            for route, item in zip(alert.routes, known, strict=True)
+            if item is not None
+        ]
         if hold_reason is not None and alert.routes:
             outcome, reason = FiringOutcome.HELD, hold_reason
+        elif joins and len(joins) == len(alert.routes):  # it joins on every route
+            outcome, reason = FiringOutcome.COALESCED, joined_reason(joins)
         (seen,) = db.execute(
             "INSERT INTO alert_firings (fingerprint, starts_at, alertname, labels,"
             " status, outcome, reason, received_at, last_seen_at, times_seen)"
@@ -893,28 +960,37 @@ def _record_batch(
             continue
         new.append(key)
         joined: list[JoinedItem] = []
-        for route in alert.routes:
-            # A run of this runbook queued or running on the device in this mode already: the
-            # firing joins it (the partial unique index allows one; a held item never counts).
-            item_id, item_state, fingerprint, item_start = db.execute(
-                _QUEUE_ROUTE,
-                (
-                    alert.fingerprint,
-                    starts_at,
-                    route.runbook,
-                    route.host,
-                    route.trigger_mode,
-                    route.mode.value,
-                    state.value,
-                    hold_reason or "",
-                    stamp,
-                ),
-            ).fetchone()
+        foreseen = iter(joins)
+        unforeseen = False
+        for route, item in zip(alert.routes, known, strict=True):
+            if item is not None:
+                item_id = item[0]
+                joined.append(next(foreseen))
+            else:
+                # Queue its run; the partial unique index still has the last word (an item
+                # this transaction did not see joins as well).
+                item_id, item_state, fingerprint, item_start = db.execute(
+                    _QUEUE_ROUTE,
+                    (
+                        alert.fingerprint,
+                        starts_at,
+                        route.runbook,
+                        route.host,
+                        route.trigger_mode,
+                        route.mode.value,
+                        state.value,
+                        hold_reason or "",
+                        stamp,
+                    ),
+                ).fetchone()
             db.execute(
                 "INSERT INTO queue_firings (item_id, fingerprint, starts_at) VALUES (?, ?, ?)",
                 (item_id, alert.fingerprint, starts_at),
             )
+            if item is not None:
+                continue
             if (fingerprint, item_start) != (alert.fingerprint, starts_at):
+                unforeseen = True
                 joined.append(
                     JoinedItem(
                         fingerprint=alert.fingerprint,
@@ -926,6 +1002,8 @@ def _record_batch(
                     )
                 )
                 continue
+            if hold_reason is None:
+                active[_route_key(route)] = (item_id, state)
             # The row as inserted (the other columns are NULL), without reading it back.
             queued.append(
                 QueueItem(
@@ -941,7 +1019,7 @@ def _record_batch(
                     enqueued_at=enqueued_at,
                 )
             )
-        if joined and len(joined) == len(alert.routes):
+        if unforeseen and len(joined) == len(alert.routes):
             db.execute(
                 "UPDATE alert_firings SET outcome = ?, reason = ?"
                 " WHERE fingerprint = ? AND starts_at = ?",
@@ -953,6 +1031,31 @@ def _record_batch(
                 ),
             )
         coalesced += joined
+    _record_resolved(db, batch.resolved, stamp, active, (dups, done, cancelled))
+    held = hold_reason is not None
+    return RecordedAlerts(
+        new=tuple(new),
+        deduplicated=tuple(dups),
+        resolved=tuple(done),
+        queued=() if held else tuple(queued),
+        held=tuple(queued) if held else (),
+        cancelled=tuple(cancelled),
+        coalesced=tuple(coalesced),
+    )
+
+
+def _record_resolved(
+    db: sqlite3.Connection,
+    resolved: Sequence[ResolvedInput],
+    stamp: str,
+    active: _Active,
+    into: tuple[list[FiringKey], list[FiringKey], list[QueueItem]],
+) -> None:
+    """Record resolved alerts; their runs not started yet are cancelled (into ``into``).
+
+    ``into``: the notification's deduplicated and resolved firings and cancelled items.
+    """
+    dups, done, cancelled = into
     for gone in resolved:
         key = FiringKey(fingerprint=gone.fingerprint, starts_at=gone.starts_at)
         params = (gone.fingerprint, _text(gone.starts_at))
@@ -1004,16 +1107,9 @@ def _record_batch(
             (QueueState.CANCELLED.value, CANCELLED_REASON, stamp, QueueState.QUEUED.value, *params),
         ).fetchall()
         cancelled += sorted((_queue_item(r) for r in rows), key=lambda i: i.item_id)
-    held = hold_reason is not None
-    return RecordedAlerts(
-        new=tuple(new),
-        deduplicated=tuple(dups),
-        resolved=tuple(done),
-        queued=() if held else tuple(queued),
-        held=tuple(queued) if held else (),
-        cancelled=tuple(cancelled),
-        coalesced=tuple(coalesced),
-    )
+    for item in cancelled:  # no firing joins them any more
+        if item.item_id == active.get(_route_key(item), (0, item.state))[0]:
+            del active[_route_key(item)]
 
 
 class SqliteAlertStore(SqliteStateStore):
@@ -1104,9 +1200,9 @@ class SqliteAlertStore(SqliteStateStore):
         """
         stamp = _text(now)
         with self._transaction(f"record {len(notifications)} alert notifications") as db:
+            active = {} if hold_reason is not None else _active_items(db, notifications)
             results = [
-                _record_batch(db, batch.firing, batch.resolved, stamp, hold_reason)
-                for batch in notifications
+                _record_batch(db, batch, stamp, hold_reason, active) for batch in notifications
             ]
         if audit is not None:
             audit(results)
