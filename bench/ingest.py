@@ -69,6 +69,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tests' free-port helper
+
+from tests.support.ports import free_port  # noqa: E402
+
 TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a throwaway local credential
 DUPLICATE_SHARE = 0.3
 TARGET_RATE = 5000.0
@@ -441,13 +445,6 @@ async def _measured(pid: int, run: Callable[[], Coroutine[Any, Any, _Phase]]) ->
 # --------------------------------------------------------------------------- the server
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _wait_healthy(port: int, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -500,7 +497,7 @@ async def _bench(
     """Start ``replicas`` servers on the state ``url`` (None: SQLite in the state dir); measure."""
     load_before = _load()
     base.mkdir()
-    ports = [_free_port() for _ in range(replicas)]
+    ports = [free_port() for _ in range(replicas)]
     configs = [_project(base / f"r{n}", args.devices, port) for n, port in enumerate(ports)]
     state = base / "state"
     procs = [_start_server(config, state, url) for config in configs]
