@@ -476,6 +476,7 @@ class _Run:
     stored: str  # what the state took on disk, when known
     load_before: str
     load_after: str
+    curve: list[tuple[float, _Phase]] = field(default_factory=list)  # --curve: rate, phase
 
 
 def _start_server(config: Path, state: Path, url: str | None) -> subprocess.Popen[bytes]:
@@ -525,6 +526,21 @@ async def _bench(
                 for p, b in zip(ports, bodies, strict=True)
             ],
         )
+        curve = []
+        if replicas == 1:
+            for offered in args.curve:
+                (phase,) = await _measured_all(
+                    [procs[0].pid],
+                    [
+                        lambda o=offered: _fixed_rate(  # type: ignore[misc]
+                            ports[0],
+                            [feeds[0].next() for _ in range(round(o / args.batch * args.seconds))],
+                            args.batch / o,
+                            args.open_connections,
+                        )
+                    ],
+                )
+                curve.append((offered, phase))
         hwm = [_proc_status_kb(p.pid, "VmHWM") for p in procs]
         if url is None:
             db = sum(p.stat().st_size for p in state.glob("state.db*"))
@@ -538,7 +554,7 @@ async def _bench(
         for proc in procs:
             proc.wait(timeout=60)
     label = "sqlite" if url is None else "postgresql"
-    return _Run(label, replicas, rate, saturation, fixed, hwm, stored, load_before, _load())
+    return _Run(label, replicas, rate, saturation, fixed, hwm, stored, load_before, _load(), curve)
 
 
 async def _measured_all(
@@ -626,6 +642,24 @@ def _report_replica(args: argparse.Namespace, run: _Run, n: int) -> _Figures:
     return _Figures(sat_rate, p99, sustained, run.hwm_kb[n] / 1024)
 
 
+def _report_curve(args: argparse.Namespace, run: _Run) -> None:
+    """Latency against the offered rate (``--curve``): where the tail stays short."""
+    print(f"(c) latency by offered rate, open loop as (b), {args.seconds:.0f} s each:")
+    print(
+        f"  {'offered/s':>9} {'accepted/s':>10} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8}"
+        f" {'server CPU':>10} {'alerts/CPU-s':>12}"
+    )
+    for offered, phase in run.curve:
+        ordered = sorted(s * 1000 for s in phase.latencies)
+        u = phase.usage
+        print(
+            f"  {offered:>9,.0f} {phase.alerts / phase.span if phase.span else 0:>10,.0f}"
+            f" {_percentile(ordered, 0.5):>7.2f} {_percentile(ordered, 0.99):>7.2f}"
+            f" {_percentile(ordered, 0.999):>8.2f} {u.server_cpu / u.wall:>10.0%}"
+            f" {phase.alerts / u.server_cpu if u.server_cpu else 0:>12,.0f}"
+        )
+
+
 def _report(args: argparse.Namespace, runs: list[_Run]) -> None:
     print(
         f"ingest: {args.batch} alerts/notification, {args.devices} devices,"
@@ -643,6 +677,8 @@ def _report(args: argparse.Namespace, runs: list[_Run]) -> None:
             + ", ".join(f"{f.hwm_mb:.1f} MB" for f in figures)
         )
         table.append((run, figures))
+        if run.curve:
+            _report_curve(args, run)
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
@@ -695,6 +731,14 @@ def main() -> None:
     )
     parser.add_argument("--open-connections", type=int, default=64, help="connections of phase (b)")
     parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument(
+        "--curve",
+        type=lambda text: [float(rate) for rate in text.split(",") if rate],
+        default=[],
+        metavar="RATE,RATE,...",
+        help="after phase (b), one open-loop phase per offered rate (alerts/s, one server): "
+        "p50/p99 and server CPU by rate",
+    )
     parser.add_argument(
         "--state-url",
         help="also measure PostgreSQL, one and two replicas: a postgresql:// URL of an empty "
