@@ -228,6 +228,7 @@ ROLES = (
     "shard ansible-playbook (and forks)",
     "device commands (sh)",
     "PostgreSQL backend",
+    "client's children",
 )
 
 
@@ -247,7 +248,7 @@ def _role(proc: psutil.Process, root: str) -> str:
     if root == "postgres":
         return ROLES[5]
     if root == "client":
-        return ROLES[0]
+        return ROLES[6]
     command = " ".join(proc.cmdline())
     if "remediate_targets.py" in command:
         return ROLES[2]
@@ -283,7 +284,9 @@ class _PeakWatch:
                     key = (proc.pid, proc.create_time())
                     role = self._roles.get(key)
                     if role is None:
-                        role = ROLES[1] if proc is root and kind == "worker" else _role(proc, kind)
+                        if proc is root:
+                            role = {"worker": ROLES[1], "client": ROLES[0]}.get(kind)
+                        role = role or _role(proc, kind)
                         self._roles[key] = role
                 except psutil.Error:
                     continue
