@@ -244,12 +244,15 @@ def _hwm_kb(pid: int) -> int:
     return 0
 
 
-def _role(proc: psutil.Process, root: str) -> str:
+def _role(proc: psutil.Process, root: str) -> str | None:
+    """The role of a process of a tree; None for a fork not yet exec'd (ask again later)."""
     if root == "postgres":
         return ROLES[5]
+    command = " ".join(proc.cmdline())
+    if "from engine.cli import main" in command:
+        return None
     if root == "client":
         return ROLES[6]
-    command = " ".join(proc.cmdline())
     if "remediate_targets.py" in command:
         return ROLES[2]
     if "ansible-playbook" in command or "ansible" in command:
@@ -287,6 +290,8 @@ class _PeakWatch:
                         if proc is root:
                             role = {"worker": ROLES[1], "client": ROLES[0]}.get(kind)
                         role = role or _role(proc, kind)
+                        if role is None:
+                            continue
                         self._roles[key] = role
                 except psutil.Error:
                     continue
