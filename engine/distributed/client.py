@@ -147,14 +147,6 @@ def _progress(board: RunBoard, run_id: str) -> tuple[str, int | None, int] | Non
     return title, None, 0
 
 
-def run_report(board: RunBoard, store: StateStore, run_id: str, *, secrets: Secrets) -> RunReport:
-    """The report of a finished distributed run, from its rows; its error, if it had one.
-
-    The whole fleet's report at once: :func:`board_report` reads it a page at a time.
-    """
-    return board_report(board, store, run_id, secrets=secrets).whole()
-
-
 def board_report(
     board: RunBoard, store: StateStore, run_id: str, *, secrets: Secrets
 ) -> BoardReport:

@@ -386,7 +386,8 @@ def _decide(run: _Run) -> None:
         acting = 0
     plan = run.plan_meta(refused)
     sample: HostPlan | None = None  # an acting host, a destructive one if there is one
-    names: list[str] = []  # acting hosts' names only, for admission (the blast radius caps them)
+    applies = plan.mode is Mode.APPLY
+    names: list[str] = []  # acting hosts' names for admission (the blast radius caps them)
     for page, part in _acting_pages(run, acting):
         run.log.info(
             "plan.created",
@@ -396,11 +397,11 @@ def _decide(run: _Run) -> None:
             refused=refused,
             **part,
         )
-        names += (h.host for h in page)
+        names += (h.host for h in page) if applies else ()
         for host in page:
             if sample is None or (not _destructive(sample) and _destructive(host)):
                 sample = host
-    acts = plan.mode is Mode.APPLY and bool(names) and not refused
+    acts = applies and bool(names) and not refused
     # approval depends on whether any acting host has a destructive step: the sample tells
     if acts and needs_approval(runbook, plan.model_copy(update={"hosts": (sample,)})):
         if run.stored.approved:
