@@ -49,7 +49,11 @@ from fleet import add_device_tmp_option, device_tmp, write_inventory
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.postgres import remove_postgres, start_postgres  # noqa: E402
+from tests.support.postgres import (  # noqa: E402
+    PostgresServer,
+    remove_postgres,
+    start_postgres,
+)
 
 REMEDIATE = (sys.executable, "-c", "from engine.cli import main; main()")
 RUNBOOK = "stale-probe-scratch"
@@ -137,6 +141,34 @@ def _run(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
     return wall, _children_cpu() - before_cpu
 
 
+def _migrated(server: PostgresServer, name: str, base: Path) -> str:
+    """A new database ``name``, migrated by ``remediate state migrate``; its URL."""
+    server.execute(f"CREATE DATABASE {name}")
+    url = server.url(name)
+    subprocess.run(
+        [*REMEDIATE, "--state-url", url, "state", "migrate"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "REMEDIATE_STATE_DIR": str(base / "migrate")},
+    )
+    return url
+
+
+def _start_workers(workers: int, env: dict[str, str]) -> list[subprocess.Popen[bytes]]:
+    """``workers`` ``remediate worker --concurrency 1`` processes."""
+    return [
+        subprocess.Popen(
+            [*REMEDIATE, "worker", "--concurrency", "1", "--heartbeat", "2"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(workers)
+    ]
+
+
 def single(inventory: Path, base: Path, hosts: int) -> Figures:
     """``remediate plan`` in one process, SQLite state."""
     env = {**os.environ, "REMEDIATE_STATE_DIR": str(base / "single-state")}
@@ -154,16 +186,7 @@ def distributed(
         "REMEDIATE_STATE_DIR": str(base / f"dist-state-{workers}"),
         "REMEDIATE_STATE_URL": url,
     }
-    started = [
-        subprocess.Popen(
-            [*REMEDIATE, "worker", "--concurrency", "1", "--heartbeat", "2"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(workers)
-    ]
+    started = _start_workers(workers, env)
     procs = [psutil.Process(p.pid) for p in started]
     try:
         time.sleep(3)  # imported and listening
@@ -337,16 +360,7 @@ def memory_run(
         "REMEDIATE_STATE_URL": url,
     }
     workers = int(args.workers.split(",")[0])
-    started = [
-        subprocess.Popen(
-            [*REMEDIATE, "worker", "--concurrency", "1", "--heartbeat", "2"],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(workers)
-    ]
+    started = _start_workers(workers, env)
     try:
         time.sleep(3)  # imported and listening
         argv = [*REMEDIATE, "plan", RUNBOOK, "-i", str(inventory), "--distributed"]
@@ -389,16 +403,7 @@ def memory(args: argparse.Namespace) -> int:
             base = Path(folder)
             with device_tmp(args.device_tmp):
                 for number, hosts in enumerate(sizes):
-                    name = f"mem{number}"
-                    server.execute(f"CREATE DATABASE {name}")
-                    url = server.url(name)
-                    subprocess.run(
-                        [*REMEDIATE, "--state-url", url, "state", "migrate"],
-                        cwd=ROOT,
-                        check=True,
-                        capture_output=True,
-                        env={**os.environ, "REMEDIATE_STATE_DIR": str(base / "migrate")},
-                    )
+                    url = _migrated(server, f"mem{number}", base)
                     peaks, wall, counts = memory_run(hosts, base, url, server.data, args)
                     results.append((hosts, peaks, wall, counts))
     finally:
@@ -464,16 +469,7 @@ def main() -> int:
             with device_tmp(args.device_tmp) as devices:
                 rows = [single(inventory, base, args.hosts)]
                 for number, workers in enumerate(counts):
-                    name = f"bench{number}"
-                    server.execute(f"CREATE DATABASE {name}")
-                    url = server.url(name)
-                    subprocess.run(
-                        [*REMEDIATE, "--state-url", url, "state", "migrate"],
-                        cwd=ROOT,
-                        check=True,
-                        capture_output=True,
-                        env={**os.environ, "REMEDIATE_STATE_DIR": str(base / "migrate")},
-                    )
+                    url = _migrated(server, f"bench{number}", base)
                     rows.append(distributed(inventory, base, url, server.data, workers, args))
     finally:
         remove_postgres(server)
