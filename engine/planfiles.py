@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.errors import PlanFileError
 from engine.outcomes import HostOutcome
-from engine.plans import Plan
+from engine.plans import HostPlan, Plan
 from engine.privacy import write_private
 from engine.redaction import NO_SECRETS, Secrets
 from engine.runbooks import Runbook
@@ -64,6 +65,64 @@ def save_plan(
     path.parent.mkdir(parents=True, exist_ok=True)
     write_private(path, saved.model_dump_json(indent=2) + "\n")
     return saved
+
+
+class LazyList(list[Any]):
+    """A JSON array whose items are read when it is encoded, never held at once.
+
+    :class:`json.JSONEncoder` encodes any ``list`` by iterating it (``iterencode``, or
+    ``dumps`` with an indent: the encoder written in Python); this one iterates
+    ``items()`` afresh each time, so a fleet's hosts can be written a page at a time.
+    """
+
+    def __init__(self, items: Callable[[], Iterator[Any]], *, empty: bool) -> None:
+        super().__init__()
+        self._items, self._empty = items, empty
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._items()
+
+    def __bool__(self) -> bool:
+        return not self._empty
+
+    def __len__(self) -> int:  # only emptiness is ever asked by the encoder
+        return 0 if self._empty else 1
+
+
+def save_plan_pages(
+    meta: Plan,
+    hosts: Callable[[], Iterator[HostPlan]],
+    path: Path,
+    *,
+    expires_in: timedelta,
+    empty: bool = False,
+) -> tuple[str, datetime]:
+    """:func:`save_plan` for a plan whose hosts are read a page at a time (its digest, expiry).
+
+    ``meta`` is the plan without its hosts; ``hosts()`` yields them (secrets already
+    scrubbed), and is called twice (the digest, then the file).  The file and its digest
+    are those :func:`save_plan` writes for the whole plan.
+    """
+    expires_at = meta.created_at + expires_in
+    body = SavedPlan(plan=meta, expires_at=expires_at).model_dump(mode="json", exclude={"digest"})
+
+    def with_hosts() -> dict[str, Any]:
+        items = LazyList(lambda: (h.model_dump(mode="json") for h in hosts()), empty=empty)
+        return {**body, "plan": {**body["plan"], "hosts": items}}
+
+    digest = hashlib.sha256()
+    canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for chunk in canonical.iterencode(with_hosts()):
+        digest.update(chunk.encode("utf-8"))
+    sealed = {**with_hosts(), "digest": digest.hexdigest()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_private(path, _lines(json.JSONEncoder(indent=2, ensure_ascii=False).iterencode(sealed)))
+    return digest.hexdigest(), expires_at
+
+
+def _lines(chunks: Iterable[str]) -> Iterator[str]:
+    yield from chunks
+    yield "\n"
 
 
 def load_plan(path: Path) -> SavedPlan:

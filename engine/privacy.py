@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,15 +69,21 @@ def private_file(path: Path) -> Path:
     return path
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` owner-only and atomically (a file beside it, then renamed)."""
+def write_private(path: Path, text: str | Iterable[str]) -> None:
+    """Write ``text`` to ``path`` owner-only and atomically (a file beside it, then renamed).
+
+    ``text`` may be pieces written one after the other (a large file never held whole).
+    """
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE)
     try:
         os.fchmod(fd, PRIVATE_FILE)  # a leftover temporary file keeps its own mode otherwise
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             fd = -1
-            handle.write(text)
+            if isinstance(text, str):
+                handle.write(text)
+            else:
+                handle.writelines(text)
     finally:
         if fd >= 0:
             os.close(fd)

@@ -15,7 +15,13 @@ from engine.errors import PlanFileError
 from engine.executors.fake import FakeExecutor
 from engine.outcomes import HostOutcome, Mode
 from engine.pipeline import RunReport, RunRequest, Services, apply_saved_plan, run_runbook
-from engine.planfiles import check_applicable, load_plan, render_markdown, save_plan
+from engine.planfiles import (
+    check_applicable,
+    load_plan,
+    render_markdown,
+    save_plan,
+    save_plan_pages,
+)
 from engine.plans import HostPlan, PlannedStep
 from engine.redaction import Secrets
 from engine.runbooks import Runbook, load_runbook
@@ -75,6 +81,24 @@ def test_saved_plan_round_trips_and_carries_a_digest(
     assert loaded == saved
     assert loaded.expires_at == NOW + timedelta(hours=1)
     assert [s.items for s in loaded.plan.acting[0].steps] == [["/junk/a", "/junk/b"], None]
+
+
+def test_plan_saved_a_page_at_a_time_is_the_same_file(
+    runbook: Runbook, store: SqliteStateStore, tmp_path: Path
+) -> None:
+    """A plan written from its hosts one at a time is the file (and digest) save_plan writes."""
+    executor = FakeExecutor(scripts={"a": device(SICK), "b": device({**SICK, "free": "50"})})
+    report = _dry_run(runbook, _services(executor, store, tmp_path))
+    whole, paged = tmp_path / "whole.json", tmp_path / "paged.json"
+    saved = save_plan(report.plan, whole, expires_in=timedelta(hours=1))
+    meta = report.plan.model_copy(update={"hosts": ()})
+    digest, expires_at = save_plan_pages(
+        meta, lambda: iter(report.plan.hosts), paged, expires_in=timedelta(hours=1)
+    )
+    assert (digest, expires_at) == (saved.digest, saved.expires_at)
+    assert paged.read_text() == whole.read_text()
+    assert load_plan(paged) == saved
+    assert paged.stat().st_mode & 0o777 == 0o600
 
 
 def test_edited_plan_is_refused(runbook: Runbook, store: SqliteStateStore, tmp_path: Path) -> None:

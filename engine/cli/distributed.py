@@ -17,7 +17,8 @@ from engine.errors import ConfigError, InputError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from engine.pipeline import RunReport, RunRequest
+    from engine.distributed.client import BoardReport
+    from engine.pipeline import RunRequest
     from engine.runbooks import Runbook
     from engine.settings import Settings
     from engine.state import StateDatabase
@@ -191,6 +192,7 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+@contextmanager
 def run_distributed(
     settings: Settings,
     runbook: Runbook,
@@ -199,10 +201,12 @@ def run_distributed(
     approved: bool,
     shard_size: int,
     console: Console | None,
-) -> RunReport:
+) -> Iterator[BoardReport]:
     """Enqueue the run, follow it to its end with progress on ``console``; its report.
 
-    Ctrl-C stops following (the run goes on: ``remediate cancel RUN_ID``).
+    The report reads its hosts from the run board while the context lasts (a fleet's
+    report is written a page at a time).  Ctrl-C stops following (the run goes on:
+    ``remediate cancel RUN_ID``).
     """
     from engine.audit import configure_audit, utc_now
     from engine.cli.services import RichReporter, audit_sink, progress_display
@@ -230,7 +234,7 @@ def run_distributed(
         try:
             if progress is not None:
                 with progress:
-                    return follow(
+                    report = follow(
                         board,
                         store,
                         run_id,
@@ -238,7 +242,8 @@ def run_distributed(
                         reporter=reporter,
                         sleep=time.sleep,
                     )
-            return follow(board, store, run_id, secrets=settings.secrets, sleep=time.sleep)
+            else:
+                report = follow(board, store, run_id, secrets=settings.secrets, sleep=time.sleep)
         except KeyboardInterrupt:
             sys.stderr.write(
                 f"remediate: stopped following run {run_id}; it goes on on the workers "
@@ -247,3 +252,4 @@ def run_distributed(
             raise
         finally:
             store.close()
+        yield report

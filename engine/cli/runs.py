@@ -248,39 +248,54 @@ def plan(
         from engine.cli.distributed import run_distributed
 
         request = _request(state, inventory, limit, overrides, Mode.DRY_RUN)
-        report = run_distributed(
+        with run_distributed(
             settings,
             found,
             request,
             approved=False,
             shard_size=shard_size,
             console=_progress_console(output is PlanFormat.TABLE),
-        )
-        if request_approval:
-            _request_approval_of(settings, report, found, expires_in)
-    else:
-        report = _plan_here(
-            state,
-            settings,
-            found,
-            inventory,
-            limit,
-            overrides,
-            output,
-            request_approval,
-            expires_in,
-        )
+        ) as followed:
+            if request_approval:
+                _request_approval_of(settings, followed.whole(), found, expires_in)
+            if output is PlanFormat.JSON:  # a fleet's plan is written a page at a time
+                if out is not None:
+                    digest, expires_at = followed.save_plan(out, expires_in=expires_in)
+                    _saved(out, digest, expires_at)
+                followed.write_json(state.console.file)
+                if not followed.ok:
+                    raise typer.Exit(EXIT_NOT_FIXED)
+                return
+            _show_plan(state, settings, followed.whole(), output, out, expires_in)
+        return
+    report = _plan_here(
+        state,
+        settings,
+        found,
+        inventory,
+        limit,
+        overrides,
+        output,
+        request_approval,
+        expires_in,
+    )
+    _show_plan(state, settings, report, output, out, expires_in)
+
+
+def _show_plan(
+    state: CliState,
+    settings: Settings,
+    report: RunReport,
+    output: PlanFormat,
+    out: Path | None,
+    expires_in: timedelta,
+) -> None:
+    """Save the plan (``--out``) and show it as ``output`` asks."""
     if out is not None:
         from engine.planfiles import save_plan
 
         saved = save_plan(report.plan, out, expires_in=expires_in, secrets=settings.secrets)
-        from rich.console import Console
-
-        Console(stderr=True).print(
-            f"plan saved to {out} (digest {saved.digest[:12]}, "
-            f"expires {saved.expires_at:%Y-%m-%d %H:%M} UTC)",
-            markup=False,
-        )
+        _saved(out, saved.digest, saved.expires_at)
     if output is PlanFormat.MARKDOWN:
         from engine.planfiles import render_markdown, seal_plan
 
@@ -290,6 +305,15 @@ def plan(
             raise typer.Exit(EXIT_NOT_FIXED)
         return
     _show_report(state, report, output)
+
+
+def _saved(out: Path, digest: str, expires_at: datetime) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"plan saved to {out} (digest {digest[:12]}, expires {expires_at:%Y-%m-%d %H:%M} UTC)",
+        markup=False,
+    )
 
 
 @app.command()
@@ -324,15 +348,20 @@ def run(
             state, inventory, limit, overrides, Mode.APPLY if apply else Mode.DRY_RUN
         )
         # Nobody is asked during a distributed run: --yes approves destructive steps.
-        report = run_distributed(
+        with run_distributed(
             settings,
             found,
             request,
             approved=yes,
             shard_size=shard_size,
             console=_progress_console(output is Output.TABLE),
-        )
-        _show_report(state, report, output)
+        ) as followed:
+            if output is Output.JSON:  # a fleet's report is written a page at a time
+                followed.write_json(state.console.file)
+                if not followed.ok:
+                    raise typer.Exit(EXIT_NOT_FIXED)
+                return
+            _show_report(state, followed.whole(), output)
         return
     executor, first_probe = _start_first_probe(settings, found, inventory, limit, overrides)
     # ansible-playbook runs: the pipeline is imported (and the store opened) meanwhile.

@@ -8,8 +8,12 @@ same exit codes.  Ctrl-C stops following only; ``remediate cancel RUN_ID`` stops
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import IO
 
 from engine.distributed.queue import ProcrastinateQueue, coordinator_job
 from engine.distributed.runs import DEFAULT_SHARD_SIZE, final_report, start_run
@@ -22,7 +26,7 @@ from engine.errors import (
     ParamError,
     StateError,
 )
-from engine.outcomes import HostOutcome
+from engine.outcomes import HostOutcome, RunStatus
 from engine.pipeline import (
     HostReport,
     NullReporter,
@@ -31,11 +35,12 @@ from engine.pipeline import (
     RunRequest,
     Services,
 )
+from engine.planfiles import LazyList, save_plan_pages
 from engine.plans import HostPlan, Plan
 from engine.redaction import Secrets
 from engine.runbooks import Runbook
 from engine.state import StateStore
-from engine.state.board import Phase, RunBoard
+from engine.state.board import DistRun, Phase, RunBoard
 
 #: Seconds between looks at a followed run.
 POLL = 0.5
@@ -92,8 +97,11 @@ def follow(
     secrets: Secrets,
     reporter: Reporter | None = None,
     sleep: Callable[[float], None],
-) -> RunReport:
-    """Show the run's progress until it is done; its report (as a single run's)."""
+) -> BoardReport:
+    """Show the run's progress until it is done; its report (as a single run's).
+
+    The report reads its hosts from the board when it is shown or saved.
+    """
     reporter = reporter or NullReporter()
     shown: str | None = None
     done = 0
@@ -118,7 +126,7 @@ def follow(
             reporter.advance(reached - done)
             done = reached
         sleep(POLL)
-    return run_report(board, store, run_id, secrets=secrets)
+    return board_report(board, store, run_id, secrets=secrets)
 
 
 def _progress(board: RunBoard, run_id: str) -> tuple[str, int | None, int] | None:
@@ -139,8 +147,14 @@ def _progress(board: RunBoard, run_id: str) -> tuple[str, int | None, int] | Non
     return title, None, 0
 
 
-def run_report(board: RunBoard, store: StateStore, run_id: str, *, secrets: Secrets) -> RunReport:
-    """The report of a finished distributed run, from its rows; its error, if it had one."""
+def board_report(
+    board: RunBoard, store: StateStore, run_id: str, *, secrets: Secrets
+) -> BoardReport:
+    """A finished distributed run's report, its hosts read from the board when asked for.
+
+    Raises the run's error (as a single run would), or :class:`StateError` for a run that
+    ended before it was planned.
+    """
     dist = board.get(run_id)
     record = store.get_run(run_id)
     if dist is None or record is None:
@@ -150,22 +164,87 @@ def run_report(board: RunBoard, store: StateStore, run_id: str, *, secrets: Secr
         raise _ERRORS.get(kind, StateError)(message or dist.error)
     if dist.meta is None or record.finished_at is None:
         raise StateError(f"run {run_id} ended {record.status.value} before it was planned")
-    hosts: list[HostPlan] = []
-    reports: list[HostReport] = []
-    for host in board.all_hosts(run_id):
-        report = final_report(host, dist)
-        hosts.append(
-            HostPlan.model_validate(host.plan)
-            if host.plan is not None
-            else HostPlan(host=host.host, outcome=report.outcome, reason=report.reason)
-        )
-        reports.append(report)
-    whole = Plan.model_validate(dist.meta).model_copy(update={"hosts": tuple(hosts)})
-    return secrets.scrub_model(
-        RunReport(
-            plan=whole, status=record.status, hosts=tuple(reports), finished_at=record.finished_at
-        )
+    return BoardReport(
+        board=board,
+        dist=dist,
+        plan=secrets.scrub_model(Plan.model_validate(dist.meta)),
+        status=record.status,
+        finished_at=record.finished_at,
+        secrets=secrets,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class BoardReport:
+    """A finished distributed run's report whose hosts stay rows until they are written.
+
+    :meth:`whole` is the :class:`RunReport` a single run gives; :meth:`write_json` and
+    :meth:`save_plan` write the same JSON and plan file a page of hosts at a time, so
+    following a 100,000-host run never holds its hosts (docs/distributed.md, Sizing).
+    """
+
+    board: RunBoard
+    dist: DistRun
+    plan: Plan  # without its hosts, secrets scrubbed
+    status: RunStatus
+    finished_at: datetime
+    secrets: Secrets
+
+    @property
+    def ok(self) -> bool:
+        """Whether everything ended fixed, healthy, planned or skipped."""
+        return self.status is RunStatus.SUCCEEDED
+
+    @property
+    def empty(self) -> bool:
+        """Whether the run has no host (stopped before its targets were resolved)."""
+        return not self.board.host_names(self.dist.run_id, limit=1)
+
+    def hosts(self) -> Iterator[tuple[HostPlan, HostReport]]:
+        """Each host's plan and report, secrets scrubbed, in inventory order."""
+        for host in self.board.all_hosts(self.dist.run_id):
+            report = final_report(host, self.dist)
+            plan = (
+                HostPlan.model_validate(host.plan)
+                if host.plan is not None
+                else HostPlan(host=host.host, outcome=report.outcome, reason=report.reason)
+            )
+            yield self.secrets.scrub_model(plan), self.secrets.scrub_model(report)
+
+    def whole(self) -> RunReport:
+        """The whole report at once (as a single run's: the table, markdown, approvals)."""
+        pairs = list(self.hosts())
+        return RunReport(
+            plan=self.plan.model_copy(update={"hosts": tuple(p for p, _ in pairs)}),
+            status=self.status,
+            hosts=tuple(r for _, r in pairs),
+            finished_at=self.finished_at,
+        )
+
+    def write_json(self, out: IO[str]) -> None:
+        """``RunReport.model_dump(mode="json")`` as ``-o json`` prints it, a page at a time."""
+        plans = LazyList(
+            lambda: (p.model_dump(mode="json") for p, _ in self.hosts()), empty=self.empty
+        )
+        reports = LazyList(
+            lambda: (r.model_dump(mode="json") for _, r in self.hosts()), empty=self.empty
+        )
+        head = RunReport(
+            plan=self.plan, status=self.status, hosts=(), finished_at=self.finished_at
+        ).model_dump(mode="json")
+        data = {**head, "plan": {**head["plan"], "hosts": plans}, "hosts": reports}
+        out.writelines(json.JSONEncoder(indent=2, default=str).iterencode(data))
+        out.write("\n")
+
+    def save_plan(self, path: Path, *, expires_in: timedelta) -> tuple[str, datetime]:
+        """The run's plan saved as :func:`engine.planfiles.save_plan` would: digest, expiry."""
+        return save_plan_pages(
+            self.plan,
+            lambda: (p for p, _ in self.hosts()),
+            path,
+            expires_in=expires_in,
+            empty=self.empty,
+        )
 
 
 def runner(
@@ -189,7 +268,10 @@ def runner(
             approved=False,  # nobody approves an alert's run: destructive steps are declined
             targeted=request.fleet,
         )
-        return follow(board, services.store, run_id, secrets=services.secrets, sleep=services.sleep)
+        followed = follow(
+            board, services.store, run_id, secrets=services.secrets, sleep=services.sleep
+        )
+        return followed.whole()
 
     return execute
 

@@ -79,6 +79,9 @@ DEFAULT_SHARD_SIZE = 250
 DEFAULT_ACT_ATTEMPTS = 2
 #: Hosts written to the board per transaction while targets are resolved.
 _WRITE_PAGE = 1000
+#: The most hosts one audit event lists: ``targets.resolved`` and ``plan.created`` of a
+#: larger fleet are several events (``part`` of ``parts``), never one of the whole fleet.
+EVENT_HOSTS = 1000
 #: How long an act shard keeps trying to write its hosts' results while the state is away.
 FINAL_WRITE_PATIENCE = timedelta(minutes=10)
 #: The longest wait between two of those tries.
@@ -315,39 +318,39 @@ def _resolve(run: _Run) -> None:
     board.reset_hosts(run.run_id)
     keep = None if request.hosts is None else set(request.hosts)
     size = run.stored.shard_size
-    names: list[str] = []  # names only: the run.resolved event lists them, as a single run's
+    count = 0
     page: list[NewHost] = []
     for host, groups in stream_hosts(
         request.inventory, run.runbook.spec.targets.hosts, request.limit
     ):
         if keep is not None and host.name not in keep:
             continue
-        position = len(names)
-        names.append(host.name)
         page.append(
             NewHost(
                 host=host.name,
-                position=position,
+                position=count,
                 vars=host.vars,
                 groups=groups,
-                shard=position // size + 1,
+                shard=count // size + 1,
             )
         )
+        count += 1
         if len(page) >= _WRITE_PAGE:
             board.add_hosts(run.run_id, page)
             page = []
     if page:
         board.add_hosts(run.run_id, page)
-    if not names:
+    if not count:
         narrowed = f" with --limit {request.limit!r}" if request.limit is not None else ""
         raise InventoryError(
             f"inventory {request.inventory}: host pattern "
             f"{run.runbook.spec.targets.hosts!r}{narrowed} selects no host"
         )
-    run.log.info("targets.resolved", run_id=run.run_id, hosts=names)
-    targeted = run.stored.targeted or request.fleet or len(names)
-    board.update(run.run_id, hosts=len(names), targeted=targeted)
-    shards = -(-len(names) // size)
+    for names, part in _name_pages(run, count):
+        run.log.info("targets.resolved", run_id=run.run_id, hosts=names, **part)
+    targeted = run.stored.targeted or request.fleet or count
+    board.update(run.run_id, hosts=count, targeted=targeted)
+    shards = -(-count // size)
     board.start_shards(
         run.run_id,
         ShardKind.PROBE,
@@ -356,6 +359,18 @@ def _resolve(run: _Run) -> None:
         run.worker.jobs,
         phase=Phase.PROBE,
     )
+
+
+def _name_pages(run: _Run, total: int) -> Iterator[tuple[list[str], dict[str, int]]]:
+    """The run's host names in pages of :data:`EVENT_HOSTS`, with :func:`_part` fields."""
+    parts = max(1, -(-total // EVENT_HOSTS))
+    after = -1
+    for part in range(1, parts + 1):
+        page = run.worker.board.host_names(run.run_id, after=after, limit=EVENT_HOSTS)
+        yield [name for _, name in page], _part(part, parts, total)
+        if not page:
+            return
+        after = page[-1][0]
 
 
 def _decide(run: _Run) -> None:
@@ -368,24 +383,34 @@ def _decide(run: _Run) -> None:
     if refused:
         board.refuse_planned(run.run_id, HostOutcome.REFUSED.value, refused)
         run.log.warning("guard.denied", run_id=run.run_id, guard="blast_radius", message=refused)
-    planned = [] if refused else [_plan(h) for h in board.all_hosts(run.run_id, outcome="planned")]
-    plan = run.plan_meta(refused).model_copy(update={"hosts": tuple(planned)})
-    run.log.info(
-        "plan.created",
-        run_id=run.run_id,
-        acting=[h.host for h in plan.acting],
-        steps={h.host: [s.id for s in h.steps] for h in plan.acting},
-        refused=refused,
-    )
-    acts = plan.mode is Mode.APPLY and bool(plan.acting) and not refused
-    if acts and needs_approval(runbook, plan):
+        acting = 0
+    plan = run.plan_meta(refused)
+    sample: HostPlan | None = None  # an acting host, a destructive one if there is one
+    applies = plan.mode is Mode.APPLY
+    names: list[str] = []  # acting hosts' names for admission (the blast radius caps them)
+    for page, part in _acting_pages(run, acting):
+        run.log.info(
+            "plan.created",
+            run_id=run.run_id,
+            acting=[h.host for h in page],
+            steps={h.host: [s.id for s in h.steps] for h in page},
+            refused=refused,
+            **part,
+        )
+        names += (h.host for h in page) if applies else ()
+        for host in page:
+            if sample is None or (not _destructive(sample) and _destructive(host)):
+                sample = host
+    acts = applies and bool(names) and not refused
+    # approval depends on whether any acting host has a destructive step: the sample tells
+    if acts and needs_approval(runbook, plan.model_copy(update={"hosts": (sample,)})):
         if run.stored.approved:
             run.log.info("approval.granted", approver=run.request.user)
         else:
             refused = "approval declined"
             run.log.warning("approval.declined", approver=run.request.user)
     if acts and not refused:
-        refused = _admit(run, [h.host for h in plan.acting])
+        refused = _admit(run, names)
     if refused and acts:
         board.refuse_planned(run.run_id, HostOutcome.REFUSED.value, refused)
     board.update(
@@ -399,6 +424,39 @@ def _decide(run: _Run) -> None:
     policy = runbook.spec.policy
     board.assign_batches(run.run_id, policy.serial, run.stored.shard_size)
     _start_batch(_reloaded(run), 1)
+
+
+def _destructive(host: HostPlan) -> bool:
+    return any(s.destructive for s in host.steps)
+
+
+def _acting_pages(run: _Run, acting: int) -> Iterator[tuple[list[HostPlan], dict[str, int]]]:
+    """The planned hosts' plans in pages of :data:`EVENT_HOSTS`, with ``part`` fields.
+
+    One page, empty, when none acts (``plan.created`` is logged all the same).
+    """
+    parts = max(1, -(-acting // EVENT_HOSTS))
+    page: list[HostPlan] = []
+    part = 0
+    hosts = run.worker.board.all_hosts(run.run_id, outcome=HostOutcome.PLANNED.value)
+    for host in hosts if acting else ():
+        page.append(_plan(host))
+        if len(page) >= EVENT_HOSTS:
+            part += 1
+            yield page, _part(part, parts, acting)
+            page = []
+    if page or not part:
+        part += 1
+        yield page, _part(part, parts, acting)
+
+
+def _part(part: int, parts: int, total: int) -> dict[str, int]:
+    """Fields of an event that lists one page of hosts.
+
+    None when one page is all of them (the event is then a single-process run's), else
+    ``part`` of ``parts`` and the ``total``.
+    """
+    return {} if parts == 1 else {"part": part, "parts": parts, "total": total}
 
 
 def _reloaded(run: _Run) -> _Run:

@@ -214,6 +214,12 @@ class RunBoard(Protocol):
         """Every host (or those with ``outcome``), in inventory order, a page at a time."""
         ...
 
+    def host_names(
+        self, run_id: str, *, outcome: str | None = None, after: int = -1, limit: int = 1000
+    ) -> list[tuple[int, str]]:
+        """``(position, name)`` of hosts after position ``after``, in inventory order (a page)."""
+        ...
+
     def claim_shard(
         self, run_id: str, kind: ShardKind, shard: int, *, job_id: int, worker: str
     ) -> ShardRecord | None:

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from engine.planfiles import load_plan
 from tests.support.cli import run_remediate
 from tests.support.fleet import SimFleet, make_fleet
 from tests.support.postgres import PostgresServer
@@ -499,3 +500,42 @@ def test_act_shard_whose_final_write_fails_tries_it_again(
     assert {h["host"] for h in report["hosts"] if h["outcome"] == "fixed"} == set(sick)
     assert [fleet.fixes(n) for n in sick] == [1] * len(sick)
     _check_invariants(cluster, report["plan"]["run_id"])
+
+
+def test_a_fleet_over_a_thousand_hosts_is_listed_and_written_in_pages(
+    tmp_path: Path, cluster_factory: Make
+) -> None:
+    """Over 1,000 hosts, targets.resolved comes in parts and -o json, --out hold every host."""
+    fleet = make_fleet(tmp_path / "big", 1001)
+    cluster = cluster_factory(fleet)
+    cluster.start_worker()
+    plan_file = tmp_path / "plan.json"
+    with cluster.following(
+        "plan", "sim-fleet", "-i", str(fleet.inventory), "--distributed",
+        "--shard-size", "25", "-o", "json", "--out", str(plan_file),
+    ) as proc:  # fmt: skip
+        (run_id,) = cluster.wait_for(
+            "the targets resolved",
+            lambda: [
+                r[0] for r in cluster.query("SELECT run_id FROM dist_runs WHERE phase <> 'resolve'")
+            ],
+        )
+        cancelled = cluster.remediate("cancel", run_id)
+        assert cancelled.returncode == 0, cancelled.stderr
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err  # aborted: not every host was planned
+    report = json.loads(out)
+    assert report["status"] == "aborted"
+    assert [h["host"] for h in report["hosts"]] == list(fleet.names)
+    assert [h["host"] for h in report["plan"]["hosts"]] == list(fleet.names)
+    saved = load_plan(plan_file)  # its digest verifies
+    assert [h.host for h in saved.plan.hosts] == list(fleet.names)
+    resolved = [
+        r for r in cluster.audit() if r.get("run_id") == run_id and r["event"] == "targets.resolved"
+    ]
+    assert [(r["part"], r["parts"], r["total"], len(r["hosts"])) for r in resolved] == [
+        (1, 2, 1001, 1000),
+        (2, 2, 1001, 1),
+    ]
+    assert [name for r in resolved for name in r["hosts"]] == list(fleet.names)
+    _check_invariants(cluster, run_id)

@@ -233,6 +233,23 @@ class PostgresRunBoard(PostgresStore):
             yield from page
             after = page[-1].position
 
+    def host_names(
+        self, run_id: str, *, outcome: str | None = None, after: int = -1, limit: int = 1000
+    ) -> list[tuple[int, str]]:
+        """``(position, name)`` of hosts after ``after``, in inventory order (names only)."""
+        where = "run_id = %s AND position > %s" + (" AND outcome = %s" if outcome else "")
+        params = (run_id, after, outcome) if outcome else (run_id, after)
+
+        def work(cur: Cursor) -> list[tuple[int, str]]:
+            rows = cur.execute(
+                f"SELECT position, host FROM dist_hosts WHERE {where}"  # noqa: S608 - constant
+                " ORDER BY position LIMIT %s",
+                (*params, limit),
+            ).fetchall()
+            return [(int(r[0]), str(r[1])) for r in rows]
+
+        return self._run(f"read host names of run {run_id}", work)
+
     def claim_shard(
         self, run_id: str, kind: ShardKind, shard: int, *, job_id: int, worker: str
     ) -> ShardRecord | None:
