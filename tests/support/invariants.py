@@ -50,21 +50,28 @@ def acted(cluster: Cluster) -> dict[str, set[str]]:
 
 def check_invariants(cluster: Cluster, run_id: str, hosts: int | None = None) -> None:
     """Every invariant, for ``run_id`` (each host, or ``hosts`` of them, recorded once)."""
+    check_runs(cluster, {run_id: hosts})
+
+
+def check_runs(cluster: Cluster, runs: Mapping[str, int | None]) -> None:
+    """Every invariant, for each run: run id -> hosts recorded (None: each of the fleet)."""
     fleet = cluster.fleet
     for name in fleet.names:
         assert fleet.state(name) in {"ok", "fixed", "sick"}
         assert fleet.effective_fixes(name) <= 1, f"{name}: fixed {fleet.effective_fixes(name)}x"
     verified = cluster.remediate("audit", "verify")
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    recorded = cluster.query("SELECT count(*) FROM host_results WHERE run_id = %s", (run_id,))
-    assert recorded[0][0] == (len(fleet.names) if hosts is None else hosts)
     records = _contiguous_chain(cluster)
-    finished = [r for r in records if r.get("run_id") == run_id and r["event"] == "run.finished"]
-    assert len(finished) == 1
     runbooks = {r.name: r for r in load_runbooks([fleet.project / "runbooks"])}
     names = dict(cluster.query("SELECT run_id, runbook FROM runs"))
-    policy = runbooks[names[run_id]].spec.policy
-    _check_blast_radius(cluster, run_id, policy, records)
+    for run_id, hosts in runs.items():
+        recorded = cluster.query("SELECT count(*) FROM host_results WHERE run_id = %s", (run_id,))
+        assert recorded[0][0] == (len(fleet.names) if hosts is None else hosts), run_id
+        finished = [
+            r for r in records if r.get("run_id") == run_id and r["event"] == "run.finished"
+        ]
+        assert len(finished) == 1, run_id
+        _check_blast_radius(cluster, run_id, runbooks[names[run_id]].spec.policy, records)
     cooldowns = {
         name: guard.cooldown
         for name, runbook in runbooks.items()
