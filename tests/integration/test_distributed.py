@@ -2,8 +2,9 @@
 
 The fleet is simulated (``tests/support/fleet.py``): local-connection hosts whose device
 state is a file each, so a test knows what was done to every host and how many times.
-After each scenario the invariants hold: at most one effective fix per host, no host
-acted on beyond the blast radius, the audit chain verifies.
+After each scenario the invariants hold (``tests/support/invariants.py``): at most one
+effective fix per host, no host acted on beyond the blast radius, under another lease or
+within its cool-down, the audit chain verifies and is contiguous.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from engine.planfiles import load_plan
 from tests.support.cli import run_remediate
 from tests.support.fleet import SimFleet, make_fleet
+from tests.support.invariants import acted, check_invariants, running_shard
 from tests.support.postgres import PostgresServer
 from tests.support.replicas import lines, mark, new_replica, project_for, states
 from tests.support.webhook import ServerProcess, wait_for
@@ -36,21 +38,6 @@ Make = Callable[[SimFleet], Cluster]
 
 def _hosts(report: dict[str, Any]) -> dict[str, tuple[str, int]]:
     return {h["host"]: (h["outcome"], len(h["steps"])) for h in report["hosts"]}
-
-
-def _check_invariants(cluster: Cluster, run_id: str, hosts: int | None = None) -> None:
-    """At most one effective fix per host; the chain verifies; each host (or ``hosts``) recorded."""
-    fleet = cluster.fleet
-    for name in fleet.names:
-        assert fleet.state(name) in {"ok", "fixed", "sick"}
-    verified = cluster.remediate("audit", "verify")
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-    recorded = cluster.query("SELECT count(*) FROM host_results WHERE run_id = %s", (run_id,))
-    assert recorded[0][0] == (len(fleet.names) if hosts is None else hosts)
-    finished = [
-        r for r in cluster.audit() if r.get("run_id") == run_id and r["event"] == "run.finished"
-    ]
-    assert len(finished) == 1
 
 
 def _events(records: list[dict[str, Any]]) -> Counter[tuple[str, str | None]]:
@@ -90,7 +77,7 @@ def test_distributed_apply_matches_a_single_process_run(
     assert [fleet.fixes(n) for n in sick] == [1] * len(sick)
     assert all(fleet.state(n) == "fixed" for n in sick)
     assert sum(fleet.fixes(n) for n in fleet.names) == len(sick)
-    _check_invariants(cluster, run_id)
+    check_invariants(cluster, run_id)
     shards = cluster.query(
         "SELECT kind, count(DISTINCT worker) FROM dist_shards WHERE run_id = %s GROUP BY kind",
         (run_id,),
@@ -138,17 +125,6 @@ def _outcomes(history: Any) -> dict[str, str]:
     return {h["host"]: h["outcome"] for h in hosts}
 
 
-def _running_shard(cluster: Cluster, kind: str) -> tuple[int, int] | None:
-    """A running shard of ``kind`` and its worker's pid, once one runs."""
-    rows = cluster.query(
-        "SELECT shard, worker FROM dist_shards WHERE kind = %s AND state = 'running'", (kind,)
-    )
-    for shard, worker in rows:
-        if worker:
-            return shard, int(worker.rpartition(":")[2])
-    return None
-
-
 def test_worker_killed_mid_act_interrupts_its_hosts_and_never_reruns_them_blindly(
     tmp_path: Path, cluster_factory: Make
 ) -> None:
@@ -166,7 +142,7 @@ def test_worker_killed_mid_act_interrupts_its_hosts_and_never_reruns_them_blindl
         "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed", "--yes",
         "--shard-size", "10", "-o", "json",
     ) as follower:  # fmt: skip
-        shard, pid = cluster.wait_for("an act shard", lambda: _running_shard(cluster, "act"))
+        shard, pid = cluster.wait_for("an act shard", lambda: running_shard(cluster, "act"))
         run_id = cluster.query("SELECT run_id FROM dist_runs")[0][0]
         hosts = [
             r[0]
@@ -195,7 +171,7 @@ def test_worker_killed_mid_act_interrupts_its_hosts_and_never_reruns_them_blindl
     ]
     assert len(interrupted) == 1
     assert f":{pid}" in interrupted[0]["reason"]
-    _check_invariants(cluster, run_id)
+    check_invariants(cluster, run_id)
 
 
 def test_worker_killed_mid_probe_has_its_shard_retried(
@@ -213,7 +189,7 @@ def test_worker_killed_mid_probe_has_its_shard_retried(
         "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
         "--shard-size", "20", "-o", "json",
     ) as follower:  # fmt: skip
-        shard, pid = cluster.wait_for("a probe shard", lambda: _running_shard(cluster, "probe"))
+        shard, pid = cluster.wait_for("a probe shard", lambda: running_shard(cluster, "probe"))
         fleet.slow_probe(fleet.names, 0)
         cluster.kill(pid)
         cluster.start_worker()  # a replacement, as a supervisor would start
@@ -229,7 +205,7 @@ def test_worker_killed_mid_probe_has_its_shard_retried(
         (shard,),
     )
     assert max(t[0] for t in tries) >= 2  # tried again after the kill
-    _check_invariants(cluster, run_id)
+    check_invariants(cluster, run_id)
     shutil.rmtree(fleet.root, ignore_errors=True)
 
 
@@ -256,7 +232,7 @@ def test_failures_across_shards_stop_the_next_batch(tmp_path: Path, cluster_fact
     assert all(fleet.fixes(n) == 0 for n in second)  # the next one never started
     assert all(outcomes[n]["outcome"] == "skipped" for n in second)
     assert "max_fail_pct 20" in outcomes[second[0]]["reason"]
-    _check_invariants(cluster, report["plan"]["run_id"])
+    check_invariants(cluster, report["plan"]["run_id"])
 
 
 def test_serve_with_the_distributed_executor_runs_an_alert_on_a_worker(
@@ -302,7 +278,7 @@ def test_a_cancelled_run_acts_on_nothing_and_ends_aborted(
         "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
         "--shard-size", "10", "-o", "json",
     ) as follower:  # fmt: skip
-        cluster.wait_for("a probe shard", lambda: _running_shard(cluster, "probe"))
+        cluster.wait_for("a probe shard", lambda: running_shard(cluster, "probe"))
         run_id = cluster.query("SELECT run_id FROM dist_runs")[0][0]
         cancelled = cluster.remediate("cancel", run_id)
         assert cancelled.returncode == 0, cancelled.stderr
@@ -314,16 +290,7 @@ def test_a_cancelled_run_acts_on_nothing_and_ends_aborted(
     assert report["status"] == "aborted"
     assert {h["outcome"] for h in report["hosts"]} == {"skipped"}
     assert all(fleet.fixes(n) == 0 for n in fleet.names)
-    _check_invariants(cluster, run_id)
-
-
-def _acted(cluster: Cluster) -> dict[str, set[str]]:
-    """The runs that started a step on each host, from the audit chain."""
-    acted: dict[str, set[str]] = {}
-    for record in cluster.audit():
-        if record["event"] == "step.started":
-            acted.setdefault(record["host"], set()).add(record["run_id"])
-    return acted
+    check_invariants(cluster, run_id)
 
 
 def test_two_runs_over_overlapping_hosts_act_on_each_host_once(
@@ -352,19 +319,19 @@ def test_two_runs_over_overlapping_hosts_act_on_each_host_once(
     why = [(h["host"], h["outcome"], h["reason"]) for r in reports for h in r["hosts"]]
     assert [fleet.fixes(n) for n in sick] == [1] * len(sick), why  # never twice
     assert all(fleet.fixes(n) == 0 for n in fleet.names if n not in sick)
-    acted = _acted(cluster)
-    assert set(acted) == set(sick)  # 12 hosts: within both runs' blast radius (16 and 20)
-    assert all(len(runs) == 1 for runs in acted.values()), acted  # one run's lease each
+    acted_by = acted(cluster)
+    assert set(acted_by) == set(sick)  # 12 hosts: within both runs' blast radius (16 and 20)
+    assert all(len(runs) == 1 for runs in acted_by.values()), acted_by  # one run's lease each
     fixed_by = Counter(h["host"] for r in reports for h in r["hosts"] if h["outcome"] == "fixed")
     assert set(fixed_by) == set(sick)
     assert set(fixed_by.values()) == {1}
     for report in reports:  # the other run's hosts: leased (skipped) or cooled down/healthy
         run_id = report["plan"]["run_id"]
         for host in report["hosts"]:
-            if host["host"] in acted and acted[host["host"]] != {run_id}:
+            if host["host"] in acted_by and acted_by[host["host"]] != {run_id}:
                 assert host["outcome"] in {"skipped", "healthy"}, host
     for report, hosts in zip(reports, (first, second), strict=True):
-        _check_invariants(cluster, report["plan"]["run_id"], len(hosts))
+        check_invariants(cluster, report["plan"]["run_id"], len(hosts))
 
 
 def test_worker_killed_after_its_shard_ended_leaves_the_run_to_the_others(
@@ -419,7 +386,7 @@ def test_worker_killed_after_its_shard_ended_leaves_the_run_to_the_others(
     assert [fleet.fixes(n) for n in sick] == [1] * len(sick)
     assert {h["host"] for h in report["hosts"] if h["outcome"] == "fixed"} == set(sick)
     assert not [r for r in cluster.audit() if r["event"] == "shard.interrupted"]
-    _check_invariants(cluster, run_id)
+    check_invariants(cluster, run_id)
 
 
 def test_postgres_restarted_mid_act_acts_on_no_host_twice(
@@ -438,7 +405,7 @@ def test_postgres_restarted_mid_act_acts_on_no_host_twice(
             "run", "sim-fleet", "-i", str(fleet.inventory), "--apply", "--distributed",
             "--shard-size", "5", "-o", "json",
         ) as follower:  # fmt: skip
-            cluster.wait_for("an act shard", lambda: _running_shard(cluster, "act"))
+            cluster.wait_for("an act shard", lambda: running_shard(cluster, "act"))
             cluster.wait_for("a fix started", lambda: any(fleet.fixes(h) for h in sick))
             own_postgres.stop()
             time.sleep(7)  # longer than a connection is waited for: following waits on
@@ -455,9 +422,7 @@ def test_postgres_restarted_mid_act_acts_on_no_host_twice(
             else:
                 assert outcomes[host] in {"interrupted", "error"}, (host, outcomes[host])
         assert cluster.query("SELECT count(*) FROM runs WHERE status = 'running'") == [(0,)]
-        _check_invariants(cluster, run_id)
-        seqs = [r[0] for r in cluster.query("SELECT seq FROM audit_chain ORDER BY seq")]
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # contiguous
+        check_invariants(cluster, run_id)
     finally:
         cluster.stop()
 
@@ -499,7 +464,7 @@ def test_act_shard_whose_final_write_fails_tries_it_again(
     assert report["status"] == "succeeded"
     assert {h["host"] for h in report["hosts"] if h["outcome"] == "fixed"} == set(sick)
     assert [fleet.fixes(n) for n in sick] == [1] * len(sick)
-    _check_invariants(cluster, report["plan"]["run_id"])
+    check_invariants(cluster, report["plan"]["run_id"])
 
 
 def test_a_fleet_over_a_thousand_hosts_is_listed_and_written_in_pages(
@@ -538,4 +503,4 @@ def test_a_fleet_over_a_thousand_hosts_is_listed_and_written_in_pages(
         (2, 2, 1001, 1),
     ]
     assert [name for r in resolved for name in r["hosts"]] == list(fleet.names)
-    _check_invariants(cluster, run_id)
+    check_invariants(cluster, run_id)
