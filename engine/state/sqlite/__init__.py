@@ -23,8 +23,11 @@ from engine.state.sqlite.store import SqliteAlertStore, SqliteStateStore
 __all__ = ["SqliteAlertStore", "SqliteDatabase", "SqliteStateStore"]
 
 #: Notifications recorded between two copies of the write-ahead log back into the database
-#: (each copy syncs the log and the database: fewer, larger copies cost less).
-CHECKPOINT_AFTER = 4
+#: (each copy syncs the log and the database: fewer, larger copies cost less, and a page the
+#: intake rewrote several times in between is copied once).  32 notifications log about
+#: 7 MiB at 25 alerts each; copying after every 4 took about twice the checkpointer's CPU
+#: (bench/intake_stages.py).
+CHECKPOINT_AFTER = 32
 #: Log pages past which an intake commit copies the write-ahead log back itself (a stall of
 #: that commit); normally the checkpointer has copied it long before.
 INTAKE_CHECKPOINT_PAGES = 10_000
