@@ -636,12 +636,10 @@ def probe_shard(
     shard ends ``failed`` and its hosts end ``error``.
     """
     board = worker.board
-    if board.claim_shard(run_id, ShardKind.PROBE, shard, job_id=job_id, worker=worker.name) is None:
+    run = _claimed(worker, run_id, ShardKind.PROBE, shard, job_id)
+    if run is None:
         return
-    dist = board.get(run_id)
-    if dist is None:
-        return
-    run = _Run(worker, dist)
+    dist = run.dist
     with run.context():
         if dist.cancelled:
             _end_shard(run, ShardKind.PROBE, shard, job_id, [], ShardState.FAILED, "cancelled")
@@ -683,6 +681,16 @@ def probe_shard(
             _end_shard(run, ShardKind.PROBE, shard, job_id, results, ShardState.DONE, "")
 
 
+def _claimed(
+    worker: WorkerContext, run_id: str, kind: ShardKind, shard: int, job_id: int
+) -> _Run | None:
+    """The shard's run once this job holds the shard; None when another does or the run is gone."""
+    if worker.board.claim_shard(run_id, kind, shard, job_id=job_id, worker=worker.name) is None:
+        return None
+    dist = worker.board.get(run_id)
+    return None if dist is None else _Run(worker, dist)
+
+
 def _end_shard(
     run: _Run,
     kind: ShardKind,
@@ -722,12 +730,10 @@ def act_shard(
     turning true (the worker stops past its grace time) stops the steps.
     """
     board = worker.board
-    if board.claim_shard(run_id, ShardKind.ACT, shard, job_id=job_id, worker=worker.name) is None:
+    run = _claimed(worker, run_id, ShardKind.ACT, shard, job_id)
+    if run is None:
         return
-    dist = board.get(run_id)
-    if dist is None:
-        return
-    run = _Run(worker, dist)
+    dist = run.dist
     hosts = [
         h
         for h in board.hosts(run_id, act_shard=shard, limit=run.stored.shard_size)

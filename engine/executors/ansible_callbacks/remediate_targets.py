@@ -25,10 +25,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from ansible import constants as C  # noqa: N812 - Ansible's own spelling
 from ansible.errors import AnsibleError
+from ansible.inventory.host import Host
 from ansible.inventory.manager import InventoryManager
 from ansible.parsing.dataloader import DataLoader
 from ansible.plugins.callback import CallbackBase
@@ -56,18 +58,23 @@ def selected(hosts: InventoryManager, variables: VariableManager, pattern: str) 
     A running play's restriction to its current batch is ignored: the answer is the whole
     selection, whatever part of it the play is working on.
     """
+    return [[host.name, host_vars] for host, host_vars in _walk(hosts, variables, pattern)]
+
+
+def _walk(
+    hosts: InventoryManager, variables: VariableManager, pattern: str
+) -> Iterator[tuple[Host, dict[str, Any]]]:
+    """Yield each selected host and its inventory vars (Ansible's own left out), in order."""
     # Ansible's own variables, not the inventory's: static ones, and the command line's
     # (ansible_check_mode & co., which only ansible-playbook sets).
     internal = C.INTERNAL_STATIC_VARS | set(load_options_vars(None))
-    answer = []
     for host in hosts.get_hosts(pattern, ignore_restrictions=True):
         if host.implicit:
             continue
         host_vars = variables.get_vars(host=host, include_hostvars=False, stage="all")
         for name in internal:
             host_vars.pop(name, None)
-        answer.append([host.name, dict(host_vars)])
-    return answer
+        yield host, dict(host_vars)
 
 
 def host_lines(inventory: str, pattern: str, limit: str | None) -> Any:
@@ -76,15 +83,9 @@ def host_lines(inventory: str, pattern: str, limit: str | None) -> Any:
     hosts = InventoryManager(loader=loader, sources=[inventory])
     hosts.subset(limit)
     variables = VariableManager(loader=loader, inventory=hosts)
-    internal = C.INTERNAL_STATIC_VARS | set(load_options_vars(None))
-    for host in hosts.get_hosts(pattern, ignore_restrictions=True):
-        if host.implicit:
-            continue
-        host_vars = variables.get_vars(host=host, include_hostvars=False, stage="all")
-        for name in internal:
-            host_vars.pop(name, None)
+    for host, host_vars in _walk(hosts, variables, pattern):
         groups = sorted(g.name for g in host.get_groups() if g.name not in {"all", "ungrouped"})
-        yield [host.name, dict(host_vars), groups]
+        yield [host.name, host_vars, groups]
 
 
 def _plain(value: object) -> str:
